@@ -1,0 +1,424 @@
+"""The recipe: a typed schema with every default in one place, YAML loading, overrides, validation.
+
+Every field below carries its default and a one-line doc; `finetune recipe-keys` prints them.
+Validation runs before anything heavy is imported or loaded, so a typo costs seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import UserError
+
+LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+
+class RecipeError(UserError):
+    """A mistake in a recipe or an override; the message says where and what to do."""
+
+
+def _f(default, doc: str, check=None, allowed: str = ""):
+    """A schema field: its default, what it means, and an optional check with the allowed values."""
+    meta = {"doc": doc, "check": check, "allowed": allowed}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_positive = (lambda v: v > 0, "a number > 0")
+_non_negative = (lambda v: v >= 0, "a number >= 0")
+
+
+def _pos(doc, default):
+    return _f(default, doc, *_positive)
+
+
+def _nonneg(doc, default):
+    return _f(default, doc, *_non_negative)
+
+
+@dataclass
+class ModelSection:
+    path: str = _f("", "hub id (org/name), local folder, or .gguf file")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f(
+        "float32", "dtype the weights are loaded in; mixed precision is separate (train.mixed_precision)"
+    )
+    revision: str | None = _f(None, "hub revision (branch, tag or commit) to load")
+    trust_remote_code: bool = _f(False, "run modelling code shipped with the model; only for models you trust")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = _f(
+        "sdpa", "attention kernel; packing keeps examples apart under each of these"
+    )
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward (non-reentrant) to save memory")
+    cache_dir: str = _f(
+        "~/.cache/finetune", "where GGUF files are converted to safetensors once, and base evaluations are cached"
+    )
+
+
+@dataclass
+class DatasetSpec:
+    path: str = _f("", "hub dataset id, or a local .jsonl/.json/.csv/.parquet/.txt file")
+    format: Literal["text", "instruction", "chat"] = _f("text", "how rows are turned into tokens")
+    split: str = _f("train", "split to read (hub datasets and local files alike)")
+    name: str | None = _f(None, "hub dataset configuration name")
+    weight: float = _pos("how many times each example appears per epoch (0.5 = a random half)", 1.0)
+    columns: dict[str, str] = _f(
+        {},
+        "rename map from our field names (text; instruction, input, output; messages) to the dataset's columns",
+    )
+
+
+@dataclass
+class DataSection:
+    train: list[DatasetSpec] = _f([], "datasets to train on, mixed by weight")
+    validation: list[DatasetSpec] = _f([], "datasets for validation loss; empty = hold out val_fraction of train")
+    val_fraction: float = _f(0.0, "fraction of training examples held out for validation loss", lambda v: 0 <= v < 1,
+                             "a number in [0, 1)")
+    max_length: int = _pos("tokens per example (truncated beyond) and per packed row", 1024)
+    packing: bool = _f(True, "pack several examples into each row; attention and positions stay per example")
+    train_on: Literal["responses", "all"] = _f(
+        "responses", "which tokens are targets: assistant/response tokens only, or every token"
+    )
+    chat_template: str | None = _f(None, "Jinja chat template to use instead of the tokenizer's")
+    on_bad_row: Literal["fail", "skip"] = _f("fail", "a malformed row stops the run, or is skipped and counted")
+    num_proc: int = _pos("processes for tokenization (datasets.map)", 1)
+
+
+@dataclass
+class TrainSection:
+    lr: float = _pos("peak learning rate", 2.0e-4)
+    max_steps: int | None = _f(None, "optimizer updates to run; null = run `epochs` epochs", lambda v: v is None or v > 0,
+                               "an integer > 0 or null")
+    epochs: int = _pos("epochs to run when max_steps is null", 1)
+    batch_size: int = _pos("rows per process per micro-step", 8)
+    grad_accum: int = _pos("micro-steps per optimizer update", 1)
+    seed: int = _nonneg("seed for weights init (LoRA), data order and dropout", 0)
+    schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "learning-rate schedule after warmup")
+    warmup_steps: int = _nonneg("optimizer updates of linear warmup", 0)
+    weight_decay: float = _nonneg("AdamW weight decay", 0.0)
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+                            "two numbers in [0, 1)")
+    max_grad_norm: float | None = _f(1.0, "clip the global gradient norm to this; null = no clipping",
+                                     lambda v: v is None or v > 0, "a number > 0 or null")
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = _f(
+        None, "autocast precision; null = take it from the accelerate launch config"
+    )
+    log_every: int = _pos("optimizer updates between metrics.jsonl lines", 1)
+    eval_every: int = _nonneg("optimizer updates between validation-loss passes; 0 = only at the end", 0)
+    trackers: list[Literal["tensorboard", "wandb"]] = _f([], "accelerate trackers to log to, besides metrics.jsonl")
+
+
+@dataclass
+class LoraSection:
+    r: int = _pos("adapter rank", 16)
+    alpha: float = _pos("adapter scale numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)", 32.0)
+    dropout: float = _f(0.0, "dropout on the adapter input", lambda v: 0 <= v < 1, "a number in [0, 1)")
+    target_modules: list[str] = _f(["all-linear"], "module names to adapt; [all-linear] = every linear but the head")
+    use_dora: bool = _f(False, "weight-decomposed LoRA (DoRA)")
+    use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
+
+
+@dataclass
+class EvalSection:
+    tasks: list[str] = _f([], "original tasks checked for forgetting (lm-eval names or task YAML files)")
+    max_drop: float = _nonneg("forgetting budget: the largest acceptable drop on an original task", 0.02)
+
+
+@dataclass
+class OutputSection:
+    dir: str = _f("", "run folder; default runs/<recipe file name>")
+    save_every: int = _nonneg("optimizer updates between checkpoints; 0 = only the final model", 50)
+    keep: int = _pos("checkpoints kept (the newest)", 3)
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = _f(None, "the pretrained model")
+    data: DataSection = _f(None, "training and validation data")
+    train: TrainSection = _f(None, "optimisation")
+    lora: LoraSection | None = _f(None, "LoRA adapter; absent or null = full fine-tuning")
+    eval: EvalSection = _f(None, "original tasks and forgetting budget")
+    output: OutputSection = _f(None, "where the run writes")
+
+
+# Sections a recipe gets even when the YAML leaves them out; `lora` stays None (full fine-tuning).
+_DEFAULT_SECTIONS = ("data", "train", "eval", "output")
+
+# Keys whose change does not change the trained weights: a resumed run may differ in these.
+RESULT_NEUTRAL_KEYS = frozenset(
+    {"output.save_every", "output.keep", "train.log_every", "train.trackers", "train.eval_every", "data.num_proc",
+     "eval.tasks", "eval.max_drop", "model.cache_dir"}
+)
+
+
+# Names other toolkits (transformers, TRL, peft, axolotl) use for our keys: the hint for an unknown key.
+_ALIASES = {
+    "learning_rate": "lr", "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "max_seq_length": "max_length", "sequence_len": "max_length",
+    "num_train_epochs": "epochs", "num_epochs": "epochs", "lr_scheduler_type": "schedule", "output_dir": "dir",
+    "save_steps": "save_every", "save_total_limit": "keep", "logging_steps": "log_every", "eval_steps": "eval_every",
+    "model_name_or_path": "path", "torch_dtype": "dtype", "max_grad_norm": "max_grad_norm",
+}
+
+
+# ---------------------------------------------------------------- conversion from plain data
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping of names to strings"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
+
+
+def _convert(value: Any, tp, where: str, src: str):
+    """Turn YAML data into the annotated type, or raise a RecipeError naming the key."""
+    origin = typing.get_origin(tp)
+    bad = RecipeError(f"{src}: `{where}` is {value!r}; it must be {_type_name(tp)}.")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, where, src)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            # One item where a list is expected is a common shorthand (`tasks: hellaswag`).
+            value = [value]
+        (inner,) = typing.get_args(tp)
+        return [_convert(v, inner, f"{where}[{i}]", src) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise bad
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, where, src)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        # YAML 1.1 reads `2e-4` (no dot) as a string; numbers are parsed here, at the edge.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            raise RecipeError(f"{src}: `{where}` is {value!r}; it must be a non-empty string.")
+        return value
+    raise TypeError(f"schema type {tp} is not handled")
+
+
+def _build(cls, data: dict, prefix: str, src: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = [_ALIASES[key]] if _ALIASES.get(key) in fields else difflib.get_close_matches(
+                str(key), list(fields), n=1, cutoff=0.5)
+            hint = f" Did you mean `{_join(prefix, close[0])}`?" if close else ""
+            valid = ", ".join(fields)
+            raise RecipeError(
+                f"{src}: unknown key `{_join(prefix, key)}`.{hint} Valid keys{' in ' + prefix if prefix else ''}: {valid}."
+            )
+    kwargs = {}
+    for name, f in fields.items():
+        where = _join(prefix, name)
+        if name in data:
+            value = _convert(data[name], hints[name], where, src)
+        elif cls is Recipe and name in _DEFAULT_SECTIONS:
+            value = _build(typing.get_args(hints[name])[0] if typing.get_origin(hints[name]) else hints[name], {},
+                           where, src)
+        else:
+            continue
+        check, allowed = f.metadata["check"], f.metadata["allowed"]
+        if check is not None and value is not None and not check(value):
+            raise RecipeError(f"{src}: `{where}` is {data[name]!r}; it must be {allowed}.")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _join(prefix: str, key) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+# ---------------------------------------------------------------- loading, overrides, checks
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"override `{item}` must look like section.key=value (e.g. train.lr=1e-4 or lora=null).")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as e:
+            raise RecipeError(f"override `{item}`: the value is not valid YAML ({e.problem}).") from None
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def _apply_override(data: dict, keys: list[str], value: Any) -> None:
+    node = data
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            # `lora.r=8` on a recipe without LoRA turns LoRA on with defaults for the other keys.
+            child = node[k] = {}
+        if isinstance(child, list):
+            raise RecipeError(f"override `{'.'.join(keys)}`: `{k}` is a list; set it whole, e.g. {k}=[...].")
+        if not isinstance(child, dict):
+            raise RecipeError(f"override `{'.'.join(keys)}`: `{k}` is not a section.")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe file, apply `key=value` overrides, validate; raises RecipeError on any mistake."""
+    path = Path(path)
+    src = str(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {src} does not exist.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{src} is not UTF-8 text (byte {e.start}); save it as UTF-8.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{src} is not valid YAML{where}: {getattr(e, 'problem', e)}.") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{src} must be a mapping of sections (model, data, train, ...), not {type(data).__name__}.")
+    for keys, value in parse_overrides(list(overrides)):
+        _apply_override(data, keys, value)
+    recipe = _build(Recipe, data, "", src)
+    _check(recipe, src, path.stem)
+    return recipe
+
+
+def _check(recipe: Recipe, src: str, stem: str) -> None:
+    if recipe.model is None or not recipe.model.path:
+        raise RecipeError(f"{src}: `model.path` is missing; give a hub id, a local folder or a .gguf file.")
+    model_path = _expand(recipe.model.path)
+    if (model_path.suffix == ".gguf" or _looks_local(recipe.model.path)) and not model_path.exists():
+        raise RecipeError(f"{src}: `model.path` {recipe.model.path} does not exist.")
+    if not recipe.data.train:
+        raise RecipeError(f"{src}: `data.train` is empty; list at least one dataset, e.g. "
+                          "train: [{path: data/x.jsonl, format: chat}].")
+    for group in ("train", "validation"):
+        for i, spec in enumerate(getattr(recipe.data, group)):
+            key = f"data.{group}[{i}].path"
+            if not spec.path:
+                raise RecipeError(f"{src}: `{key}` is missing.")
+            if _looks_local(spec.path) and not _expand(spec.path).is_file():
+                raise RecipeError(f"{src}: `{key}`: file {spec.path} does not exist (paths are relative to the "
+                                  f"folder you run from, {Path.cwd()}).")
+            spec.path = str(_expand(spec.path)) if _looks_local(spec.path) else spec.path
+    if recipe.data.validation and recipe.data.val_fraction:
+        raise RecipeError(f"{src}: set either `data.validation` or `data.val_fraction`, not both.")
+    if recipe.train.warmup_steps and recipe.train.max_steps and recipe.train.warmup_steps > recipe.train.max_steps:
+        raise RecipeError(f"{src}: `train.warmup_steps` ({recipe.train.warmup_steps}) exceeds `train.max_steps` "
+                          f"({recipe.train.max_steps}).")
+    if not recipe.output.dir:
+        recipe.output.dir = str(Path("runs") / stem)
+
+
+def _expand(p: str) -> Path:
+    return Path(p).expanduser()
+
+
+def _looks_local(p: str) -> bool:
+    """A path that can only mean a local file or folder (hub ids look like org/name)."""
+    return (p.startswith(("/", "./", "../", "~")) or p.lower().endswith(LOCAL_DATA_SUFFIXES + (".gguf",))
+            or _expand(p).exists())
+
+
+# ---------------------------------------------------------------- output
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = _join(prefix, k)
+        if isinstance(v, dict) and k != "columns":
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Keys whose values differ between two resolved recipes and that change the training result."""
+    a, b = flatten(old), flatten(new)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k) and k not in RESULT_NEUTRAL_KEYS]
+
+
+def describe_keys() -> str:
+    """Every recipe key with its default and meaning: the one place defaults are documented."""
+    lines = []
+    hints = typing.get_type_hints(Recipe)
+    for section in dataclasses.fields(Recipe):
+        tp = hints[section.name]
+        cls = tp if dataclasses.is_dataclass(tp) else [a for a in typing.get_args(tp) if a is not type(None)][0]
+        lines.append(f"{section.name}:  # {section.metadata['doc']}")
+        _describe(cls, "  ", lines)
+    return "\n".join(lines)
+
+
+def _describe(cls, indent: str, lines: list[str]) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = "(required)" if f.name == "path" else json.dumps(default)
+        lines.append(f"{indent}{f.name}: {shown}  # {f.metadata['doc']}; {_type_name(hints[f.name])}")
+        inner = typing.get_args(hints[f.name])
+        if typing.get_origin(hints[f.name]) is list and inner and dataclasses.is_dataclass(inner[0]):
+            lines.append(f"{indent}  # each item:")
+            _describe(inner[0], indent + "    ", lines)
