@@ -1,0 +1,308 @@
+"""Datasets in, token rows out: loading, the three formats, target masking, packing and collation.
+
+An encoded example is `input_ids` plus `target` (1 where the token is something to learn). Rows are lists
+of example indices: one example per row without packing, several with it. The collator shifts labels
+inside each example, so no example ever predicts the first token of the next one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset, concatenate_datasets, load_dataset
+
+from .errors import UserError
+from .recipe import DataSection, DatasetSpec
+
+IGNORE = -100
+_LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+_FIELDS = {"text": ("text",), "instruction": ("instruction", "input", "output"), "chat": ("messages",)}
+_ROLES = {"system", "user", "assistant", "tool"}
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+class DataError(UserError):
+    """A dataset that cannot be used as the recipe says; the message names the file, row and fix."""
+
+
+@dataclass
+class DataStats:
+    examples: int = 0
+    skipped: int = 0
+    truncated: int = 0
+    target_tokens: int = 0
+    tokens: int = 0
+    skipped_reasons: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_rows(spec: DatasetSpec) -> Dataset:
+    """The raw rows of one dataset, local file or hub."""
+    suffix = Path(spec.path).suffix.lower()
+    try:
+        if suffix in _LOCAL_BUILDERS and Path(spec.path).is_file():
+            if Path(spec.path).stat().st_size == 0:
+                raise DataError(f"{spec.path} is empty; it needs at least one row.")
+            return load_dataset(_LOCAL_BUILDERS[suffix], data_files=spec.path, split="train")
+        return load_dataset(spec.path, spec.name, split=spec.split)
+    except DataError:
+        raise
+    except UnicodeDecodeError as e:
+        raise DataError(f"{spec.path} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8.") from None
+    except Exception as e:  # datasets wraps parse errors in many types; the message is what helps
+        raise DataError(f"could not read {spec.path}: {type(e).__name__}: {e}") from None
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _check_fields(row: dict, fmt: str) -> str:
+    """Why a row cannot be used ("" if it can)."""
+    if fmt == "text":
+        text = row["text"]
+        return "" if isinstance(text, str) and text.strip() else "`text` must be a non-empty string"
+    if fmt == "instruction":
+        if not (isinstance(row["instruction"], str) and row["instruction"].strip()):
+            return "`instruction` must be a non-empty string"
+        if not (isinstance(row["output"], str) and row["output"].strip()):
+            return "`output` must be a non-empty string"
+        if row.get("input") is not None and not isinstance(row["input"], str):
+            return "`input` must be a string when given"
+        return ""
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        return "`messages` must be a non-empty list of {role, content}"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+            return f"`messages[{i}]` must be {{role: one of {sorted(_ROLES)}, content: string}}"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "`messages` has no assistant turn to learn"
+    return ""
+
+
+def _to_messages(row: dict, fmt: str) -> list[dict]:
+    if fmt == "chat":
+        return row["messages"]
+    prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+
+
+def _render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as text, and the character spans of the assistant turns."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (text.startswith(before) and text.startswith(through)):
+            raise DataError("the chat template renders a conversation differently from its prefixes, so assistant "
+                            "turns cannot be located; give `data.chat_template` a template without lookahead.")
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def _encode_one(tokenizer, row: dict, fmt: str, train_on: str) -> tuple[list[int], list[int]]:
+    if fmt == "text":
+        ids = tokenizer(row["text"], add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+        return ids, [1] * len(ids)
+    messages = _to_messages(row, fmt)
+    if tokenizer.chat_template:
+        text, spans = _render_chat(tokenizer, messages)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        target = [int(any(s <= start < e for s, e in spans)) for start, _ in enc["offset_mapping"]]
+    else:
+        # No chat template (a base model): the Alpaca layout, prompt then response and EOS.
+        template = ALPACA_PROMPT_WITH_INPUT if row.get("input") else ALPACA_PROMPT
+        prompt = template.format(instruction=row["instruction"], input=row.get("input"))
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        answer_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids, target = prompt_ids + answer_ids, [0] * len(prompt_ids) + [1] * len(answer_ids)
+    if train_on == "all":
+        target = [1] * len(ids)
+    return ids, target
+
+
+def make_encoder(tokenizer, fmt: str, columns: dict[str, str], max_length: int, train_on: str):
+    """A batched `datasets.map` function: rows in, `input_ids`/`target`/`error`/`truncated` out."""
+    names = {f: columns.get(f, f) for f in _FIELDS[fmt]}
+
+    def encode(batch: dict, indices: list[int]) -> dict:
+        out = {"input_ids": [], "target": [], "error": [], "truncated": [], "row": []}
+        for j, index in enumerate(indices):
+            row = {f: batch[col][j] if col in batch else None for f, col in names.items()}
+            error = _check_fields(row, fmt)
+            ids, target = ([], []) if error else _encode_one(tokenizer, row, fmt, train_on)
+            if not error and not any(target[1:max_length]):
+                error = f"no target tokens within data.max_length={max_length}"
+            out["input_ids"].append(ids[:max_length])
+            out["target"].append(target[:max_length])
+            out["truncated"].append(len(ids) > max_length)
+            out["error"].append(error)
+            out["row"].append(index)
+        return out
+
+    return encode
+
+
+def encode_dataset(spec: DatasetSpec, tokenizer, data: DataSection, stats: DataStats) -> Dataset:
+    raw = load_rows(spec)
+    if spec.format == "chat" and not tokenizer.chat_template:
+        raise DataError(f"{spec.path}: format `chat` needs a chat template; the tokenizer has none, so set "
+                        "`data.chat_template` or use format `instruction`.")
+    names = [spec.columns.get(f, f) for f in _FIELDS[spec.format] if f != "input"]
+    missing = [n for n in names if n not in raw.column_names]
+    if missing:
+        raise DataError(f"{spec.path}: column(s) {missing} missing for format `{spec.format}`; it has "
+                        f"{raw.column_names}. Map them with `columns: {{{_FIELDS[spec.format][0]}: your_column}}`.")
+    encoder = make_encoder(tokenizer, spec.format, spec.columns, data.max_length, data.train_on)
+    encoded = raw.map(encoder, batched=True, with_indices=True, remove_columns=raw.column_names,
+                      num_proc=data.num_proc if len(raw) > 1000 else None, desc=f"tokenizing {Path(spec.path).name}")
+    errors = [(r, e) for r, e in zip(encoded["row"], encoded["error"]) if e]
+    if errors and data.on_bad_row == "fail":
+        shown = "; ".join(f"row {r}: {e}" for r, e in errors[:3])
+        raise DataError(f"{spec.path}: {len(errors)} bad row(s) (rows counted from 0): {shown}. Fix them, or set "
+                        "`data.on_bad_row: skip` to skip and count them.")
+    if errors:
+        stats.skipped += len(errors)
+        stats.skipped_reasons += [f"{spec.path} row {r}: {e}" for r, e in errors[:5]]
+        encoded = encoded.filter(lambda e: not e, input_columns="error")
+    stats.truncated += sum(encoded["truncated"])
+    return encoded.remove_columns(["error", "truncated", "row"])
+
+
+def _weighted(ds: Dataset, weight: float, rng: random.Random) -> Dataset:
+    """Each example `int(weight)` times, plus a random fraction for the remainder."""
+    whole, frac = int(weight), weight - int(weight)
+    indices = list(range(len(ds))) * whole + rng.sample(range(len(ds)), round(frac * len(ds)))
+    return ds.select(indices) if indices != list(range(len(ds))) else ds
+
+
+def build_datasets(data: DataSection, tokenizer, seed: int) -> tuple[Dataset, Dataset | None, DataStats]:
+    """Encoded training and validation examples, mixed by weight, bad rows handled as the recipe says."""
+    rng = random.Random(seed)
+    stats = DataStats()
+    train_parts, val_parts = [], []
+    for spec in data.train:
+        encoded = encode_dataset(spec, tokenizer, data, stats)
+        if data.val_fraction:
+            # Split before weighting so no repeated example lands on both sides.
+            split = encoded.train_test_split(test_size=data.val_fraction, seed=seed)
+            encoded, held_out = split["train"], split["test"]
+            val_parts.append(held_out)
+        train_parts.append(_weighted(encoded, spec.weight, rng))
+    for spec in data.validation:
+        val_parts.append(encode_dataset(spec, tokenizer, data, DataStats()))
+    train = concatenate_datasets(train_parts)
+    if len(train) == 0:
+        raise DataError("no usable training examples are left after skipping bad rows: " +
+                        "; ".join(stats.skipped_reasons))
+    lengths = [len(t) for t in train["input_ids"]]
+    stats.examples = len(train)
+    stats.tokens = sum(lengths)
+    stats.target_tokens = sum(sum(t[1:]) for t in train["target"])
+    return train, (concatenate_datasets(val_parts) if val_parts else None), stats
+
+
+# ---------------------------------------------------------------- packing and batches
+
+
+def pack(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Best-fit-decreasing bins of example indices, each bin at most max_length tokens; examples are never split."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free space, row index), sorted, so bisect finds the tightest fit
+    for i in order:
+        pos = bisect.bisect_left(free, (lengths[i], -1))
+        if pos == len(free):
+            rows.append([i])
+            space, r = max_length - lengths[i], len(rows) - 1
+        else:
+            space, r = free.pop(pos)
+            rows[r].append(i)
+            space -= lengths[i]
+        if space > 0:
+            bisect.insort(free, (space, r))
+    # Rows in a stable order that does not depend on length, so shuffling is the sampler's job alone.
+    return sorted(rows, key=min)
+
+
+class RowDataset(torch.utils.data.Dataset):
+    """Row i is the list of (input_ids, target) examples packed into it."""
+
+    def __init__(self, examples: Dataset, max_length: int, packing: bool):
+        self.examples = examples.with_format(None)
+        lengths = [len(ids) for ids in examples["input_ids"]]
+        self.rows = pack(lengths, max_length) if packing else [[i] for i in range(len(lengths))]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> list[tuple[list[int], list[int]]]:
+        picked = self.examples[self.rows[i]]
+        return list(zip(picked["input_ids"], picked["target"]))
+
+
+@dataclass
+class Collator:
+    """Rows to tensors. `mask` says how examples sharing a row are kept apart:
+    "block_bool" / "block_float": a 4D block-diagonal causal mask (sdpa / eager honour it);
+    "position_ids": flash-attention kernels split sequences where position ids restart;
+    "padding": one example per row, a plain 2D padding mask."""
+
+    pad_id: int
+    mask: str
+
+    def __call__(self, rows: list[list[tuple[list[int], list[int]]]]) -> dict[str, torch.Tensor]:
+        width = max(sum(len(ids) for ids, _ in row) for row in rows)
+        batch = len(rows)
+        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        labels = torch.full((batch, width), IGNORE, dtype=torch.long)
+        position_ids = torch.zeros((batch, width), dtype=torch.long)
+        segment = torch.full((batch, width), -1, dtype=torch.long)  # example number within the row; -1 = padding
+        for b, row in enumerate(rows):
+            start = 0
+            for k, (ids, target) in enumerate(row):
+                n = len(ids)
+                ids_t = torch.tensor(ids)
+                input_ids[b, start:start + n] = ids_t
+                # Label at t is token t+1 of the same example, if that token is a target.
+                shifted = torch.where(torch.tensor(target[1:], dtype=torch.bool), ids_t[1:], IGNORE)
+                labels[b, start:start + n - 1] = shifted
+                position_ids[b, start:start + n] = torch.arange(n)
+                segment[b, start:start + n] = k
+                start += n
+        out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+               "n_tokens": (segment >= 0).sum()}
+        if self.mask == "padding":
+            out["attention_mask"] = (segment >= 0).long()
+        elif self.mask in ("block_bool", "block_float"):
+            out["attention_mask"] = block_causal_mask(segment, self.mask == "block_float")
+        return out
+
+
+def block_causal_mask(segment: torch.Tensor, additive: bool) -> torch.Tensor:
+    """[batch, 1, T, T]: token i sees token j iff j <= i and both belong to the same example.
+    Padding (-1) forms its own segment so no softmax row is empty."""
+    width = segment.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = segment[:, :, None] == segment[:, None, :]  # [batch, T, T]
+    allowed = (same & causal)[:, None]
+    if not additive:
+        return allowed
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def mask_kind(attn_implementation: str, packing: bool) -> str:
+    if not packing:
+        return "padding"
+    return {"sdpa": "block_bool", "eager": "block_float"}.get(attn_implementation, "position_ids")
