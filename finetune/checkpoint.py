@@ -1,0 +1,169 @@
+"""The run folder: start, resume or refuse; atomic checkpoints that resume trusts only when complete.
+
+    runs/x/recipe.yaml            resolved recipe
+    runs/x/metrics.jsonl          one line per logged step
+    runs/x/checkpoints/step-N/    accelerate state (model or adapter, optimizer, scheduler, RNG) + progress.json
+    runs/x/final/                 Hugging Face folder
+
+A checkpoint is written into `checkpoints/.tmp-step-N/` and renamed into place only after every rank has
+finished writing and `progress.json` lists every file with its size; anything else is ignored on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+from .recipe import Recipe, changed_keys, dump_recipe, recipe_to_dict
+
+PROGRESS = "progress.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class RunDirError(UserError):
+    """The output folder cannot be used as asked; the message says why and which flag to pass."""
+
+
+@dataclass
+class RunDir:
+    path: Path
+    resume_from: Path | None  # the newest complete checkpoint, if any
+    finished: bool  # final/ exists: nothing left to train
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def final(self) -> Path:
+        return self.path / "final"
+
+
+def next_free_dir(path: Path) -> Path:
+    """`runs/x-2`, `runs/x-3`, ...: the first sibling that does not exist yet."""
+    n = 2
+    while (candidate := path.with_name(f"{path.name}-{n}")).exists():
+        n += 1
+    return candidate
+
+
+def open_run_dir(recipe: Recipe, accept_changes: bool) -> RunDir:
+    """Decide whether this run starts, resumes or is refused. Reads only; the main process writes later."""
+    path = Path(recipe.output.dir)
+    saved = path / "recipe.yaml"
+    if not path.exists() or not any(path.iterdir()):
+        return RunDir(path, None, False)
+    if not saved.is_file():
+        raise RunDirError(f"{path} exists and is not a finetune run folder (no recipe.yaml); nothing in it will be "
+                          "touched. Set `output.dir` to a new folder.")
+    old = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    changed = changed_keys(old, recipe_to_dict(recipe))
+    if changed and not accept_changes:
+        from .recipe import flatten
+
+        before, after = flatten(old), flatten(recipe_to_dict(recipe))
+        listed = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
+        raise RunDirError(f"{path} holds a run made with a different recipe ({listed}). Pass --accept-changes to "
+                          "resume it with the new values, or --new-run to start over in a new folder.")
+    run = RunDir(path, None, False)
+    run.finished = (run.final / "config.json").is_file() or (run.final / "adapter_config.json").is_file()
+    run.resume_from = latest_checkpoint(run.checkpoints)
+    return run
+
+
+def write_recipe(run: RunDir, recipe: Recipe) -> None:
+    """Write the resolved recipe; a previous one that differs is kept beside it, never overwritten."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    target = run.path / "recipe.yaml"
+    text = dump_recipe(recipe)
+    if target.is_file() and target.read_text(encoding="utf-8") != text:
+        n = 1
+        while (kept := run.path / f"recipe.before-{n}.yaml").exists():
+            n += 1
+        os.replace(target, kept)
+    atomic_write_text(target, text)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoints whose every listed file is present with its recorded size, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and _is_complete(p)]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+def _is_complete(path: Path) -> bool:
+    try:
+        files = json.loads((path / PROGRESS).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in files.items())
+
+
+def save_checkpoint(accelerator, root: Path, step: int, progress: dict, keep: int) -> Path:
+    """Collective: every rank calls it. Returns the final folder."""
+    tmp = root / f".tmp-step-{step}"
+    final = root / f"step-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash: never trusted, safe to clear
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        atomic_write_text(tmp / PROGRESS, json.dumps({**progress, "files": files}, indent=1))
+        _fsync_dir(tmp)
+        if final.exists():
+            # Only a checkpoint resume did not trust can sit here (a complete one would have been resumed from).
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path) -> dict:
+    accelerator.load_state(str(path))
+    progress = json.loads((path / PROGRESS).read_text())
+    progress.pop("files")
+    return progress
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

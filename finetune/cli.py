@@ -1,0 +1,90 @@
+"""`finetune train|merge|check|keys`: parse the command line, call the stages, turn user mistakes into one
+paragraph and a non-zero exit code (`--debug` shows the traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import UserError
+from .recipe import describe_keys, load_recipe
+
+EXIT_USER_ERROR = 2
+
+EPILOG = """examples:
+  finetune train recipes/tiny-lora.yaml
+  finetune train recipes/tiny-lora.yaml train.lr=1e-4 lora.r=8 output.dir=runs/r8
+  finetune train recipes/tiny-lora.yaml lora=null          # full fine-tuning
+  accelerate launch --config_file launch/cpu_ddp.yaml -m finetune train recipes/tiny-lora.yaml
+  finetune merge runs/tiny-lora/final runs/tiny-lora-merged
+  finetune keys                                            # every recipe key, default and meaning
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="finetune", description=__doc__.split(":")[0].strip() + ".",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune a model as a recipe says (resumes an existing run folder)")
+    t.add_argument("recipe", help="recipe YAML file")
+    t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4 lora=null")
+    t.add_argument("--accept-changes", action="store_true",
+                   help="resume a run folder even though the recipe changed in keys that change the result")
+    t.add_argument("--new-run", action="store_true",
+                   help="if output.dir holds a run, start over in the next free folder (dir-2, dir-3, ...)")
+
+    c = sub.add_parser("check", help="validate a recipe without loading anything")
+    c.add_argument("recipe")
+    c.add_argument("overrides", nargs="*")
+
+    m = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save a standalone model")
+    m.add_argument("adapter", help="a run's final/ folder (or any peft adapter folder)")
+    m.add_argument("out", help="new folder for the merged model (must not exist or be empty)")
+
+    sub.add_parser("keys", help="print every recipe key with its default and meaning")
+    return p
+
+
+def _train(args) -> int:
+    from .checkpoint import next_free_dir, open_run_dir
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.new_run and Path(recipe.output.dir).exists():
+        recipe.output.dir = str(next_free_dir(Path(recipe.output.dir)))
+    run = open_run_dir(recipe, args.accept_changes)
+    if run.finished:
+        print(f"{run.path} already holds a finished run ({run.final}); nothing to do. "
+              "Use --new-run to train again in a new folder.")
+        return 0
+    from .train import train  # heavy imports only once the recipe is known to be good
+
+    train(recipe, run)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "check":
+            recipe = load_recipe(args.recipe, args.overrides)
+            print(f"{args.recipe}: ok ({'LoRA r=' + str(recipe.lora.r) if recipe.lora else 'full fine-tuning'}, "
+                  f"{len(recipe.data.train)} training dataset(s), output {recipe.output.dir})")
+            return 0
+        if args.command == "merge":
+            from .model import merge_adapter
+
+            print(f"merged model written to {merge_adapter(args.adapter, args.out)}")
+            return 0
+        print(describe_keys())
+        return 0
+    except Exception as e:
+        if args.debug or not isinstance(e, (UserError, FileExistsError)):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+

@@ -1,0 +1,270 @@
+"""The Accelerate training loop: one optimizer update per `train_step`, logging and saving around it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .checkpoint import RunDir, checkpoint_step, load_checkpoint, save_checkpoint, write_recipe
+from .data import IGNORE, Collator, RowDataset, build_datasets, mask_kind
+from .errors import UserError
+from .model import count_parameters, load_model, load_tokenizer
+from .recipe import Recipe, flatten, recipe_to_dict
+
+
+class TrainError(UserError):
+    """A run that cannot go on as configured; the message says what to change."""
+
+
+def make_accelerator(recipe: Recipe, run: RunDir) -> Accelerator:
+    accelerator = Accelerator(
+        # Without CUDA, accelerate only picks gloo DDP for launched ranks when told it runs on CPU.
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=recipe.train.mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=recipe.train.grad_accum, sync_with_dataloader=False
+        ),
+        # The same permutation on every rank and in every run with this seed: resume and rank counts agree.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
+        log_with=recipe.train.trackers or None,
+        project_dir=str(run.path),
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise TrainError(f"{launched} processes were launched but accelerate joined {accelerator.num_processes}: "
+                         "each would train its own model. Launch with a config whose distributed_type matches "
+                         "this machine (e.g. launch/cpu_ddp.yaml without GPUs).")
+    return accelerator
+
+
+def token_loss_sum(model, batch: dict) -> torch.Tensor:
+    """Sum of cross-entropy over target tokens; labels are already shifted per example by the collator."""
+    labels = batch.pop("labels")
+    logits = model(**batch).logits  # [batch, T, vocab]
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+
+
+def train_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm):
+    """One optimizer update over `grad_accum` micro-batches. Returns (loss sum, target count, grad norm), all local
+    tensors; the loss is the mean over every target token of the global batch, however it is split."""
+    local_targets = sum((mb["labels"] != IGNORE).sum() for mb in micro_batches)
+    global_targets = accelerator.reduce(local_targets, "sum")
+    # DDP averages gradients over ranks and accelerate divides by grad_accum: undo both so that the
+    # gradient is that of sum(token losses) / global_targets.
+    scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / global_targets.clamp(min=1)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for batch in micro_batches:
+        with accelerator.accumulate(model):
+            loss = token_loss_sum(model, batch)
+            accelerator.backward(loss * scale)
+            loss_sum += loss.detach()
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, local_targets, grad_norm
+
+
+@torch.no_grad()
+def validation_loss(accelerator, model, rows: RowDataset, collate: Collator, batch_size: int) -> float:
+    """Mean target-token loss over the whole validation set. Rows are split over ranks by hand and every rank
+    runs the same number of forwards (a padded share contributes nothing), so FSDP collectives line up."""
+    model.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(rank, len(rows), world))
+    per_rank = math.ceil(len(rows) / world)
+    total = torch.zeros(2, device=accelerator.device)
+    for start in range(0, per_rank, batch_size):
+        picked = mine[start:start + batch_size] or [0]
+        batch = {k: v.to(accelerator.device) for k, v in collate([rows[i] for i in picked]).items()
+                 if k != "n_tokens"}
+        if not mine[start:start + batch_size]:
+            batch["labels"].fill_(IGNORE)
+        targets = (batch["labels"] != IGNORE).sum()
+        total += torch.stack([token_loss_sum(model, batch), targets.float()])
+    total = accelerator.reduce(total, "sum")
+    model.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def epoch_batches(accelerator, loader, grad_accum: int, epoch: int, skip: int):
+    """(epoch, position, micro-batches) for every optimizer update, epoch after epoch. A trailing group of fewer
+    than grad_accum micro-batches is left for the next epoch's shuffle: updates all have the same size."""
+    while True:
+        loader.set_epoch(epoch)
+        source = accelerator.skip_first_batches(loader, skip) if skip else loader
+        group, position = [], skip
+        for batch in source:
+            group.append(batch)
+            position += 1
+            if len(group) == grad_accum:
+                yield epoch, position, group
+                group = []
+        epoch, skip = epoch + 1, 0
+
+
+class MetricsLog:
+    """metrics.jsonl on the main process (one JSON object per logged step) plus any accelerate trackers."""
+
+    def __init__(self, accelerator, path: Path, resumed_step: int):
+        self.accelerator, self.path = accelerator, path
+        if accelerator.is_main_process and path.exists():
+            # Lines past the checkpoint we resume from describe steps that are about to be redone.
+            lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resumed_step]
+            path.write_text("".join(ln + "\n" for ln in lines))
+
+    def write(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
+    """Train as the recipe says, resuming from `run.resume_from`; returns the trained (unwrapped) model."""
+    accelerator = make_accelerator(recipe, run)
+    main = accelerator.is_main_process
+    tr = recipe.train
+    # Seed before the model exists: LoRA's initial weights come from this generator.
+    set_seed(tr.seed)
+    tokenizer = load_tokenizer(recipe.model, recipe.data.chat_template)
+    model = load_model(recipe.model, recipe.lora)
+    with accelerator.main_process_first():
+        train_examples, val_examples, stats = build_datasets(recipe.data, tokenizer, tr.seed)
+    collate = Collator(tokenizer.pad_token_id, mask_kind(recipe.model.attn_implementation, recipe.data.packing))
+    train_rows = RowDataset(train_examples, recipe.data.max_length, recipe.data.packing)
+    val_rows = RowDataset(val_examples, recipe.data.max_length, recipe.data.packing) if val_examples else None
+    # A generator of its own: starting an epoch's iterator must not draw from the global RNG that dropout uses,
+    # or a resumed run (which starts an iterator mid-epoch) would see different dropout masks.
+    loader = torch.utils.data.DataLoader(train_rows, batch_size=tr.batch_size, shuffle=True, drop_last=True,
+                                         collate_fn=collate, generator=torch.Generator().manual_seed(tr.seed))
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]  # biases and norms
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tr.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=tr.lr, betas=tuple(tr.betas))
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    updates_per_epoch = len(loader) // tr.grad_accum
+    if updates_per_epoch == 0:
+        global_batch = tr.batch_size * tr.grad_accum * accelerator.num_processes
+        raise TrainError(f"the training data makes {len(train_rows)} rows, fewer than one update needs "
+                         f"(batch_size x grad_accum x processes = {global_batch}); lower train.batch_size or "
+                         "train.grad_accum, or add data.")
+    max_steps = tr.max_steps or tr.epochs * updates_per_epoch
+    # Not passed to prepare(): accelerate would step it once per process, and the schedule is per update.
+    scheduler = get_scheduler(tr.schedule if tr.schedule != "constant" else "constant_with_warmup", optimizer,
+                              num_warmup_steps=tr.warmup_steps, num_training_steps=max_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    if recipe.lora is not None:
+        _checkpoint_adapter_only(accelerator)
+
+    progress = {"step": 0, "epoch": 0, "position": 0, "tokens": 0, "target_tokens": 0}
+    if run.resume_from is not None:
+        progress = load_checkpoint(accelerator, run.resume_from)
+        accelerator.print(f"resuming from {run.resume_from} (step {checkpoint_step(run.resume_from)} of {max_steps})")
+    if main:
+        write_recipe(run, recipe)
+    # Trackers take scalars only (tensorboard's hparams): lists, mappings and nulls go as JSON text.
+    accelerator.init_trackers(run.path.name, config={
+        k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+        for k, v in flatten(recipe_to_dict(recipe)).items()})
+    trainable, total = count_parameters(accelerator.unwrap_model(model))
+    used_rows = updates_per_epoch * tr.grad_accum * tr.batch_size * accelerator.num_processes
+    accelerator.print(
+        f"{stats.examples} examples ({stats.skipped} bad rows skipped, {stats.truncated} truncated to "
+        f"{recipe.data.max_length} tokens) in {len(train_rows)} rows; {updates_per_epoch} updates per epoch use "
+        f"{used_rows} rows each epoch (the other {len(train_rows) - used_rows} fall to the next shuffle). "
+        f"Training {trainable:,} of {total:,} parameters on {accelerator.num_processes} process(es), "
+        f"{max_steps} updates."
+    )
+
+    log = MetricsLog(accelerator, run.metrics, progress["step"])
+    batches = epoch_batches(accelerator, loader, tr.grad_accum, progress["epoch"], progress["position"])
+    bar = tqdm(total=max_steps, initial=progress["step"], disable=not main, desc="training", unit="step")
+    window = torch.zeros(3, device=accelerator.device)  # loss sum, target tokens, tokens since the last log
+    clock = time.perf_counter()
+    for step in range(progress["step"] + 1, max_steps + 1):
+        epoch, position, micro_batches = next(batches)
+        tokens = sum(mb.pop("n_tokens") for mb in micro_batches)
+        loss_sum, targets, grad_norm = train_step(accelerator, model, optimizer, scheduler, micro_batches,
+                                                  tr.max_grad_norm)
+        window += torch.stack([loss_sum, targets.float(), tokens.float()])
+        progress.update(step=step, epoch=epoch, position=position)
+
+        if step % tr.log_every == 0 or step == max_steps:
+            loss, n_targets, n_tokens = accelerator.reduce(window, "sum").tolist()  # the only host sync
+            elapsed, clock = time.perf_counter() - clock, time.perf_counter()
+            progress["tokens"] += int(n_tokens)
+            progress["target_tokens"] += int(n_targets)
+            record = {"step": step, "epoch": epoch, "loss": loss / max(n_targets, 1),
+                      "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "tokens": progress["tokens"], "target_tokens": progress["target_tokens"],
+                      "tokens_per_s": n_tokens / elapsed}
+            if val_rows is not None and (step == max_steps or (tr.eval_every and step % tr.eval_every == 0)):
+                record["val_loss"] = validation_loss(accelerator, model, val_rows, collate, tr.batch_size)
+            log.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            window.zero_()
+        bar.update(1)
+        if recipe.output.save_every and step % recipe.output.save_every == 0 and step < max_steps:
+            save_checkpoint(accelerator, run.checkpoints, step, progress, recipe.output.keep)
+    bar.close()
+    save_final(accelerator, model, tokenizer, run.final)
+    accelerator.end_training()
+    accelerator.print(f"done: {run.final}")
+    return accelerator.unwrap_model(model)
+
+
+def _checkpoint_adapter_only(accelerator) -> None:
+    """Checkpoints of a LoRA run hold the adapter, not a copy of the frozen base model."""
+
+    def keep_trainable(models, weights, output_dir):
+        for model, state in zip(models, weights):
+            names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+            for key in [k for k in state if k not in names]:
+                del state[key]
+
+    def load_trainable(models, input_dir):
+        from safetensors.torch import load_file
+
+        for i in range(len(models)):
+            model = accelerator.unwrap_model(models.pop())
+            state = load_file(Path(input_dir) / f"model{'' if i == 0 else f'_{i}'}.safetensors")
+            result = model.load_state_dict(state, strict=False)
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            if result.unexpected_keys or trainable - set(state):
+                raise TrainError(f"checkpoint {input_dir} does not match this adapter "
+                                 f"(missing {sorted(trainable - set(state))[:3]}, "
+                                 f"unexpected {result.unexpected_keys[:3]}).")
+
+    accelerator.register_save_state_pre_hook(keep_trainable)
+    accelerator.register_load_state_pre_hook(load_trainable)
+
+
+def save_final(accelerator, model, tokenizer, final: Path) -> None:
+    """A Hugging Face folder (adapter or full weights, tokenizer included), renamed into place when complete."""
+    tmp = final.with_name(".tmp-final")
+    state = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: every rank calls it
+    if accelerator.is_main_process:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if final.exists():
+            raise TrainError(f"{final} already exists; it was not overwritten. The new model is in {tmp}.")
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
