@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Sets up .venv with finetune and everything its demo and tests need. Safe to rerun: it only adds what is missing.
+#
+# torch is installed first and pinned, so that `pip install -e .` finds it satisfied and never pulls a multi-GB
+# CUDA build onto a CPU-only machine. On a machine with an NVIDIA GPU, pip's default torch (CUDA) is used.
+# Elsewhere, to force the CPU wheel from PyTorch's own index: FINETUNE_TORCH_INDEX=https://download.pytorch.org/whl/cpu
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+if ! python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    pip install --quiet torch
+  else
+    pip install --quiet "torch==2.13.0" ${FINETUNE_TORCH_INDEX:+--index-url "$FINETUNE_TORCH_INDEX"}
+  fi
+fi
+pip install --quiet -e ".[dev]"
