@@ -6,7 +6,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -44,6 +43,13 @@ def make_accelerator(recipe: Recipe, run: RunDir) -> Accelerator:
         raise TrainError(f"{launched} processes were launched but accelerate joined {accelerator.num_processes}: "
                          "each would train its own model. Launch with a config whose distributed_type matches "
                          "this machine (e.g. launch/cpu_ddp.yaml without GPUs).")
+    # On CPU accelerate quietly turns FSDP and DeepSpeed launches into plain DDP; say so rather than train
+    # with a memory layout the user did not ask for.
+    for name, wanted in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(wanted, "false").lower() == "true" and accelerator.distributed_type.name != name:
+            raise TrainError(f"the launch config asks for {name}, but accelerate set up "
+                             f"{accelerator.distributed_type.name} (it supports {name} only on GPUs). On CPU use "
+                             "launch/cpu_ddp.yaml.")
     return accelerator
 
 
@@ -209,7 +215,7 @@ def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
             progress["tokens"] += int(n_tokens)
             progress["target_tokens"] += int(n_targets)
             record = {"step": step, "epoch": epoch, "loss": loss / max(n_targets, 1),
-                      "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "lr": scheduler.get_last_lr()[0], "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
                       "tokens": progress["tokens"], "target_tokens": progress["target_tokens"],
                       "tokens_per_s": n_tokens / elapsed}
             if val_rows is not None and (step == max_steps or (tr.eval_every and step % tr.eval_every == 0)):
@@ -228,7 +234,8 @@ def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
 
 
 def _checkpoint_adapter_only(accelerator) -> None:
-    """Checkpoints of a LoRA run hold the adapter, not a copy of the frozen base model."""
+    """Checkpoints of a LoRA run hold the adapter, not a copy of the frozen base model. (Under FSDP and DeepSpeed
+    accelerate saves the sharded model itself and these hooks see no models.)"""
 
     def keep_trainable(models, weights, output_dir):
         for model, state in zip(models, weights):
@@ -239,7 +246,9 @@ def _checkpoint_adapter_only(accelerator) -> None:
     def load_trainable(models, input_dir):
         from safetensors.torch import load_file
 
-        for i in range(len(models)):
+        # Popped models are left out of accelerate's own (strict) loading; FSDP and DeepSpeed pass none here.
+        while models:
+            i = len(models) - 1
             model = accelerator.unwrap_model(models.pop())
             state = load_file(Path(input_dir) / f"model{'' if i == 0 else f'_{i}'}.safetensors")
             result = model.load_state_dict(state, strict=False)

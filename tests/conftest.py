@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from finetune.checkpoint import open_run_dir
+from finetune.recipe import load_recipe
+from finetune.train import train
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -108,3 +115,53 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path
+
+
+def make_recipe(tmp_path, model_dir, name="r", rows=32, **sections):
+    data = tmp_path / "chat.jsonl"
+    if not data.exists():
+        write_jsonl(data, chat_rows(rows))
+    recipe = {
+        "model": {"path": str(model_dir)},
+        "data": {"train": [{"path": str(data), "format": "chat"}], "max_length": 64},
+        "train": {"lr": 3e-3, "max_steps": 4, "batch_size": 4, "seed": 0},
+        "output": {"dir": str(tmp_path / "runs" / name), "save_every": 0},
+    }
+    for section, values in sections.items():
+        if values is None:
+            recipe[section] = None
+        else:
+            recipe.setdefault(section, {}).update(values)
+    return write_recipe(tmp_path / f"{name}.yaml", recipe)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run_dir):
+    final = run_dir / "final"
+    name = "adapter_model.safetensors" if (final / "adapter_config.json").exists() else "model.safetensors"
+    return load_file(final / name)
+
+
+def assert_close(a: dict, b: dict, atol: float):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), (k, (a[k] - b[k]).abs().max())
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator; accelerate keeps process-wide singletons."""
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def run(path, *overrides, accept_changes=False):
+    recipe = load_recipe(path, list(overrides))
+    model = train(recipe, open_run_dir(recipe, accept_changes))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return Path(recipe.output.dir), model

@@ -1,4 +1,3 @@
-import json
 import shutil
 import subprocess
 import sys
@@ -6,66 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
-from conftest import chat_rows, write_jsonl, write_recipe
+from conftest import assert_close, make_recipe, metrics, run, weights
 from safetensors.torch import load_file
 
-from finetune.checkpoint import open_run_dir
 from finetune.cli import main as cli_main
 from finetune.recipe import load_recipe
-from finetune.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator; accelerate keeps process-wide singletons."""
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-def make_recipe(tmp_path, model_dir, name="r", rows=32, **sections):
-    data = tmp_path / "chat.jsonl"
-    if not data.exists():
-        write_jsonl(data, chat_rows(rows))
-    recipe = {
-        "model": {"path": str(model_dir)},
-        "data": {"train": [{"path": str(data), "format": "chat"}], "max_length": 64},
-        "train": {"lr": 3e-3, "max_steps": 4, "batch_size": 4, "seed": 0},
-        "output": {"dir": str(tmp_path / "runs" / name), "save_every": 0},
-    }
-    for section, values in sections.items():
-        if values is None:
-            recipe[section] = None
-        else:
-            recipe.setdefault(section, {}).update(values)
-    return write_recipe(tmp_path / f"{name}.yaml", recipe)
-
-
-def run(path, *overrides, accept_changes=False):
-    recipe = load_recipe(path, list(overrides))
-    model = train(recipe, open_run_dir(recipe, accept_changes))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return Path(recipe.output.dir), model
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(run_dir):
-    final = run_dir / "final"
-    name = "adapter_model.safetensors" if (final / "adapter_config.json").exists() else "model.safetensors"
-    return load_file(final / name)
-
-
-def assert_close(a: dict, b: dict, atol: float):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), (k, (a[k] - b[k]).abs().max())
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox"])

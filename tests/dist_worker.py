@@ -1,0 +1,17 @@
+"""Started by `accelerate launch` in the distributed tests: trains a recipe like `finetune train`, then every rank
+saves the weights it ended with, so the test can check that all ranks agree."""
+
+import os
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from finetune.checkpoint import open_run_dir
+from finetune.recipe import load_recipe
+from finetune.train import train
+
+recipe = load_recipe(sys.argv[1], sys.argv[2:])
+model = train(recipe, open_run_dir(recipe, accept_changes=False))
+state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+save_file(state, Path(recipe.output.dir) / f"rank{os.environ.get('RANK', '0')}.safetensors")
