@@ -5,16 +5,19 @@
     runs/x/checkpoints/step-N/    accelerate state (model or adapter, optimizer, scheduler, RNG) + progress.json
     runs/x/final/                 Hugging Face folder
 
-A checkpoint is written into `checkpoints/.tmp-step-N/` and renamed into place only after every rank has
-finished writing and `progress.json` lists every file with its size; anything else is ignored on resume.
+A checkpoint is written into `checkpoints/.tmp-step-N/`, flushed to disk, and renamed into place only after every
+rank has finished writing and `progress.json` lists every file with its size and SHA-256. Resume takes the newest
+checkpoint whose files all match; anything else is ignored.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,10 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 class RunDirError(UserError):
     """The output folder cannot be used as asked; the message says why and which flag to pass."""
+
+
+class CheckpointWriteError(UserError):
+    """Writing a checkpoint failed (disk full, permissions); the message names what is still intact."""
 
 
 @dataclass
@@ -78,13 +85,21 @@ def open_run_dir(recipe: Recipe, accept_changes: bool) -> RunDir:
                           "resume it with the new values, or --new-run to start over in a new folder.")
     run = RunDir(path, None, False)
     run.finished = (run.final / "config.json").is_file() or (run.final / "adapter_config.json").is_file()
-    run.resume_from = latest_checkpoint(run.checkpoints)
+    run.resume_from = latest_verified_checkpoint(run.checkpoints)
     return run
 
 
 def write_recipe(run: RunDir, recipe: Recipe) -> None:
     """Write the resolved recipe; a previous one that differs is kept beside it, never overwritten."""
-    run.path.mkdir(parents=True, exist_ok=True)
+    try:
+        run.path.mkdir(parents=True, exist_ok=True)
+        _write_recipe(run, recipe)
+    except OSError as e:
+        raise RunDirError(f"cannot write to the output folder {run.path}: {e.strerror or e}. Set `output.dir` to a "
+                          "folder you can write to.") from e
+
+
+def _write_recipe(run: RunDir, recipe: Recipe) -> None:
     target = run.path / "recipe.yaml"
     text = dump_recipe(recipe)
     if target.is_file() and target.read_text(encoding="utf-8") != text:
@@ -121,35 +136,68 @@ def latest_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def latest_verified_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint whose checksums match; a corrupted one is reported and passed over."""
+    for path in reversed(complete_checkpoints(root)):
+        if verify(path):
+            return path
+        print(f"warning: {path} does not match its recorded checksums; not resuming from it", file=sys.stderr)
+    return None
+
+
 def _is_complete(path: Path) -> bool:
+    """Cheap check used to list checkpoints: the record exists and every file has its recorded size."""
     try:
         files = json.loads((path / PROGRESS).read_text())["files"]
     except (OSError, ValueError, KeyError):
         return False
-    return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in files.items())
+    return all((path / name).is_file() and (path / name).stat().st_size == size for name, (size, _) in files.items())
+
+
+def verify(path: Path) -> bool:
+    """Full check before resuming: every file's SHA-256 equals the one recorded when it was written."""
+    files = json.loads((path / PROGRESS).read_text())["files"]
+    return all(_digest(path / name) == [size, digest] for name, (size, digest) in files.items())
+
+
+def _digest(path: Path) -> list:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return [path.stat().st_size, h.hexdigest()]
 
 
 def save_checkpoint(accelerator, root: Path, step: int, progress: dict, keep: int) -> Path:
-    """Collective: every rank calls it. Returns the final folder."""
+    """Collective: every rank calls it. Returns the final folder. A failed write (disk full, permissions) removes
+    its partial folder and raises CheckpointWriteError; earlier checkpoints are untouched."""
     tmp = root / f".tmp-step-{step}"
     final = root / f"step-{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash: never trusted, safe to clear
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        atomic_write_text(tmp / PROGRESS, json.dumps({**progress, "files": files}, indent=1))
-        _fsync_dir(tmp)
-        if final.exists():
-            # Only a checkpoint resume did not trust can sit here (a complete one would have been resumed from).
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        for old in complete_checkpoints(root)[:-keep]:
-            shutil.rmtree(old)
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash: never trusted, safe to clear
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            files = {str(p.relative_to(tmp)): _digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            atomic_write_text(tmp / PROGRESS, json.dumps({**progress, "files": files}, indent=1))
+            _fsync_tree(tmp)
+            if final.exists():
+                # Only a checkpoint resume did not trust can sit here (a complete one would have been resumed from).
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_tree(root, recursive=False)
+            for old in complete_checkpoints(root)[:-keep]:
+                shutil.rmtree(old)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = latest_checkpoint(root)
+        raise CheckpointWriteError(
+            f"could not write checkpoint {final}: {e.strerror or e}. The previous checkpoint "
+            f"({last or 'none yet'}) is intact; free space or fix permissions, then rerun the same command to "
+            "resume.") from e
     accelerator.wait_for_everyone()
     return final
 
@@ -157,13 +205,15 @@ def save_checkpoint(accelerator, root: Path, step: int, progress: dict, keep: in
 def load_checkpoint(accelerator, path: Path) -> dict:
     accelerator.load_state(str(path))
     progress = json.loads((path / PROGRESS).read_text())
-    progress.pop("files")
+    del progress["files"]
     return progress
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _fsync_tree(path: Path, recursive: bool = True) -> None:
+    """Flush file contents and directory entries, so a power loss after the rename cannot leave empty files."""
+    for p in [*(path.rglob("*") if recursive else ()), path]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

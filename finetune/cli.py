@@ -59,9 +59,13 @@ def _train(args) -> int:
         print(f"{run.path} already holds a finished run ({run.final}); nothing to do. "
               "Use --new-run to train again in a new folder.")
         return 0
-    from .train import train  # heavy imports only once the recipe is known to be good
+    from .train import EXIT_PREEMPTED, Preempted, train  # heavy imports only once the recipe is known to be good
 
-    train(recipe, run)
+    try:
+        train(recipe, run)
+    except Preempted as stop:
+        print(stop, file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -15,7 +15,12 @@ import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+from .errors import UserError
 from .recipe import LoraSection, ModelSection
+
+
+class ModelError(UserError):
+    """A model that cannot be loaded as the recipe says."""
 
 
 def resolve_model_path(section: ModelSection) -> str:
@@ -96,14 +101,23 @@ def load_model(section: ModelSection, lora: LoraSection | None):
                       "machine. Only do this for models you trust.", stacklevel=2)
     # Loading the resolved path makes config.name_or_path (and so the base a saved adapter names) the folder
     # that holds the weights: for a GGUF file, the converted folder, which from_pretrained can load again.
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(section),
-        dtype=getattr(torch, section.dtype),
-        revision=section.revision,
-        trust_remote_code=section.trust_remote_code,
-        attn_implementation=section.attn_implementation,
-        use_safetensors=True,
-    )
+    path = resolve_model_path(section)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=getattr(torch, section.dtype),
+            revision=section.revision,
+            trust_remote_code=section.trust_remote_code,
+            attn_implementation=section.attn_implementation,
+            # None lets transformers fall back to .bin files, which are pickles: loading one can run code.
+            use_safetensors=None if section.allow_pickle else True,
+        )
+    except OSError as e:
+        if section.allow_pickle or not list(Path(path).glob("*.bin")):
+            raise
+        raise ModelError(f"{section.path} has only pickle-based .bin weights, which can run arbitrary code when "
+                         "loaded, so they are refused. Convert them to safetensors, or set "
+                         "`model.allow_pickle: true` if you trust the files.") from e
     # The KV cache only speeds up generation; in training it costs memory and clashes with checkpointing.
     model.config.use_cache = False
     if section.gradient_checkpointing:

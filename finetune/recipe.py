@@ -54,6 +54,7 @@ class ModelSection:
     )
     revision: str | None = _f(None, "hub revision (branch, tag or commit) to load")
     trust_remote_code: bool = _f(False, "run modelling code shipped with the model; only for models you trust")
+    allow_pickle: bool = _f(False, "also load pickle-based .bin weights (can run code); safetensors only when false")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = _f(
         "sdpa", "attention kernel; packing keeps examples apart under each of these"
     )
@@ -111,6 +112,8 @@ class TrainSection:
     mixed_precision: Literal["no", "bf16", "fp16"] | None = _f(
         None, "autocast precision; null = take it from the accelerate launch config"
     )
+    max_nonfinite_in_row: int = _nonneg(
+        "updates with a non-finite loss or gradient skipped in a row before the run stops; 0 = stop at the first", 3)
     log_every: int = _pos("optimizer updates between metrics.jsonl lines", 1)
     eval_every: int = _nonneg("optimizer updates between validation-loss passes; 0 = only at the end", 0)
     trackers: list[Literal["tensorboard", "wandb"]] = _f([], "accelerate trackers to log to, besides metrics.jsonl")

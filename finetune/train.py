@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .checkpoint import RunDir, checkpoint_step, load_checkpoint, save_checkpoint, write_recipe
+from .checkpoint import RunDir, atomic_write_text, checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint, write_recipe
 from .data import IGNORE, Collator, RowDataset, build_datasets, mask_kind
 from .errors import UserError
 from .model import count_parameters, load_model, load_tokenizer
@@ -63,8 +64,9 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
 
 
 def train_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm):
-    """One optimizer update over `grad_accum` micro-batches. Returns (loss sum, target count, grad norm), all local
-    tensors; the loss is the mean over every target token of the global batch, however it is split."""
+    """One optimizer update over `grad_accum` micro-batches; the loss is the mean over every target token of the
+    global batch, however it is split. Returns (local loss sum, local target count, grad norm, finite); a
+    non-finite gradient leaves weights, optimizer and schedule untouched."""
     local_targets = sum((mb["labels"] != IGNORE).sum() for mb in micro_batches)
     global_targets = accelerator.reduce(local_targets, "sum")
     # DDP averages gradients over ranks and accelerate divides by grad_accum: undo both so that the
@@ -77,10 +79,15 @@ def train_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad
             accelerator.backward(loss * scale)
             loss_sum += loss.detach()
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
-    optimizer.step()
-    scheduler.step()
+    # Gradients are all-reduced, so every rank sees the same norm and takes the same decision.
+    grad_norm = math.nan if grad_norm is None else float(grad_norm)  # DeepSpeed clips inside its engine
+    finite = math.isfinite(grad_norm) or accelerator.distributed_type.name == "DEEPSPEED"
+    if finite or accelerator.scaler is not None:
+        optimizer.step()  # under fp16 the grad scaler skips a non-finite update itself and lowers its scale
+    if finite:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, local_targets, grad_norm
+    return loss_sum, local_targets, grad_norm, finite
 
 
 @torch.no_grad()
@@ -127,9 +134,16 @@ class MetricsLog:
     def __init__(self, accelerator, path: Path, resumed_step: int):
         self.accelerator, self.path = accelerator, path
         if accelerator.is_main_process and path.exists():
-            # Lines past the checkpoint we resume from describe steps that are about to be redone.
-            lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resumed_step]
-            path.write_text("".join(ln + "\n" for ln in lines))
+            # Lines past the checkpoint we resume from describe steps that are about to be redone; a line cut
+            # short by a crash is dropped too.
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resumed_step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if self.accelerator.is_main_process:
@@ -138,36 +152,74 @@ class MetricsLog:
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
 
-def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
-    """Train as the recipe says, resuming from `run.resume_from`; returns the trained (unwrapped) model."""
-    accelerator = make_accelerator(recipe, run)
-    main = accelerator.is_main_process
-    tr = recipe.train
-    # Seed before the model exists: LoRA's initial weights come from this generator.
-    set_seed(tr.seed)
-    tokenizer = load_tokenizer(recipe.model, recipe.data.chat_template)
-    model = load_model(recipe.model, recipe.lora)
-    with accelerator.main_process_first():
-        train_examples, val_examples, stats = build_datasets(recipe.data, tokenizer, tr.seed)
+class Preempted(Exception):
+    """SIGTERM or SIGINT arrived; a checkpoint was saved at the step boundary that followed."""
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", which is what a requeued run does
+
+
+class StopSignals:
+    """SIGTERM (SLURM preemption, `kill`) and SIGINT (Ctrl-C) ask the run to stop at the next step boundary.
+    A second signal of the same kind is not caught: it stops the process at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        signal.signal(signum, self.previous[signum])
+
+    def agreed(self, accelerator) -> bool:
+        """True on every rank once any rank got a signal, so all save the same step and stop together."""
+        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
+        return bool(accelerator.reduce(flag, "sum").item() if accelerator.num_processes > 1 else flag.item())
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def _loaders(recipe: Recipe, tokenizer, accelerator):
+    with accelerator.main_process_first():  # tokenized once, then read from datasets' cache by the other ranks
+        train_examples, val_examples, stats = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     collate = Collator(tokenizer.pad_token_id, mask_kind(recipe.model.attn_implementation, recipe.data.packing))
     train_rows = RowDataset(train_examples, recipe.data.max_length, recipe.data.packing)
     val_rows = RowDataset(val_examples, recipe.data.max_length, recipe.data.packing) if val_examples else None
     # A generator of its own: starting an epoch's iterator must not draw from the global RNG that dropout uses,
     # or a resumed run (which starts an iterator mid-epoch) would see different dropout masks.
-    loader = torch.utils.data.DataLoader(train_rows, batch_size=tr.batch_size, shuffle=True, drop_last=True,
-                                         collate_fn=collate, generator=torch.Generator().manual_seed(tr.seed))
+    loader = torch.utils.data.DataLoader(train_rows, batch_size=recipe.train.batch_size, shuffle=True, drop_last=True,
+                                         collate_fn=collate, generator=torch.Generator().manual_seed(recipe.train.seed))
+    return loader, val_rows, collate, stats
 
+
+def _optimizer(model, tr) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]  # biases and norms
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tr.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=tr.lr, betas=tuple(tr.betas))
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": tr.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=tr.lr, betas=tuple(tr.betas))
+
+
+def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
+    """Train as the recipe says, resuming from `run.resume_from`; returns the trained (unwrapped) model."""
+    accelerator = make_accelerator(recipe, run)
+    tr = recipe.train
+    if accelerator.is_main_process:
+        write_recipe(run, recipe)  # also proves the folder is writable before minutes of loading
+    # Seed before the model exists: LoRA's initial weights come from this generator.
+    set_seed(tr.seed)
+    tokenizer = load_tokenizer(recipe.model, recipe.data.chat_template)
+    model = load_model(recipe.model, recipe.lora)
+    loader, val_rows, collate, stats = _loaders(recipe, tokenizer, accelerator)
+    rows = len(loader.dataset)
+    model, optimizer, loader = accelerator.prepare(model, _optimizer(model, tr), loader)
     updates_per_epoch = len(loader) // tr.grad_accum
     if updates_per_epoch == 0:
         global_batch = tr.batch_size * tr.grad_accum * accelerator.num_processes
-        raise TrainError(f"the training data makes {len(train_rows)} rows, fewer than one update needs "
-                         f"(batch_size x grad_accum x processes = {global_batch}); lower train.batch_size or "
-                         "train.grad_accum, or add data.")
+        raise TrainError(f"the training data makes {rows} rows, fewer than one update needs (batch_size x "
+                         f"grad_accum x processes = {global_batch}); lower train.batch_size or train.grad_accum, "
+                         "or add data.")
     max_steps = tr.max_steps or tr.epochs * updates_per_epoch
     # Not passed to prepare(): accelerate would step it once per process, and the schedule is per update.
     scheduler = get_scheduler(tr.schedule if tr.schedule != "constant" else "constant_with_warmup", optimizer,
@@ -176,12 +228,10 @@ def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
     if recipe.lora is not None:
         _checkpoint_adapter_only(accelerator)
 
-    progress = {"step": 0, "epoch": 0, "position": 0, "tokens": 0, "target_tokens": 0}
+    progress = {"step": 0, "epoch": 0, "position": 0, "tokens": 0, "target_tokens": 0, "skipped_steps": 0}
     if run.resume_from is not None:
         progress = load_checkpoint(accelerator, run.resume_from)
         accelerator.print(f"resuming from {run.resume_from} (step {checkpoint_step(run.resume_from)} of {max_steps})")
-    if main:
-        write_recipe(run, recipe)
     # Trackers take scalars only (tensorboard's hparams): lists, mappings and nulls go as JSON text.
     accelerator.init_trackers(run.path.name, config={
         k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
@@ -190,47 +240,74 @@ def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
     used_rows = updates_per_epoch * tr.grad_accum * tr.batch_size * accelerator.num_processes
     accelerator.print(
         f"{stats.examples} examples ({stats.skipped} bad rows skipped, {stats.truncated} truncated to "
-        f"{recipe.data.max_length} tokens) in {len(train_rows)} rows; {updates_per_epoch} updates per epoch use "
-        f"{used_rows} rows each epoch (the other {len(train_rows) - used_rows} fall to the next shuffle). "
-        f"Training {trainable:,} of {total:,} parameters on {accelerator.num_processes} process(es), "
-        f"{max_steps} updates."
+        f"{recipe.data.max_length} tokens) in {rows} rows; {updates_per_epoch} updates per epoch use {used_rows} "
+        f"rows each epoch (the other {rows - used_rows} fall to the next shuffle). Training {trainable:,} of "
+        f"{total:,} parameters on {accelerator.num_processes} process(es), {max_steps} updates."
     )
+    signals = StopSignals()
+    try:
+        _loop(recipe, run, accelerator, model, optimizer, scheduler, loader, val_rows, collate, progress, max_steps,
+              signals)
+    finally:
+        signals.restore()
+    save_final(accelerator, model, tokenizer, run.final)
+    accelerator.end_training()
+    accelerator.print(f"done: {run.final}")
+    return accelerator.unwrap_model(model)
 
+
+def _loop(recipe, run, accelerator, model, optimizer, scheduler, loader, val_rows, collate, progress, max_steps,
+          signals):
+    tr = recipe.train
     log = MetricsLog(accelerator, run.metrics, progress["step"])
     batches = epoch_batches(accelerator, loader, tr.grad_accum, progress["epoch"], progress["position"])
-    bar = tqdm(total=max_steps, initial=progress["step"], disable=not main, desc="training", unit="step")
+    bar = tqdm(total=max_steps, initial=progress["step"], disable=not accelerator.is_main_process, desc="training",
+               unit="step")
     window = torch.zeros(3, device=accelerator.device)  # loss sum, target tokens, tokens since the last log
-    clock = time.perf_counter()
+    clock, bad_in_row = time.perf_counter(), 0
     for step in range(progress["step"] + 1, max_steps + 1):
         epoch, position, micro_batches = next(batches)
         tokens = sum(mb.pop("n_tokens") for mb in micro_batches)
-        loss_sum, targets, grad_norm = train_step(accelerator, model, optimizer, scheduler, micro_batches,
-                                                  tr.max_grad_norm)
-        window += torch.stack([loss_sum, targets.float(), tokens.float()])
+        loss_sum, targets, grad_norm, finite = train_step(accelerator, model, optimizer, scheduler, micro_batches,
+                                                          tr.max_grad_norm)
         progress.update(step=step, epoch=epoch, position=position)
-
-        if step % tr.log_every == 0 or step == max_steps:
-            loss, n_targets, n_tokens = accelerator.reduce(window, "sum").tolist()  # the only host sync
+        if finite:
+            window += torch.stack([loss_sum, targets.float(), tokens.float()])
+            bad_in_row = 0
+        else:
+            progress["skipped_steps"] += 1
+            bad_in_row += 1
+            accelerator.print(f"step {step}: non-finite loss or gradient; update skipped ({bad_in_row} in a row)")
+            if bad_in_row > tr.max_nonfinite_in_row:
+                last = latest_checkpoint(run.checkpoints)
+                raise TrainError(f"{bad_in_row} updates in a row had a non-finite loss or gradient (step {step}); "
+                                 f"stopping. Nothing non-finite was saved; the last checkpoint is {last}. Lower "
+                                 "train.lr, set train.max_grad_norm, or use bf16 instead of fp16.")
+        saving = bool(recipe.output.save_every) and step % recipe.output.save_every == 0 and step < max_steps
+        stopping = signals.agreed(accelerator)
+        # Log whenever a checkpoint is written, so a resumed run logs the same windows as an uninterrupted one.
+        if step % tr.log_every == 0 or step == max_steps or saving or stopping:
+            loss, n_targets, n_tokens = accelerator.reduce(window, "sum").tolist()
             elapsed, clock = time.perf_counter() - clock, time.perf_counter()
             progress["tokens"] += int(n_tokens)
             progress["target_tokens"] += int(n_targets)
             record = {"step": step, "epoch": epoch, "loss": loss / max(n_targets, 1),
-                      "lr": scheduler.get_last_lr()[0], "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+                      "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                       "tokens": progress["tokens"], "target_tokens": progress["target_tokens"],
-                      "tokens_per_s": n_tokens / elapsed}
+                      "tokens_per_s": n_tokens / elapsed, "skipped_steps": progress["skipped_steps"]}
             if val_rows is not None and (step == max_steps or (tr.eval_every and step % tr.eval_every == 0)):
                 record["val_loss"] = validation_loss(accelerator, model, val_rows, collate, tr.batch_size)
             log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             window.zero_()
         bar.update(1)
-        if recipe.output.save_every and step % recipe.output.save_every == 0 and step < max_steps:
+        if saving or (stopping and step < max_steps):
             save_checkpoint(accelerator, run.checkpoints, step, progress, recipe.output.keep)
+        if stopping and step < max_steps:
+            bar.close()
+            raise Preempted(f"stopped by signal after step {step}; checkpoint saved. Rerun the same command to "
+                            "resume.")
     bar.close()
-    save_final(accelerator, model, tokenizer, run.final)
-    accelerator.end_training()
-    accelerator.print(f"done: {run.final}")
-    return accelerator.unwrap_model(model)
 
 
 def _checkpoint_adapter_only(accelerator) -> None:

@@ -13,7 +13,7 @@ from conftest import TINY_CONFIGS
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from finetune import model as model_module
-from finetune.model import count_parameters, load_model, load_tokenizer, merge_adapter, resolve_model_path
+from finetune.model import ModelError, count_parameters, load_model, load_tokenizer, merge_adapter, resolve_model_path
 from finetune.recipe import LoraSection, ModelSection
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -165,12 +165,14 @@ def test_merge_takes_tokenizer_from_base_when_adapter_has_none(tiny_model, tmp_p
     assert AutoTokenizer.from_pretrained(out).eos_token == "<|endoftext|>"
 
 
-def test_pickle_weights_are_refused(tiny_model, tmp_path):
+def test_pickle_weights_are_refused_unless_explicitly_allowed(tiny_model, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     model.config.save_pretrained(tmp_path)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
-    with pytest.raises(OSError, match="model.safetensors"):
+    with pytest.raises(ModelError, match=r"only pickle-based \.bin weights.*model\.allow_pickle: true"):
         load_model(ModelSection(path=str(tmp_path)), None)
+    loaded = load_model(ModelSection(path=str(tmp_path), allow_pickle=True), None)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
 
 
 def test_trust_remote_code_warns(tiny_model):
