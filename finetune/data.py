@@ -8,6 +8,7 @@ inside each example, so no example ever predicts the first token of the next one
 from __future__ import annotations
 
 import bisect
+import codecs
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,14 +51,31 @@ def load_rows(spec: DatasetSpec) -> Dataset:
         if suffix in _LOCAL_BUILDERS and Path(spec.path).is_file():
             if Path(spec.path).stat().st_size == 0:
                 raise DataError(f"{spec.path} is empty; it needs at least one row.")
+            if suffix != ".parquet":
+                _check_utf8(Path(spec.path))  # pyarrow's JSON reader lets bad bytes through to tokenization
             return load_dataset(_LOCAL_BUILDERS[suffix], data_files=spec.path, split="train")
         return load_dataset(spec.path, spec.name, split=spec.split)
     except DataError:
         raise
-    except UnicodeDecodeError as e:
-        raise DataError(f"{spec.path} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8.") from None
     except Exception as e:  # datasets wraps parse errors in many types; the message is what helps
         raise DataError(f"could not read {spec.path}: {type(e).__name__}: {e}") from None
+
+
+def _check_utf8(path: Path) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                line += chunk[: e.start].count(b"\n")
+                raise DataError(f"{path} is not valid UTF-8 at line {line}; re-save the file as UTF-8.") from None
+            line += chunk.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(f"{path} ends in the middle of a UTF-8 character; the file looks cut short.") from None
 
 
 # ---------------------------------------------------------------- encoding
@@ -80,7 +98,8 @@ def _check_fields(row: dict, fmt: str) -> str:
     if not isinstance(messages, list) or not messages:
         return "`messages` must be a non-empty list of {role, content}"
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not (
+                isinstance(m.get("role"), str) and m["role"] in _ROLES):
             return f"`messages[{i}]` must be {{role: one of {sorted(_ROLES)}, content: string}}"
     if not any(m["role"] == "assistant" for m in messages):
         return "`messages` has no assistant turn to learn"

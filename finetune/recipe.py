@@ -286,11 +286,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise RecipeError(f"override `{item}` must look like section.key=value (e.g. train.lr=1e-4 or lora=null).")
+            raise RecipeError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4 or lora=null).")
         try:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError as e:
-            raise RecipeError(f"override `{item}`: the value is not valid YAML ({e.problem}).") from None
+            problem = getattr(e, "problem", None) or str(e).replace("\n", " ")
+            raise RecipeError(f"override {item!r}: the value is not valid YAML ({problem}).") from None
         parsed.append((key.split("."), value))
     return parsed
 
