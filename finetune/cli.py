@@ -1,4 +1,4 @@
-"""`finetune train|merge|check|keys`: parse the command line, call the stages, turn user mistakes into one
+"""`finetune train|check|eval|report|merge|keys`: parse the command line, call the stages, turn user mistakes into one
 paragraph and a non-zero exit code (`--debug` shows the traceback)."""
 
 from __future__ import annotations
@@ -17,13 +17,16 @@ EPILOG = """examples:
   finetune train recipes/tiny-lora.yaml train.lr=1e-4 lora.r=8 output.dir=runs/r8
   finetune train recipes/tiny-lora.yaml lora=null          # full fine-tuning
   accelerate launch --config_file launch/cpu_ddp.yaml -m finetune train recipes/tiny-lora.yaml
+  finetune eval data/tiny-llama runs/tiny-lora --tasks data/tasks/general_knowledge.yaml
+  finetune report runs/tiny-lora runs/tiny-full --out runs/compare
   finetune merge runs/tiny-lora/final runs/tiny-lora-merged
   finetune keys                                            # every recipe key, default and meaning
 """
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="finetune", description=__doc__.split(":")[0].strip() + ".",
+    p = argparse.ArgumentParser(prog="finetune", description="Fine-tune pretrained language models and measure "
+                                "what they forgot.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     sub = p.add_subparsers(dest="command", required=True)
@@ -44,8 +47,51 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("adapter", help="a run's final/ folder (or any peft adapter folder)")
     m.add_argument("out", help="new folder for the merged model (must not exist or be empty)")
 
+    e = sub.add_parser("eval", help="measure what a saved model forgot against its base; writes a report")
+    e.add_argument("base", help="the base model: hub id, local folder or .gguf file")
+    e.add_argument("tuned", help="a run folder (its final/), an adapter folder or a full model folder")
+    e.add_argument("--tasks", nargs="+", help="original tasks (default: the run's recipe eval.tasks)")
+    e.add_argument("--target-tasks", nargs="+", help="tasks of the new skill (default: the run's recipe)")
+    e.add_argument("--limit", type=int, help="examples per task (default: all)")
+    e.add_argument("--out", type=Path, help="new report folder (default: TUNED/forgetting, or the next free "
+                                             "forgetting-2, -3, ... beside it)")
+
+    r = sub.add_parser("report", help="compare runs: one table and the learning-forgetting plane")
+    r.add_argument("runs", nargs="+", type=Path, help="run folders that hold forgetting/report.json")
+    r.add_argument("--out", type=Path, default=Path("runs/compare"), help="folder for compare.{md,json,html}")
+
     sub.add_parser("keys", help="print every recipe key with its default and meaning")
     return p
+
+
+def _eval(args) -> int:
+    import dataclasses
+
+    from .checkpoint import next_free_dir
+    from .evaluate import evaluate_saved
+    from .recipe import EvalSection, ModelSection
+
+    tuned = Path(args.tuned)
+    saved = tuned / "recipe.yaml"
+    recipe = load_recipe(saved) if saved.is_file() else None
+    section = recipe.eval if recipe else EvalSection()
+    changes = {k: v for k, v in (("tasks", args.tasks), ("target_tasks", args.target_tasks), ("limit", args.limit))
+               if v is not None}
+    section = dataclasses.replace(section, **changes)
+    if not section.tasks and not section.target_tasks:
+        print("error: no tasks to evaluate: pass --tasks (and --target-tasks), or a run whose recipe lists "
+              "eval.tasks.", file=sys.stderr)
+        return EXIT_USER_ERROR
+    base = dataclasses.replace(recipe.model, path=args.base) if recipe else ModelSection(path=args.base)
+    out = args.out or (tuned / "forgetting" if tuned.is_dir() and saved.is_file() else Path("forgetting"))
+    if out.exists() and any(out.iterdir()):
+        if args.out:
+            print(f"error: {out} already holds files; nothing is overwritten. Choose another --out.", file=sys.stderr)
+            return EXIT_USER_ERROR
+        out = next_free_dir(out)  # the run's own report stays as training wrote it
+    report = evaluate_saved(base, tuned, section, out, recipe=recipe)
+    print(f"{report['verdict']['text']}\nreport: {out / 'report.html'}")
+    return 0
 
 
 def _train(args) -> int:
@@ -78,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             recipe = load_recipe(args.recipe, args.overrides)
             print(f"{args.recipe}: ok ({'LoRA r=' + str(recipe.lora.r) if recipe.lora else 'full fine-tuning'}, "
                   f"{len(recipe.data.train)} training dataset(s), output {recipe.output.dir})")
+            return 0
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "report":
+            from .report import compare_runs
+
+            compare_runs(args.runs, args.out)
+            print(f"comparison of {len(args.runs)} runs: {args.out / 'compare.html'}")
             return 0
         if args.command == "merge":
             from .model import merge_adapter

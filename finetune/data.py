@@ -36,6 +36,8 @@ class DataStats:
     examples: int = 0
     skipped: int = 0
     truncated: int = 0
+    replay_examples: int = 0
+    replay_tokens: int = 0
     target_tokens: int = 0
     tokens: int = 0
     skipped_reasons: list[str] = field(default_factory=list)
@@ -225,11 +227,33 @@ def build_datasets(data: DataSection, tokenizer, seed: int) -> tuple[Dataset, Da
     if len(train) == 0:
         raise DataError("no usable training examples are left after skipping bad rows: " +
                         "; ".join(stats.skipped_reasons))
+    if data.replay is not None:
+        replay = concatenate_datasets([encode_dataset(spec, tokenizer, data, stats) for spec in data.replay.datasets])
+        picked = _replay_share(replay, sum(len(t) for t in train["input_ids"]), data.replay.ratio, rng)
+        stats.replay_examples = len(picked)
+        stats.replay_tokens = sum(len(t) for t in picked["input_ids"])
+        train = concatenate_datasets([train, picked])
     lengths = [len(t) for t in train["input_ids"]]
     stats.examples = len(train)
     stats.tokens = sum(lengths)
     stats.target_tokens = sum(sum(t[1:]) for t in train["target"])
     return train, (concatenate_datasets(val_parts) if val_parts else None), stats
+
+
+def _replay_share(replay: Dataset, train_tokens: int, ratio: float, rng: random.Random) -> Dataset:
+    """Replay examples, drawn at random (repeating once all are used), until they make `ratio` of all tokens."""
+    wanted = ratio / (1 - ratio) * train_tokens
+    lengths = [len(t) for t in replay["input_ids"]]
+    picked, total = [], 0
+    while total < wanted:
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
+        for i in order:
+            if total >= wanted:
+                break
+            picked.append(i)
+            total += lengths[i]
+    return replay.select(picked)
 
 
 # ---------------------------------------------------------------- packing and batches

@@ -78,6 +78,13 @@ class DatasetSpec:
 
 
 @dataclass
+class ReplaySection:
+    datasets: list[DatasetSpec] = _f([], "original-task or general data mixed into training (not an eval split)")
+    ratio: float = _f(0.02, "share of training tokens that come from replay (0.02 = 2%)", lambda v: 0 < v < 1,
+                      "a number in (0, 1)")
+
+
+@dataclass
 class DataSection:
     train: list[DatasetSpec] = _f([], "datasets to train on, mixed by weight")
     validation: list[DatasetSpec] = _f([], "datasets for validation loss; empty = hold out val_fraction of train")
@@ -91,6 +98,7 @@ class DataSection:
     chat_template: str | None = _f(None, "Jinja chat template to use instead of the tokenizer's")
     on_bad_row: Literal["fail", "skip"] = _f("fail", "a malformed row stops the run, or is skipped and counted")
     num_proc: int = _pos("processes for tokenization (datasets.map)", 1)
+    replay: ReplaySection | None = _f(None, "mix old data into training to forget less; null = none")
 
 
 @dataclass
@@ -112,6 +120,8 @@ class TrainSection:
     mixed_precision: Literal["no", "bf16", "fp16"] | None = _f(
         None, "autocast precision; null = take it from the accelerate launch config"
     )
+    l2sp: float = _nonneg("pull toward the base: adds l2sp * ||theta - theta_base||^2 to the loss (LoRA: over the "
+                          "adapter's update); 0 = off", 0.0)
     max_nonfinite_in_row: int = _nonneg(
         "updates with a non-finite loss or gradient skipped in a row before the run stops; 0 = stop at the first", 3)
     log_every: int = _pos("optimizer updates between metrics.jsonl lines", 1)
@@ -132,7 +142,23 @@ class LoraSection:
 @dataclass
 class EvalSection:
     tasks: list[str] = _f([], "original tasks checked for forgetting (lm-eval names or task YAML files)")
-    max_drop: float = _nonneg("forgetting budget: the largest acceptable drop on an original task", 0.02)
+    max_drop: float = _nonneg(
+        "forgetting budget: the largest acceptable drop on an original task, in its metric's units (0.02 = 2 points)",
+        0.02)
+    target_tasks: list[str] = _f([], "tasks that measure the new skill (lm-eval names or task YAML files); "
+                                     "reported as gain")
+    every: int = _nonneg("optimizer updates between forgetting evaluations during training; 0 = only before and "
+                         "after", 0)
+    limit: int | None = _f(None, "examples per task (the first N); null = all", lambda v: v is None or v > 0,
+                           "an integer > 0 or null")
+    batch_size: int = _pos("examples per forward pass in task evaluation", 8)
+    drift_texts: list[str] = _f([], "text files (.txt, one text per line) or .jsonl files (a `text` column) to "
+                                    "measure drift on; empty = continuations sampled from the base model")
+    drift_max_length: int = _pos("tokens per drift text (truncated beyond)", 256)
+    on_over_budget: Literal["continue", "keep_best", "stop"] = _f(
+        "continue", "when an evaluation drops more than max_drop: continue = train on, report only; keep_best = "
+                    "train on, then final/ is the evaluated step within budget that gained most on target_tasks "
+                    "(the latest, without them); stop = as keep_best, but end training at that evaluation")
 
 
 @dataclass
@@ -158,7 +184,8 @@ _DEFAULT_SECTIONS = ("data", "train", "eval", "output")
 # Keys whose change does not change the trained weights: a resumed run may differ in these.
 RESULT_NEUTRAL_KEYS = frozenset(
     {"output.save_every", "output.keep", "train.log_every", "train.trackers", "train.eval_every", "data.num_proc",
-     "eval.tasks", "eval.max_drop", "model.cache_dir"}
+     "model.cache_dir", "eval.tasks", "eval.target_tasks", "eval.limit", "eval.batch_size", "eval.drift_texts",
+     "eval.drift_max_length"}
 )
 
 
@@ -347,8 +374,13 @@ def _check(recipe: Recipe, src: str, stem: str) -> None:
     if not recipe.data.train:
         raise RecipeError(f"{src}: `data.train` is empty; list at least one dataset, e.g. "
                           "train: [{path: data/x.jsonl, format: chat}].")
-    for group in ("train", "validation"):
-        for i, spec in enumerate(getattr(recipe.data, group)):
+    replay = recipe.data.replay.datasets if recipe.data.replay else []
+    if recipe.data.replay and not replay:
+        raise RecipeError(f"{src}: `data.replay.datasets` is empty; list the data to replay, or set `data.replay: "
+                          "null`.")
+    for group, specs in (("train", recipe.data.train), ("validation", recipe.data.validation),
+                         ("replay.datasets", replay)):
+        for i, spec in enumerate(specs):
             key = f"data.{group}[{i}].path"
             if not spec.path:
                 raise RecipeError(f"{src}: `{key}` is missing.")

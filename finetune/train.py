@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from transformers import get_scheduler
 
 from .checkpoint import RunDir, atomic_write_text, checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint, write_recipe
 from .data import IGNORE, Collator, RowDataset, build_datasets, mask_kind
+from .budget import TrainingEval
 from .errors import UserError
 from .model import count_parameters, load_model, load_tokenizer
 from .recipe import Recipe, flatten, recipe_to_dict
@@ -63,10 +65,40 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
     )
 
 
-def train_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm):
+class PullToBase:
+    """L2-SP: the gradient of `lam * ||theta - theta_base||^2`, added after the data gradient is all-reduced (it is
+    the same on every rank). With LoRA the update theta - theta_base is the adapter's own scale * B @ A, so no copy
+    of the base is kept; full fine-tuning keeps one copy of the trained weights."""
+
+    def __init__(self, model, lam: float):
+        from peft.tuners.lora import LoraLayer
+
+        self.lam = lam
+        self.adapters = [(m.lora_A[name].weight, m.lora_B[name].weight, m.scaling[name])
+                         for m in model.modules() if isinstance(m, LoraLayer) for name in m.lora_A]
+        self.params = [p for p in model.parameters() if p.requires_grad] if not self.adapters else []
+        self.base = [p.detach().clone() for p in self.params]
+
+    def apply(self) -> torch.Tensor:
+        """Adds the penalty's gradient to .grad and returns the penalty."""
+        with torch.enable_grad():
+            if self.adapters:
+                # ||s B A||_F^2 = s^2 * sum((B^T B) * (A A^T)): r x r products, never the full out x in update.
+                penalty = sum(s * s * ((b.T @ b) * (a @ a.T)).sum() for a, b, s in self.adapters)
+                params = [w for a, b, _ in self.adapters for w in (a, b)]
+            else:
+                penalty = sum(((p - p0) ** 2).sum() for p, p0 in zip(self.params, self.base))
+                params = self.params
+            grads = torch.autograd.grad(self.lam * penalty, params)
+        for p, g in zip(params, grads):
+            p.grad = g if p.grad is None else p.grad.add_(g)
+        return self.lam * penalty.detach()
+
+
+def train_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm, pull=None):
     """One optimizer update over `grad_accum` micro-batches; the loss is the mean over every target token of the
-    global batch, however it is split. Returns (local loss sum, local target count, grad norm, finite); a
-    non-finite gradient leaves weights, optimizer and schedule untouched."""
+    global batch, however it is split. Returns (local loss sum, local target count, grad norm, finite, L2-SP
+    penalty); a non-finite gradient leaves weights, optimizer and schedule untouched."""
     local_targets = sum((mb["labels"] != IGNORE).sum() for mb in micro_batches)
     global_targets = accelerator.reduce(local_targets, "sum")
     # DDP averages gradients over ranks and accelerate divides by grad_accum: undo both so that the
@@ -78,6 +110,7 @@ def train_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad
             loss = token_loss_sum(model, batch)
             accelerator.backward(loss * scale)
             loss_sum += loss.detach()
+    penalty = pull.apply() if pull is not None else torch.zeros((), device=accelerator.device)
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
     # Gradients are all-reduced, so every rank sees the same norm and takes the same decision.
     grad_norm = math.nan if grad_norm is None else float(grad_norm)  # DeepSpeed clips inside its engine
@@ -87,7 +120,7 @@ def train_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad
     if finite:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, local_targets, grad_norm, finite
+    return loss_sum, local_targets, grad_norm, finite, penalty
 
 
 @torch.no_grad()
@@ -228,6 +261,11 @@ def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
     if recipe.lora is not None:
         _checkpoint_adapter_only(accelerator)
 
+    # Both before a checkpoint is loaded, while the weights are still the pretrained ones: theta_base for the
+    # pull toward the base, and the base model's scores on the original tasks.
+    pull = PullToBase(accelerator.unwrap_model(model), tr.l2sp) if tr.l2sp else None
+    evals = TrainingEval(recipe, run, accelerator, tokenizer, model,
+                         checkpoint_step(run.resume_from) if run.resume_from else 0)
     progress = {"step": 0, "epoch": 0, "position": 0, "tokens": 0, "target_tokens": 0, "skipped_steps": 0}
     if run.resume_from is not None:
         progress = load_checkpoint(accelerator, run.resume_from)
@@ -238,38 +276,42 @@ def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
         for k, v in flatten(recipe_to_dict(recipe)).items()})
     trainable, total = count_parameters(accelerator.unwrap_model(model))
     used_rows = updates_per_epoch * tr.grad_accum * tr.batch_size * accelerator.num_processes
+    replayed = (f", {stats.replay_examples} of them replay ({stats.replay_tokens:,} of {stats.tokens:,} tokens)"
+                if stats.replay_examples else "")
     accelerator.print(
-        f"{stats.examples} examples ({stats.skipped} bad rows skipped, {stats.truncated} truncated to "
+        f"{stats.examples} examples{replayed} ({stats.skipped} bad rows skipped, {stats.truncated} truncated to "
         f"{recipe.data.max_length} tokens) in {rows} rows; {updates_per_epoch} updates per epoch use {used_rows} "
         f"rows each epoch (the other {rows - used_rows} fall to the next shuffle). Training {trainable:,} of "
         f"{total:,} parameters on {accelerator.num_processes} process(es), {max_steps} updates."
     )
     signals = StopSignals()
     try:
-        _loop(recipe, run, accelerator, model, optimizer, scheduler, loader, val_rows, collate, progress, max_steps,
-              signals)
+        last = _loop(recipe, run, accelerator, model, optimizer, scheduler, loader, val_rows, collate, progress,
+                     max_steps, signals, pull, evals, tokenizer)
     finally:
         signals.restore()
-    save_final(accelerator, model, tokenizer, run.final)
+    save_model(accelerator, model, tokenizer, run.final)
+    evals.finish(last, model, tokenizer)
     accelerator.end_training()
     accelerator.print(f"done: {run.final}")
     return accelerator.unwrap_model(model)
 
 
 def _loop(recipe, run, accelerator, model, optimizer, scheduler, loader, val_rows, collate, progress, max_steps,
-          signals):
+          signals, pull, evals, tokenizer) -> int:
+    """The updates from the resumed step to max_steps (or an earlier stop); returns the last step taken."""
     tr = recipe.train
     log = MetricsLog(accelerator, run.metrics, progress["step"])
     batches = epoch_batches(accelerator, loader, tr.grad_accum, progress["epoch"], progress["position"])
     bar = tqdm(total=max_steps, initial=progress["step"], disable=not accelerator.is_main_process, desc="training",
                unit="step")
     window = torch.zeros(3, device=accelerator.device)  # loss sum, target tokens, tokens since the last log
-    clock, bad_in_row = time.perf_counter(), 0
+    clock, bad_in_row, step = time.perf_counter(), 0, progress["step"]
     for step in range(progress["step"] + 1, max_steps + 1):
         epoch, position, micro_batches = next(batches)
         tokens = sum(mb.pop("n_tokens") for mb in micro_batches)
-        loss_sum, targets, grad_norm, finite = train_step(accelerator, model, optimizer, scheduler, micro_batches,
-                                                          tr.max_grad_norm)
+        loss_sum, targets, grad_norm, finite, penalty = train_step(accelerator, model, optimizer, scheduler,
+                                                                   micro_batches, tr.max_grad_norm, pull)
         progress.update(step=step, epoch=epoch, position=position)
         if finite:
             window += torch.stack([loss_sum, targets.float(), tokens.float()])
@@ -295,12 +337,18 @@ def _loop(recipe, run, accelerator, model, optimizer, scheduler, loader, val_row
                       "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                       "tokens": progress["tokens"], "target_tokens": progress["target_tokens"],
                       "tokens_per_s": n_tokens / elapsed, "skipped_steps": progress["skipped_steps"]}
+            if pull is not None:
+                record["l2sp"] = penalty.item()
             if val_rows is not None and (step == max_steps or (tr.eval_every and step % tr.eval_every == 0)):
                 record["val_loss"] = validation_loss(accelerator, model, val_rows, collate, tr.batch_size)
             log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             window.zero_()
         bar.update(1)
+        if evals.due(step, max_steps) and evals.check(
+                step, model, tokenizer, save=lambda dest: save_model(accelerator, model, tokenizer, dest, True)):
+            accelerator.print(f"stopping after step {step}: over the forgetting budget (eval.on_over_budget: stop)")
+            break
         if saving or (stopping and step < max_steps):
             save_checkpoint(accelerator, run.checkpoints, step, progress, recipe.output.keep)
         if stopping and step < max_steps:
@@ -308,6 +356,7 @@ def _loop(recipe, run, accelerator, model, optimizer, scheduler, loader, val_row
             raise Preempted(f"stopped by signal after step {step}; checkpoint saved. Rerun the same command to "
                             "resume.")
     bar.close()
+    return step
 
 
 def _checkpoint_adapter_only(accelerator) -> None:
@@ -339,18 +388,19 @@ def _checkpoint_adapter_only(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_trainable)
 
 
-def save_final(accelerator, model, tokenizer, final: Path) -> None:
-    """A Hugging Face folder (adapter or full weights, tokenizer included), renamed into place when complete."""
-    tmp = final.with_name(".tmp-final")
+def save_model(accelerator, model, tokenizer, dest: Path, replace: bool = False) -> None:
+    """Collective. A Hugging Face folder (adapter or full weights, tokenizer included), written aside and renamed
+    into place when complete. An existing `dest` is replaced only when asked (best/), never for final/."""
+    tmp = dest.with_name(f".tmp-{dest.name}")
     state = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: every rank calls it
     if accelerator.is_main_process:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if final.exists():
-            raise TrainError(f"{final} already exists; it was not overwritten. The new model is in {tmp}.")
-        os.replace(tmp, final)
+        if dest.exists():
+            if not replace:
+                raise TrainError(f"{dest} already exists; it was not overwritten. The new model is in {tmp}.")
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
     accelerator.wait_for_everyone()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from accelerate.state import AcceleratorState, GradientState
@@ -16,6 +17,11 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from finetune.checkpoint import open_run_dir
 from finetune.recipe import load_recipe
 from finetune.train import train
+
+# Models this small gain nothing from a second thread, and on a busy two-core machine a thread waiting for a core
+# makes each step many times slower. Child processes (CLI and accelerate launch tests) inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,8 +27,16 @@ def launch(config: str, recipe: Path, *overrides: str, num_processes: int | None
     if num_processes:
         cmd += ["--num_processes", str(num_processes)]
     cmd += [str(ROOT / "tests" / "dist_worker.py"), str(recipe), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on two cores: one thread each
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    # A session of its own, so that a hung launch is killed with all its ranks and its output is still shown.
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"accelerate launch hung for 300 s:\n{out[-3000:]}\n{err[-6000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_every_launch_config_parses_with_accelerate_and_names_a_valid_type():
