@@ -19,6 +19,8 @@ EPILOG = """examples:
   accelerate launch --config_file launch/cpu_ddp.yaml -m finetune train recipes/tiny-lora.yaml
   finetune eval data/tiny-llama runs/tiny-lora --tasks data/tasks/general_knowledge.yaml
   finetune report runs/tiny-lora runs/tiny-full --out runs/compare
+  finetune interpolate runs/tiny-full --alphas 0,0.5,1 --pick
+  finetune sweep recipes/tiny-lora.yaml --grid train.lr=1e-3,3e-3 lora.r=4,16
   finetune merge runs/tiny-lora/final runs/tiny-lora-merged
   finetune keys                                            # every recipe key, default and meaning
 """
@@ -59,6 +61,22 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="compare runs: one table and the learning-forgetting plane")
     r.add_argument("runs", nargs="+", type=Path, help="run folders that hold forgetting/report.json")
     r.add_argument("--out", type=Path, default=Path("runs/compare"), help="folder for compare.{md,json,html}")
+
+    i = sub.add_parser("interpolate", help="WiSE-FT: measure (1-a)*base + a*tuned at several a; pick the best")
+    i.add_argument("run", type=Path, help="a finished run folder whose recipe lists eval.tasks")
+    i.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="comma-separated, in [0, 1] (default %(default)s)")
+    i.add_argument("--pick", action="store_true",
+                   help="save the model at the best alpha within the forgetting budget (eval.max_drop)")
+
+    s = sub.add_parser("sweep", help="run a grid of recipe variants, then compare them on the learning-forgetting "
+                                     "plane")
+    s.add_argument("recipe")
+    s.add_argument("overrides", nargs="*", help="section.key=value applied to every run")
+    s.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
+                   help="values to sweep, e.g. train.lr=1e-5,1e-4,1e-3 lora.r=8,64 lora=null")
+    s.add_argument("--launch-config", help="accelerate config to launch each run with (default: one process)")
+    s.add_argument("--print-commands", action="store_true",
+                   help="print one command per run (to submit on a cluster) instead of running them")
 
     sub.add_parser("keys", help="print every recipe key with its default and meaning")
     return p
@@ -132,6 +150,22 @@ def main(argv: list[str] | None = None) -> int:
 
             compare_runs(args.runs, args.out)
             print(f"comparison of {len(args.runs)} runs: {args.out / 'compare.html'}")
+            return 0
+        if args.command == "interpolate":
+            from .interpolate import interpolate
+
+            alphas = [float(a) for a in args.alphas.split(",")]
+            result = interpolate(args.run, alphas, args.pick)
+            print(f"interpolation curve: {args.run / 'interpolation' / 'compare.html'}; best alpha within budget: "
+                  f"{Path(result['recommended']).name if result['recommended'] else 'none'}"
+                  + (f"; saved to {result['picked']}" if result.get("picked") else ""))
+            return 0
+        if args.command == "sweep":
+            from .sweep import sweep
+
+            result = sweep(Path(args.recipe), args.grid, args.overrides, args.launch_config, args.print_commands)
+            if result is not None:
+                print(f"recommended run: {result['recommended'] or 'none within the forgetting budget'}")
             return 0
         if args.command == "merge":
             from .model import merge_adapter

@@ -300,6 +300,12 @@ def _plane_plot(runs: list[dict]) -> str:
     return _png(fig)
 
 
+def recommended(runs: list[dict]) -> int | None:
+    """Index of the run within budget with the largest target gain (then the smallest drop); None if none fits."""
+    fits = [i for i, r in enumerate(runs) if r["within_budget"]]
+    return max(fits, key=lambda i: (runs[i]["gain"] or 0.0, -(runs[i]["drop"] or 0.0)), default=None)
+
+
 def compare_runs(run_dirs: list[Path], out_dir: Path) -> dict:
     """`finetune report RUN [RUN...]`: one table over runs and the learning-forgetting plane (x: mean drop on the
     original tasks, y: mean gain on the target tasks, as in Biderman et al. 2024, "LoRA Learns Less and Forgets
@@ -310,8 +316,11 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> dict:
     front = {placed[i] for i in pareto_front([(runs[j]["drop"], runs[j]["gain"]) for j in placed])}
     for i, r in enumerate(runs):
         r["pareto"] = i in front
+    pick = recommended(runs)
+    for i, r in enumerate(runs):
+        r["recommended"] = i == pick
     header = ["run", "method", "largest drop", "mean drop (95% CI)", "mean target gain (95% CI)", "KL",
-              "within budget", "Pareto front"]
+              "within budget", "Pareto front", "recommended"]
 
     def pm(x, half):
         return "-" if x is None else f"{x:+.3f}" + ("" if half is None else f" +- {half:.3f}")
@@ -320,12 +329,13 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> dict:
              "-" if r["largest_drop"] is None else f"{r['largest_drop']['drop']:+.3f} ({r['largest_drop']['task']})",
              pm(r["drop"], r["drop_ci_half_width"]), pm(r["gain"], r["gain_ci_half_width"]),
              "-" if r["kl"] is None else f"{r['kl']:.4f}", "yes" if r["within_budget"] else "no",
-             "yes" if r["pareto"] else ""] for r in runs]
+             "yes" if r["pareto"] else "", "**yes**" if r["recommended"] else ""] for r in runs]
     note = ("Drop and gain are means over tasks of the paired deltas; their intervals combine the tasks' intervals "
             "as independent (sqrt of the summed squared half-widths / number of tasks). A run is on the Pareto "
-            "front when no other run has both a smaller or equal drop and a larger or equal gain.")
+            "front when no other run has both a smaller or equal drop and a larger or equal gain. The recommended "
+            "run is the one within its forgetting budget (eval.max_drop) that gained most on the target tasks.")
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"runs": runs, "note": note}
+    result = {"runs": runs, "recommended": None if pick is None else runs[pick]["run"], "note": note}
     (out_dir / "compare.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (out_dir / "compare.md").write_text("\n".join(["# Learning vs forgetting across runs", "",
                                                    _markdown_table(header, rows), "", note, ""]), encoding="utf-8")

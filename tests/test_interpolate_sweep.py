@@ -1,0 +1,128 @@
+"""WiSE-FT interpolation is exact at its ends; a sweep's comparison marks the right Pareto front and pick."""
+
+import json
+import subprocess
+import sys
+
+import peft
+import pytest
+import torch
+from conftest import run
+from test_budget import conflicting_recipe
+from test_evaluate import base_dir, tasks, texts  # noqa: F401 (fixtures)
+from transformers import AutoModelForCausalLM
+
+from finetune.cli import main as cli_main
+from finetune.interpolate import _snapshots, set_alpha
+from finetune.report import compare_runs
+from finetune.sweep import parse_grid, plan
+
+IDS = torch.tensor([[3, 7, 11, 19, 23, 29]])
+
+
+def logits(model):
+    with torch.no_grad():
+        return model.eval()(input_ids=IDS).logits
+
+
+def test_full_interpolation_is_the_base_at_0_and_the_tuned_model_at_1(tiny_model):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    tuned = {k: v.clone() for k, v in model.state_dict().items()}
+    base_state = base.state_dict()
+    set_alpha(model, 0.0, False, base_state, tuned)
+    assert all(torch.equal(v, base_state[k]) for k, v in model.state_dict().items())
+    set_alpha(model, 1.0, False, base_state, tuned)
+    assert all(torch.equal(v, tuned[k]) for k, v in model.state_dict().items())
+    set_alpha(model, 0.5, False, base_state, tuned)
+    k = "model.layers.0.mlp.up_proj.weight"
+    assert torch.allclose(model.state_dict()[k], (base_state[k] + tuned[k]) / 2)
+
+
+def test_lora_interpolation_scales_the_adapter_exactly(tiny_model):
+    base_logits = logits(AutoModelForCausalLM.from_pretrained(tiny_model))
+    torch.manual_seed(0)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    tuned_logits = logits(model)
+    _, scales = _snapshots(model, True, None)
+    set_alpha(model, 0.0, True, {}, scales)
+    assert torch.equal(logits(model), base_logits)
+    set_alpha(model, 1.0, True, {}, scales)
+    assert torch.equal(logits(model), tuned_logits)
+
+
+def test_interpolate_command_measures_each_alpha_and_picks_within_budget(tmp_path, base_dir, tasks):
+    recipe = conflicting_recipe(tmp_path, base_dir, tasks, max_drop=0.3)
+    run_dir, _ = run(recipe, "lora.r=4", "lora.alpha=8", "train.lr=1e-2")
+    assert cli_main(["interpolate", str(run_dir), "--alphas", "0,0.5,1", "--pick"]) == 0
+    out = run_dir / "interpolation"
+    at = {a: json.loads((out / f"alpha-{a}" / "forgetting" / "report.json").read_text()) for a in ("0", "0.5", "1")}
+    assert at["0"]["drift"]["kl"] == 0.0 and at["0"]["tasks"]["original"]["delta"] == 0.0
+    trained = json.loads((run_dir / "forgetting" / "report.json").read_text())
+    assert at["1"]["tasks"]["original"]["tuned"] == trained["tasks"]["original"]["tuned"]
+    compared = json.loads((out / "compare.json").read_text())
+    assert [r["run"].rsplit("/", 1)[1] for r in compared["runs"]] == ["alpha-0", "alpha-0.5", "alpha-1"]
+    pick = compared["recommended"]
+    assert pick is not None and json.loads((out / pick.rsplit("/", 1)[1] / "forgetting" / "report.json")
+                                           .read_text())["verdict"]["within_budget"]
+    assert (out / pick.rsplit("/", 1)[1] / "model" / "adapter_config.json").is_file()
+    assert cli_main(["interpolate", str(run_dir)]) == 2  # never overwrites an earlier interpolation
+
+
+def fake_run(folder, drop: float, gain: float, within: bool):
+    change = lambda delta: {"metric": "acc", "base": 0.5, "tuned": 0.5 + delta, "delta": delta,  # noqa: E731
+                            "ci95": [delta - 0.01, delta + 0.01], "n": 100, "flips": {}, "significant": True}
+    report = {"tasks": {"orig": change(-drop)}, "targets": {"new": change(gain)}, "drift": None,
+              "verdict": {"within_budget": within, "largest_drop": {"task": "orig", "drop": drop}},
+              "provenance": {"recipe": None}}
+    (folder / "forgetting").mkdir(parents=True)
+    (folder / "forgetting" / "report.json").write_text(json.dumps(report))
+    return folder
+
+
+def test_comparison_marks_the_pareto_front_and_the_recommended_run_on_known_points(tmp_path):
+    points = {"a": (0.01, 0.10, True), "b": (0.05, 0.30, False), "c": (0.02, 0.05, True),  # c: a beats it
+              "d": (0.00, 0.02, True), "e": (0.05, 0.30, False)}  # e ties b: both on the front
+    runs = [fake_run(tmp_path / name, *p) for name, p in points.items()]
+    result = compare_runs(runs, tmp_path / "compare")
+    front = {r["run"].rsplit("/", 1)[1] for r in result["runs"] if r["pareto"]}
+    assert front == {"a", "b", "d", "e"}
+    assert result["recommended"].endswith("/a")  # the largest gain among runs within budget
+    assert "recommended" in (tmp_path / "compare" / "compare.md").read_text()
+
+
+def test_sweep_grid_parsing_and_plan(tmp_path, tiny_model):
+    assert parse_grid(["train.lr=1e-5,1e-4", "lora=null,{r: 8, alpha: 16}"]) == [
+        ("train.lr", ["1e-5", "1e-4"]), ("lora", ["null", "{r: 8, alpha: 16}"])]
+    recipe = conflicting_recipe_path(tmp_path, tiny_model)
+    root, runs = plan(recipe, parse_grid(["train.lr=1e-3,1e-2", "lora.r=2,4"]), [])
+    assert len(runs) == 4 and len({out for out, _ in runs}) == 4
+    assert all(str(out).startswith(str(root)) for out, _ in runs)
+
+
+def conflicting_recipe_path(tmp_path, model):
+    from conftest import make_recipe
+
+    task = tmp_path / "t.yaml"
+    task.write_text("task: t\n")
+    return make_recipe(tmp_path, model, eval={"tasks": [str(task)]})
+
+
+@pytest.mark.slow
+def test_sweep_runs_every_combination_and_writes_one_comparison(tmp_path, base_dir, tasks):
+    recipe = conflicting_recipe(tmp_path, base_dir, tasks)
+    proc = subprocess.run([sys.executable, "-m", "finetune", "sweep", str(recipe), "train.max_steps=6",
+                           "--grid", "train.lr=1e-4,0.003"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    compared = json.loads((tmp_path / "runs" / "r-sweep" / "compare" / "compare.json").read_text())
+    assert len(compared["runs"]) == 2 and "recommended run:" in proc.stdout
+    drops = {r["run"].rsplit("/", 1)[1]: r["drop"] for r in compared["runs"]}
+    assert drops["lr=0.003"] > drops["lr=1e-4"]  # the higher learning rate forgets more
