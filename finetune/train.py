@@ -292,9 +292,21 @@ def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
         signals.restore()
     save_model(accelerator, model, tokenizer, run.final)
     evals.finish(last, model, tokenizer)
-    accelerator.end_training()
     accelerator.print(f"done: {run.final}")
+    _end(accelerator)
     return accelerator.unwrap_model(model)
+
+
+def _end(accelerator) -> None:
+    """accelerate's end_training, with a pause before the process group goes.
+    Workaround (torch 2.13, gloo): a gloo worker thread frees a finished collective's Python tensors just after
+    the caller moved on, and needs the GIL for it; if the process group is destroyed at that moment, its
+    destructor joins that thread while holding the GIL and both wait forever (seen at the end of 2-rank runs).
+    Sleeping releases the GIL so the thread can finish first."""
+    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        time.sleep(0.2)
+    accelerator.end_training()
 
 
 def _loop(recipe, run, accelerator, model, optimizer, scheduler, loader, val_rows, collate, progress, max_steps,
