@@ -138,7 +138,8 @@ def _quiet(logger: logging.Logger) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _evaluate_loaded(model, tokenizer, loaded: dict[str, dict], *, batch_size: int, limit: int | None):
+def _evaluate_loaded(model, tokenizer, loaded: dict[str, dict], *, batch_size: int, limit: int | None,
+                     chat: bool = False):
     """One lm-eval pass over every spec's tasks (its set-up costs seconds, so one call, not one per task)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -150,8 +151,11 @@ def _evaluate_loaded(model, tokenizer, loaded: dict[str, dict], *, batch_size: i
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         # Tasks go in as objects, with an empty index: lm-eval would otherwise re-scan its 15k configs per call.
         # Its bootstrap standard errors are skipped: the report's intervals are paired, over the same examples.
+        # With `chat`, prompts go through the tokenizer's chat template (few-shot examples as earlier turns), as
+        # an instruct model is prompted and as chat-format training data is rendered.
         out = lm_eval.simple_evaluate(lm, tasks=leaves, task_manager=_folder_tasks(None), limit=limit,
-                                      log_samples=True, bootstrap_iters=0)
+                                      log_samples=True, bootstrap_iters=0, apply_chat_template=chat,
+                                      fewshot_as_multiturn=chat)
     return {spec: _score(name, tasks, out) for spec, (name, tasks) in loaded.items()}
 
 
@@ -178,10 +182,11 @@ def _score(name: str, tasks: dict, out: dict) -> TaskScore:
 
 
 @_preserved_rng()
-def evaluate_tasks(model, tokenizer, tasks: list[str], *, batch_size: int, limit: int | None) -> dict[str, TaskScore]:
+def evaluate_tasks(model, tokenizer, tasks: list[str], *, batch_size: int, limit: int | None,
+                   chat: bool = False) -> dict[str, TaskScore]:
     """{spec: TaskScore} for lm-eval task names or task YAML files, scored by lm-eval on an in-memory model."""
     loaded = {spec: load_tasks(spec) for spec in tasks}
-    return _evaluate_loaded(model, tokenizer, loaded, batch_size=batch_size, limit=limit)
+    return _evaluate_loaded(model, tokenizer, loaded, batch_size=batch_size, limit=limit, chat=chat)
 
 
 # ---------------------------------------------------------------- caches
@@ -279,7 +284,8 @@ class ForgettingEval:
         <model.cache_dir> when this base was measured the same way before. `model` holds the base weights (the
         model about to be trained; a peft model's adapter is switched off), or None to load them when needed."""
         specs = self.section.tasks + self.section.target_tasks
-        settings = {"lm_eval": version("lm_eval"), "limit": self.section.limit, "batch_size": self.section.batch_size}
+        settings = {"lm_eval": version("lm_eval"), "limit": self.section.limit, "batch_size": self.section.batch_size,
+                    "chat": self.section.apply_chat_template}
         loaded = {spec: load_tasks(spec) for spec in specs}
         paths = {spec: self._cache_path("base_eval", settings, task_fingerprint(tasks, self.section.limit))
                  for spec, (_, tasks) in loaded.items()}
@@ -291,7 +297,7 @@ class ForgettingEval:
             with self._plain_base(model) as base:
                 if missing:
                     fresh = _evaluate_loaded(base, self.tokenizer, missing, batch_size=self.section.batch_size,
-                                             limit=self.section.limit)
+                                             limit=self.section.limit, chat=self.section.apply_chat_template)
                     for spec, score in fresh.items():
                         _write_json(paths[spec], dataclasses.asdict(score))
                         scores[spec] = score
@@ -310,7 +316,8 @@ class ForgettingEval:
         if self.base is None:
             raise RuntimeError("evaluate_base() must run first: the drift is measured on the base's texts")
         scores = evaluate_tasks(model, self.tokenizer, self.section.tasks + self.section.target_tasks,
-                                batch_size=self.section.batch_size, limit=self.section.limit)
+                                batch_size=self.section.batch_size, limit=self.section.limit,
+                                chat=self.section.apply_chat_template)
         drift = kl_drift(self._base_beside(model), model, self.tokenizer, self.texts,
                          max_length=self.section.drift_max_length)
         point = Evaluation(step=step, tasks={s: scores[s] for s in self.section.tasks},

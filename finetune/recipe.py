@@ -152,6 +152,8 @@ class EvalSection:
     limit: int | None = _f(None, "examples per task (the first N); null = all", lambda v: v is None or v > 0,
                            "an integer > 0 or null")
     batch_size: int = _pos("examples per forward pass in task evaluation", 8)
+    apply_chat_template: bool = _f(False, "prompt the tasks through the tokenizer's chat template (instruct "
+                                          "models; target tasks trained in chat format)")
     drift_texts: list[str] = _f([], "text files (.txt, one text per line) or .jsonl files (a `text` column) to "
                                     "measure drift on; empty = continuations sampled from the base model")
     drift_max_length: int = _pos("tokens per drift text (truncated beyond)", 256)
@@ -185,7 +187,7 @@ _DEFAULT_SECTIONS = ("data", "train", "eval", "output")
 RESULT_NEUTRAL_KEYS = frozenset(
     {"output.save_every", "output.keep", "train.log_every", "train.trackers", "train.eval_every", "data.num_proc",
      "model.cache_dir", "eval.tasks", "eval.target_tasks", "eval.limit", "eval.batch_size", "eval.drift_texts",
-     "eval.drift_max_length"}
+     "eval.drift_max_length", "eval.apply_chat_template"}
 )
 
 
