@@ -123,7 +123,8 @@ def _train(args) -> int:
         print(f"{run.path} already holds a finished run ({run.final}); nothing to do. "
               "Use --new-run to train again in a new folder.")
         return 0
-    from .train import EXIT_PREEMPTED, Preempted, train  # heavy imports only once the recipe is known to be good
+    from .preemption import EXIT_PREEMPTED, Preempted
+    from .train import train  # heavy imports only once the recipe is known to be good
 
     try:
         train(recipe, run)
@@ -146,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return _eval(args)
         if args.command == "report":
-            from .report import compare_runs
+            from .report import compare_runs, summary_table
 
-            compare_runs(args.runs, args.out)
-            print(f"comparison of {len(args.runs)} runs: {args.out / 'compare.html'}")
+            print(summary_table(compare_runs(args.runs, args.out)))
+            print(f"\ncomparison of {len(args.runs)} runs: {args.out / 'compare.html'}")
             return 0
         if args.command == "interpolate":
             from .interpolate import interpolate

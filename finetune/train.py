@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -16,11 +15,14 @@ from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .checkpoint import RunDir, atomic_write_text, checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint, write_recipe
-from .data import IGNORE, Collator, RowDataset, build_datasets, mask_kind
 from .budget import TrainingEval
+from .checkpoint import (RunDir, atomic_write_text, checkpoint_step, latest_checkpoint, load_checkpoint,
+                         save_checkpoint, write_recipe)
+from .data import IGNORE, Collator, RowDataset, build_datasets, mask_kind
 from .errors import UserError
+from .l2sp import PullToBase
 from .model import count_parameters, load_model, load_tokenizer
+from .preemption import Preempted, StopSignals
 from .recipe import Recipe, flatten, recipe_to_dict
 
 
@@ -63,36 +65,6 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(
         logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
     )
-
-
-class PullToBase:
-    """L2-SP: the gradient of `lam * ||theta - theta_base||^2`, added after the data gradient is all-reduced (it is
-    the same on every rank). With LoRA the update theta - theta_base is the adapter's own scale * B @ A, so no copy
-    of the base is kept; full fine-tuning keeps one copy of the trained weights."""
-
-    def __init__(self, model, lam: float):
-        from peft.tuners.lora import LoraLayer
-
-        self.lam = lam
-        self.adapters = [(m.lora_A[name].weight, m.lora_B[name].weight, m.scaling[name])
-                         for m in model.modules() if isinstance(m, LoraLayer) for name in m.lora_A]
-        self.params = [p for p in model.parameters() if p.requires_grad] if not self.adapters else []
-        self.base = [p.detach().clone() for p in self.params]
-
-    def apply(self) -> torch.Tensor:
-        """Adds the penalty's gradient to .grad and returns the penalty."""
-        with torch.enable_grad():
-            if self.adapters:
-                # ||s B A||_F^2 = s^2 * sum((B^T B) * (A A^T)): r x r products, never the full out x in update.
-                penalty = sum(s * s * ((b.T @ b) * (a @ a.T)).sum() for a, b, s in self.adapters)
-                params = [w for a, b, _ in self.adapters for w in (a, b)]
-            else:
-                penalty = sum(((p - p0) ** 2).sum() for p, p0 in zip(self.params, self.base))
-                params = self.params
-            grads = torch.autograd.grad(self.lam * penalty, params)
-        for p, g in zip(params, grads):
-            p.grad = g if p.grad is None else p.grad.add_(g)
-        return self.lam * penalty.detach()
 
 
 def train_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm, pull=None):
@@ -183,35 +155,6 @@ class MetricsLog:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-
-
-class Preempted(Exception):
-    """SIGTERM or SIGINT arrived; a checkpoint was saved at the step boundary that followed."""
-
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", which is what a requeued run does
-
-
-class StopSignals:
-    """SIGTERM (SLURM preemption, `kill`) and SIGINT (Ctrl-C) ask the run to stop at the next step boundary.
-    A second signal of the same kind is not caught: it stops the process at once."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-        signal.signal(signum, self.previous[signum])
-
-    def agreed(self, accelerator) -> bool:
-        """True on every rank once any rank got a signal, so all save the same step and stop together."""
-        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
-        return bool(accelerator.reduce(flag, "sum").item() if accelerator.num_processes > 1 else flag.item())
-
-    def restore(self) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
 
 
 def _loaders(recipe: Recipe, tokenizer, accelerator):

@@ -39,7 +39,7 @@ def test_a_large_l2sp_keeps_weights_near_the_base_and_reduces_the_drop(tmp_path,
 
 
 def test_l2sp_for_lora_penalises_the_adapters_effective_update():
-    from finetune.train import PullToBase
+    from finetune.l2sp import PullToBase
 
     torch.manual_seed(0)
     a, b = torch.randn(2, 5, requires_grad=True), torch.randn(3, 2, requires_grad=True)
