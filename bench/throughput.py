@@ -105,17 +105,17 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def flops_per_token(model, seq: int) -> float:
-    """Training FLOPs per token actually computed. Every nn.Linear weight (the tied LM head included; LoRA's A and B
-    are Linear too) costs 2/param forward and 2/param for the input gradient; a trained one 2/param more for its
-    weight gradient: 6N for full fine-tuning, 4N_frozen + 6N_adapter for LoRA. Embedding lookups are free.
-    Attention scores and values add 12 x layers x (heads x head_dim) x seq, with seq = the row width (max_length):
-    sdpa with a mask computes the whole square."""
-    linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    matmul = sum((6 if w.requires_grad else 4) * w.numel() for w in linear)
+def flops_per_token(model, seq: int) -> tuple[float, float]:
+    """(training FLOPs per token, the LM head's share) as computed. Every nn.Linear weight (LoRA's A and B are Linear
+    too) costs 2/param forward and 2/param for the input gradient; a trained one 2/param more for its weight
+    gradient: 6 N for full fine-tuning, 4 N_frozen + 6 N_adapter for LoRA (layer 0's input gradient, which LoRA
+    skips, is under 0.5%). Embedding lookups are free. Attention scores and values add 12 x layers x (heads x
+    head_dim) x seq, with seq = the row width (max_length): sdpa with a mask computes the whole square."""
+    cost = {m: (6 if m.weight.requires_grad else 4) * m.weight.numel()
+            for m in model.modules() if isinstance(m, torch.nn.Linear)}
     cfg = model.config
     width = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
-    return matmul + 12 * cfg.num_hidden_layers * width * seq
+    return sum(cost.values()) + 12 * cfg.num_hidden_layers * width * seq, cost[model.get_output_embeddings()]
 
 
 def finetune_recipe(c: dict, tmp: Path):
@@ -250,13 +250,17 @@ def worker(c: dict) -> dict:
            "targets_per_s": sum(t for _, _, t in steady) / seconds,
            "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # ru_maxrss is in KiB on Linux
            "gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if c["cuda"] else None,
-           "flops_per_token": flops_per_token(model, c["max_length"])}
+           "flops_per_token": flops_per_token(model, c["max_length"])[0]}
+    # finetune runs the LM head on target positions only: count what it computes, not what the others do.
+    head = flops_per_token(model, c["max_length"])[1]
+    head_rows = out["targets_per_s"] if c["impl"] == "finetune" else tokens_per_s
+    achieved = (out["flops_per_token"] - head) * tokens_per_s + head * head_rows
     # Measured right after training, in the same process, so MFU divides by what the machine gave in those minutes.
     out["mm_peak"] = matmul_peak(model, c["batch_size"] * c["max_length"],
                                  torch.bfloat16 if c["cuda"] else torch.float32, device)
-    out["mfu"] = out["flops_per_token"] * tokens_per_s / out["mm_peak"]
+    out["mfu"] = achieved / out["mm_peak"]
     sheet = next((v for k, v in BF16_PEAK.items() if k in torch.cuda.get_device_name()), None) if c["cuda"] else None
-    out["mfu_sheet"] = out["flops_per_token"] * tokens_per_s / sheet if sheet else None
+    out["mfu_sheet"] = achieved / sheet if sheet else None
     return out
 
 
@@ -290,7 +294,8 @@ def header(results: dict, args) -> str:
             f"{args.repeats} round(s), ratios paired within a round. Matmul peak (torch.mm at the model's shapes, "
             f"measured in each run): {peaks[0]:,.0f} to {peaks[-1]:,.0f} GFLOP/s. MFU = FLOPs/token x total tok/s / "
             "that run's peak; FLOPs/token = 6 N (full) or 4 N_frozen + 6 N_adapter (LoRA), N over the linear weights "
-            f"(LM head included), + 12 x layers x hidden x max_length for attention: {flops} MFLOP.\n")
+            f"(LM head included), + 12 x layers x hidden x max_length for attention: {flops} MFLOP (finetune computes "
+            "the LM head on target tokens only, and is counted so).\n")
 
 
 def table(results: dict, args) -> str:
