@@ -259,7 +259,12 @@ def _method(report: dict) -> str:
     if recipe is None:
         return "-"
     kind = f"LoRA r={recipe['lora']['r']}" if recipe["lora"] else "full"
-    return f"{kind}, lr {recipe['train']['lr']:g}"
+    parts = [kind, f"lr {recipe['train']['lr']:g}"]
+    if (recipe["data"].get("replay") or {}).get("ratio"):
+        parts.append(f"replay {recipe['data']['replay']['ratio']:.0%}")
+    if recipe["train"].get("l2sp"):
+        parts.append(f"L2-SP {recipe['train']['l2sp']:g}")
+    return ", ".join(parts)
 
 
 def _run_summary(run: Path) -> dict:

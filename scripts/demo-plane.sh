@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# After scripts/demo.sh: the demo's LoRA run again with each way of forgetting less, then every run on one
+# learning-forgetting plane (README, "Limiting forgetting"). About 15 minutes on 2 CPU cores; finished runs are reused.
+#
+#   bash scripts/demo-plane.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+. .venv/bin/activate
+[ -f runs/demo-lora/final/adapter_config.json ] && [ -d runs/demo-full/final ] || bash scripts/demo.sh
+
+echo "== replay: 5% of training tokens from general chat rows (data/general/self_replay.jsonl)"
+finetune train recipes/demo-lora.yaml output.dir=runs/demo-lora-replay \
+  'data.replay={datasets: [{path: data/general/self_replay.jsonl, format: chat}], ratio: 0.05}'
+echo "== L2-SP: pull the adapter's update toward zero, at two strengths"
+finetune train recipes/demo-lora.yaml output.dir=runs/demo-lora-l2sp train.l2sp=0.01
+finetune train recipes/demo-lora.yaml output.dir=runs/demo-lora-l2sp-0.1 train.l2sp=0.1
+echo "== WiSE-FT: the LoRA run's adapter scaled by alpha"
+[ -d runs/demo-lora/interpolation/alpha-0.5 ] || finetune interpolate runs/demo-lora --alphas 0.25,0.5
+echo
+finetune report runs/demo-lora runs/demo-full runs/demo-lora-replay runs/demo-lora-l2sp runs/demo-lora-l2sp-0.1 \
+  runs/demo-lora/interpolation/alpha-* --out runs/demo-plane
