@@ -367,6 +367,9 @@ def main() -> int:
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))))
         return 0
+    if any(i.startswith("trl") for i in args.impls.split(",")) and importlib.util.find_spec("trl") is None:
+        p.error('TRL is not installed in this environment: pip install -e ".[bench]" (or leave it out with '
+                "--impls finetune,torch)")
     # On CPU, CUDA is never touched (is_available only asks the driver; nothing is initialised).
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.batch_size = args.batch_size or (16 if args.device == "cuda" else 8)
