@@ -149,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from .report import compare_runs, summary_table
 
-            print(summary_table(compare_runs(args.runs, args.out)))
-            print(f"\ncomparison of {len(args.runs)} runs: {args.out / 'compare.html'}")
+            result = compare_runs(args.runs, args.out)
+            print(summary_table(result))
+            print(f"\nrecommended run: {result['recommended'] or 'none within the forgetting budget (eval.max_drop)'}")
+            print(f"comparison of {len(args.runs)} runs: {args.out / 'compare.html'}")
             return 0
         if args.command == "interpolate":
             from .interpolate import interpolate

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import codecs
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +124,8 @@ def _render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, 
         if m["role"] != "assistant":
             continue
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        # The last turn's render is the whole conversation's: one Jinja render fewer per row.
+        through = text if i == len(messages) - 1 else tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (text.startswith(before) and text.startswith(through)):
             raise DataError("the chat template renders a conversation differently from its prefixes, so assistant "
                             "turns cannot be located; give `data.chat_template` a template without lookahead.")
@@ -140,7 +142,12 @@ def _encode_one(tokenizer, row: dict, fmt: str, train_on: str) -> tuple[list[int
         text, spans = _render_chat(tokenizer, messages)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]
-        target = [int(any(s <= start < e for s, e in spans)) for start, _ in enc["offset_mapping"]]
+        # A token is a target if it starts inside an assistant span; offsets are sorted, so each span is a slice.
+        starts = [start for start, _ in enc["offset_mapping"]]
+        target = [0] * len(ids)
+        for s, e in spans:
+            lo, hi = bisect.bisect_left(starts, s), bisect.bisect_left(starts, e)
+            target[lo:hi] = [1] * (hi - lo)
     else:
         # No chat template (a base model): the Alpaca layout, prompt then response and EOS.
         template = ALPACA_PROMPT_WITH_INPUT if row.get("input") else ALPACA_PROMPT
@@ -186,8 +193,11 @@ def encode_dataset(spec: DatasetSpec, tokenizer, data: DataSection, stats: DataS
         raise DataError(f"{spec.path}: column(s) {missing} missing for format `{spec.format}`; it has "
                         f"{raw.column_names}. Map them with `columns: {{{_FIELDS[spec.format][0]}: your_column}}`.")
     encoder = make_encoder(tokenizer, spec.format, spec.columns, data.max_length, data.train_on)
+    # The main process tokenizes alone (the other ranks wait, then read datasets' cache): every core is free.
+    procs = data.num_proc or (len(os.sched_getaffinity(0)) if len(raw) > 10_000 else 1)
     encoded = raw.map(encoder, batched=True, with_indices=True, remove_columns=raw.column_names,
-                      num_proc=data.num_proc if len(raw) > 1000 else None, desc=f"tokenizing {Path(spec.path).name}")
+                      num_proc=procs if procs > 1 and len(raw) > 1000 else None,
+                      desc=f"tokenizing {Path(spec.path).name}")
     errors = [(r, e) for r, e in zip(encoded["row"], encoded["error"]) if e]
     if errors and data.on_bad_row == "fail":
         shown = "; ".join(f"row {r}: {e}" for r, e in errors[:3])

@@ -1,4 +1,5 @@
-"""L2-SP, the pull toward the base: the gradient of `lam * ||theta - theta_base||^2` on the trained weights."""
+"""L2-SP, the pull toward the base: the gradient of `lam * sum(F * (theta - theta_base)^2)` on the trained weights,
+with F = 1 (L2-SP) or the base model's diagonal Fisher on original-task data (EWC, Kirkpatrick et al. 2017)."""
 
 from __future__ import annotations
 
@@ -6,30 +7,95 @@ import torch
 
 
 class PullToBase:
-    """L2-SP: the gradient of `lam * ||theta - theta_base||^2`, added after the data gradient is all-reduced (it is
-    the same on every rank). With LoRA the update theta - theta_base is the adapter's own scale * B @ A, so no copy
-    of the base is kept; full fine-tuning keeps one copy of the trained weights."""
+    """Added after the data gradient is all-reduced (it is the same on every rank). With LoRA the update
+    theta - theta_base is the adapter's own scale * B @ A, so no copy of the base is kept; full fine-tuning keeps
+    one copy of the trained weights. `fisher`, if given, holds one weight per element of what is pulled: per adapted
+    layer its base weight's shape (LoRA), or per trained parameter its shape (full); see `diagonal_fisher`."""
 
-    def __init__(self, model, lam: float):
-        from peft.tuners.lora import LoraLayer
-
+    def __init__(self, model, lam: float, fisher: list[torch.Tensor] | None = None):
         self.lam = lam
-        self.adapters = [(m.lora_A[name].weight, m.lora_B[name].weight, m.scaling[name])
-                         for m in model.modules() if isinstance(m, LoraLayer) for name in m.lora_A]
+        self.adapters = lora_adapters(model)
         self.params = [p for p in model.parameters() if p.requires_grad] if not self.adapters else []
         self.base = [p.detach().clone() for p in self.params]
+        self.fisher = fisher
 
     def apply(self) -> torch.Tensor:
         """Adds the penalty's gradient to .grad and returns the penalty."""
         with torch.enable_grad():
             if self.adapters:
-                # ||s B A||_F^2 = s^2 * sum((B^T B) * (A A^T)): r x r products, never the full out x in update.
-                penalty = sum(s * s * ((b.T @ b) * (a @ a.T)).sum() for a, b, s in self.adapters)
-                params = [w for a, b, _ in self.adapters for w in (a, b)]
+                params = [w for a, b, _, _ in self.adapters for w in (a, b)]
+                if self.fisher is None:
+                    # ||s B A||_F^2 = s^2 * sum((B^T B) * (A A^T)): r x r products, never the full out x in update.
+                    penalty = sum(s * s * ((b.T @ b) * (a @ a.T)).sum() for a, b, s, _ in self.adapters)
+                else:  # the weighting is per element of the update, so the update is formed, one layer at a time
+                    penalty = sum(s * s * (f * (b @ a) ** 2).sum() for (a, b, s, _), f in zip(self.adapters, self.fisher))
             else:
-                penalty = sum(((p - p0) ** 2).sum() for p, p0 in zip(self.params, self.base))
                 params = self.params
+                weights = self.fisher or [None] * len(params)
+                penalty = sum(((p - p0) ** 2 if f is None else f * (p - p0) ** 2).sum()
+                              for p, p0, f in zip(params, self.base, weights))
             grads = torch.autograd.grad(self.lam * penalty, params)
         for p, g in zip(params, grads):
             p.grad = g if p.grad is None else p.grad.add_(g)
         return self.lam * penalty.detach()
+
+
+def lora_adapters(model) -> list[tuple]:
+    """(A weight, B weight, scale, frozen base weight) for every LoRA layer and adapter; [] without LoRA."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(m.lora_A[name].weight, m.lora_B[name].weight, m.scaling[name], m.get_base_layer().weight)
+            for m in model.modules() if isinstance(m, LoraLayer) for name in m.lora_A]
+
+
+def diagonal_fisher(model, batches, loss_sum) -> list[torch.Tensor]:
+    """The base model's diagonal empirical Fisher for every weight PullToBase pulls: the mean over `batches` (one
+    example each) of the squared gradient of that example's mean target-token loss. For LoRA these are the frozen
+    base weights under the adapters, which need a gradient for this pass only (at LoRA's start B = 0, so the model
+    is the base). Scaled to mean 1 over all weights, so that `l2sp` means the same strength with or without it."""
+    adapters = lora_adapters(model)
+    weights = [w for *_, w in adapters] if adapters else [p for p in model.parameters() if p.requires_grad]
+    trainable = [w.requires_grad for w in weights]
+    was_training = model.training
+    model.eval()  # no dropout: the Fisher of the model itself, not of a random sub-network
+    fisher = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        n = 0
+        for batch in batches:
+            targets = (batch["labels"] != -100).sum()
+            if not targets:
+                continue
+            grads = torch.autograd.grad(loss_sum(model, dict(batch)) / targets, weights, allow_unused=True)
+            for f, g in zip(fisher, grads):
+                if g is not None:
+                    f += g.float() ** 2
+            n += 1
+    finally:
+        for w, t in zip(weights, trainable):
+            w.requires_grad_(t)
+        model.train(was_training)
+    if not n:
+        raise ValueError("no example with a target token to measure the Fisher on")
+    mean = sum(f.sum() for f in fisher) / sum(f.numel() for f in fisher)
+    return [f / mean for f in fisher]
+
+
+def fisher_batches(section, data, tokenizer, seed: int, device) -> list[dict]:
+    """`section.rows` examples of the Fisher data (drawn with the run's seed), one per batch, ready for the model."""
+    import random
+
+    from datasets import concatenate_datasets
+
+    from .data import Collator, DataStats, encode_dataset
+
+    examples = concatenate_datasets([encode_dataset(spec, tokenizer, data, DataStats()) for spec in section.datasets])
+    picked = random.Random(seed).sample(range(len(examples)), min(section.rows, len(examples)))
+    collate = Collator(tokenizer.pad_token_id, "padding")
+    batches = []
+    for i in picked:
+        batch = collate([[(examples[i]["input_ids"], examples[i]["target"])]])
+        batch.pop("n_tokens")
+        batches.append({k: v.to(device) for k, v in batch.items()})
+    return batches

@@ -263,7 +263,7 @@ def _method(report: dict) -> str:
     if (recipe["data"].get("replay") or {}).get("ratio"):
         parts.append(f"replay {recipe['data']['replay']['ratio']:.0%}")
     if recipe["train"].get("l2sp"):
-        parts.append(f"L2-SP {recipe['train']['l2sp']:g}")
+        parts.append(f"{'EWC' if recipe['train'].get('l2sp_fisher') else 'L2-SP'} {recipe['train']['l2sp']:g}")
     return ", ".join(parts)
 
 
@@ -293,20 +293,44 @@ def _run_summary(run: Path) -> dict:
 def _plane_plot(runs: list[dict]) -> str:
     fig = _figure(6, 4.5)
     ax = fig.add_subplot()
-    for r in runs:
-        if r["gain"] is None or r["drop"] is None:
-            continue
+    placed = [r for r in runs if r["gain"] is not None and r["drop"] is not None]
+    for r in placed:
         ax.errorbar(r["drop"], r["gain"], xerr=r["drop_ci_half_width"] or 0, yerr=r["gain_ci_half_width"] or 0,
                     fmt="o", capsize=3, color="#d62728" if r["pareto"] else "#1f77b4")
-        ax.annotate(Path(r["run"]).name, (r["drop"], r["gain"]), textcoords="offset points", xytext=(5, 5))
+    ax.axvline(0, color="#999", lw=0.8)
+    for r, (dx, dy, ha) in zip(placed, _label_offsets([(r["drop"], r["gain"]) for r in placed],
+                                                      [Path(r["run"]).name for r in placed], ax)):
+        ax.annotate(Path(r["run"]).name, (r["drop"], r["gain"]), textcoords="offset points", xytext=(dx, dy), ha=ha,
+                    fontsize=9)
     front = sorted((r["drop"], r["gain"]) for r in runs if r["pareto"])
     ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="#d62728", label="Pareto front")
-    ax.axvline(0, color="#999", lw=0.8)
     ax.set_xlabel("forgetting: mean drop on original tasks (lower is better)")
     ax.set_ylabel("learning: mean gain on target tasks (higher is better)")
     ax.set_title("learning vs forgetting (error bars: 95% CI)")
     ax.legend()
     return _png(fig)
+
+
+def _label_offsets(points: list[tuple[float, float]], names: list[str], ax) -> list[tuple[int, int, str]]:
+    """Where each point's name goes (offset in points, alignment): the first of right-above, right-below,
+    left-above, left-below whose box overlaps no earlier label and no other point, so that close runs stay
+    readable. Boxes are estimated in axes fractions for a 6-inch plot and 9-point text."""
+    (x_lo, x_hi), (y_lo, y_hi) = ax.get_xlim(), ax.get_ylim()
+    norm = [((x - x_lo) / (x_hi - x_lo), (y - y_lo) / (y_hi - y_lo)) for x, y in points]
+    boxes, out = [], []
+    for i, ((x, y), name) in enumerate(zip(norm, names)):
+        width, height = 0.0145 * len(name), 0.05
+        for dx, dy, ha in ((5, 4, "left"), (5, -13, "left"), (-5, 4, "right"), (-5, -13, "right")):
+            x0 = x + 0.012 if ha == "left" else x - 0.012 - width
+            y0 = y + 0.01 if dy > 0 else y - 0.01 - height
+            box = (x0, y0, x0 + width, y0 + height)
+            hits = any(b[0] < box[2] and box[0] < b[2] and b[1] < box[3] and box[1] < b[3] for b in boxes) or any(
+                box[0] <= px <= box[2] and box[1] <= py <= box[3] for j, (px, py) in enumerate(norm) if j != i)
+            if not hits:
+                break
+        boxes.append(box)
+        out.append((dx, dy, ha))
+    return out
 
 
 def summary_table(result: dict) -> str:
@@ -358,6 +382,8 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> dict:
             "front when no other run has both a smaller or equal drop and a larger or equal gain. The recommended "
             "run is the one within its forgetting budget (eval.max_drop) that gained most on the target tasks.")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if pick is None:
+        note += " No run here is within its budget, so none is recommended."
     result = {"runs": runs, "recommended": None if pick is None else runs[pick]["run"], "note": note}
     (out_dir / "compare.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (out_dir / "compare.md").write_text("\n".join(["# Learning vs forgetting across runs", "",

@@ -20,7 +20,7 @@ from .checkpoint import (RunDir, atomic_write_text, checkpoint_step, latest_chec
                          save_checkpoint, write_recipe)
 from .data import IGNORE, Collator, RowDataset, build_datasets, mask_kind
 from .errors import UserError
-from .l2sp import PullToBase
+from .l2sp import PullToBase, diagonal_fisher, fisher_batches
 from .model import count_parameters, load_model, load_tokenizer
 from .preemption import Preempted, StopSignals
 from .recipe import Recipe, flatten, recipe_to_dict
@@ -227,6 +227,8 @@ def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
     set_seed(tr.seed)
     tokenizer = load_tokenizer(recipe.model, recipe.data.chat_template)
     model = load_model(recipe.model, recipe.lora)
+    if tr.compile:
+        model.compile(dynamic=True)  # in place: state-dict keys, checkpoints and adapters stay as they are
     loader, val_rows, collate, stats = _loaders(recipe, tokenizer, accelerator)
     rows = len(loader.dataset)
     model, optimizer, loader = accelerator.prepare(model, _optimizer(model, tr), loader)
@@ -246,7 +248,18 @@ def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
 
     # Both before a checkpoint is loaded, while the weights are still the pretrained ones: theta_base for the
     # pull toward the base, and the base model's scores on the original tasks.
-    pull = PullToBase(accelerator.unwrap_model(model), tr.l2sp) if tr.l2sp else None
+    pull = None
+    if tr.l2sp:
+        fisher = None
+        if tr.l2sp_fisher is not None:
+            if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+                raise TrainError(f"`train.l2sp_fisher` is not supported under {accelerator.distributed_type.name} "
+                                 "(the Fisher pass needs whole weights); use it with DDP or one process, or set "
+                                 "`train.l2sp_fisher: null`.")
+            accelerator.print(f"measuring the base model's Fisher on {tr.l2sp_fisher.rows} examples (EWC)")
+            fisher = diagonal_fisher(accelerator.unwrap_model(model), fisher_batches(
+                tr.l2sp_fisher, recipe.data, tokenizer, tr.seed, accelerator.device), token_loss_sum)
+        pull = PullToBase(accelerator.unwrap_model(model), tr.l2sp, fisher)
     evals = TrainingEval(recipe, run, accelerator, tokenizer, model,
                          checkpoint_step(run.resume_from) if run.resume_from else 0)
     progress = {"step": 0, "epoch": 0, "position": 0, "tokens": 0, "target_tokens": 0, "skipped_steps": 0}

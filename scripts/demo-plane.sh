@@ -15,8 +15,11 @@ finetune train recipes/demo-lora.yaml output.dir=runs/demo-lora-replay \
 echo "== L2-SP: pull the adapter's update toward zero, at two strengths"
 finetune train recipes/demo-lora.yaml output.dir=runs/demo-lora-l2sp train.l2sp=0.01
 finetune train recipes/demo-lora.yaml output.dir=runs/demo-lora-l2sp-0.1 train.l2sp=0.1
+echo "== EWC: the same pull, weighted by the base model's Fisher on the general rows"
+finetune train recipes/demo-lora.yaml output.dir=runs/demo-lora-ewc train.l2sp=0.1 \
+  'train.l2sp_fisher={datasets: [{path: data/general/self_replay.jsonl, format: chat}], rows: 64}'
 echo "== WiSE-FT: the LoRA run's adapter scaled by alpha"
 [ -d runs/demo-lora/interpolation/alpha-0.5 ] || finetune interpolate runs/demo-lora --alphas 0.25,0.5
 echo
-finetune report runs/demo-lora runs/demo-full runs/demo-lora-replay runs/demo-lora-l2sp runs/demo-lora-l2sp-0.1 \
+finetune report runs/demo-lora runs/demo-full runs/demo-lora-replay runs/demo-lora-l2sp runs/demo-lora-l2sp-0.1 runs/demo-lora-ewc \
   runs/demo-lora/interpolation/alpha-* --out runs/demo-plane

@@ -162,3 +162,14 @@ def test_bf16_autocast_keeps_fp32_master_weights_and_optimizer_state(tmp_path, t
     # Autocast really ran in bf16: the losses differ from fp32's, but only by rounding.
     a, b = metrics(fp32)[0]["loss"], metrics(bf16)[0]["loss"]
     assert a != b and abs(a - b) < 0.05
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4}], ids=["full", "lora"])
+def test_compiled_model_trains_the_same_run(tmp_path, tiny_model, lora):
+    eager, _ = run(make_recipe(tmp_path, tiny_model, "eager", train={"max_steps": 6}, lora=lora))
+    compiled, model = run(make_recipe(tmp_path, tiny_model, "compiled", train={"max_steps": 6, "compile": True},
+                                      lora=lora))
+    assert model._compiled_call_impl is not None  # it really ran compiled
+    a, b = [m["loss"] for m in metrics(eager)], [m["loss"] for m in metrics(compiled)]
+    assert a[-1] < a[0] and b == pytest.approx(a, abs=1e-4)
+    assert sorted(p.name for p in (compiled / "final").iterdir()) == sorted(p.name for p in (eager / "final").iterdir())
