@@ -3,7 +3,7 @@ same model, data, sequence length, global batch, optimizer (AdamW, same lr) and 
 on CUDA). Prints a Markdown table and writes it to --out.
 
     pip install -e ".[bench]"
-    python bench/throughput.py --quick            # tiny + SmolLM2-135M, 3 steps, one repeat: a few minutes on 2 cores
+    python bench/throughput.py --quick            # tiny + SmolLM2-135M, 3 steps, one round: about 10 minutes on 2 cores
     python bench/throughput.py                    # 3 repeats, alternating implementations: about an hour on 2 cores
     python bench/throughput.py --data-rows 100000 # time-to-first-step of finetune's data pipeline only
 
@@ -346,7 +346,7 @@ def data_pipeline(rows: int, tmp: Path, model_dir: str, max_length: int) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="3 steps, one round: a smoke test of a few minutes")
+    p.add_argument("--quick", action="store_true", help="3 steps (2 timed), one round: about 10 minutes on 2 cores")
     p.add_argument("--models", default="tiny,135m", help="comma-separated: tiny, 135m")
     p.add_argument("--modes", default="lora,full")
     p.add_argument("--impls", default=",".join(IMPLS))
@@ -374,9 +374,8 @@ def main() -> int:
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.batch_size = args.batch_size or (16 if args.device == "cuda" else 8)
     args.max_length = args.max_length or (1024 if args.device == "cuda" else 256)
-    if args.quick:  # smaller steps too, so that the 135M runs take seconds per step on 2 cores
+    if args.quick:  # the same shapes as the full run, so its ratios compare with the README's; fewer steps, 1 round
         args.steps, args.warmup, args.repeats = 3, 1, 1
-        args.batch_size, args.max_length = args.batch_size // 2, args.max_length // 2
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         dirs = model_dirs(tmp, args.models.split(","))

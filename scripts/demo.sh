@@ -4,7 +4,7 @@
 # and once fully at a higher one; measure both against the base on the original-task suites in data/tasks; print
 # what each learned and forgot, and where the reports are.
 #
-#   bash scripts/demo.sh           # the full demo (about 15 minutes on 2 CPU cores)
+#   bash scripts/demo.sh           # the full demo (about 7 minutes on 2 CPU cores, plus the install)
 #   bash scripts/demo.sh --quick   # a first look: fewer steps, fewer evaluation examples (a few minutes)
 #
 # Rerunning it reuses finished runs (and the cached base-model evaluation) and prints the table again.
