@@ -246,15 +246,15 @@ def worker(c: dict) -> dict:
     steady = steps[c["warmup"]:]
     seconds = sum(s for s, _, _ in steady)
     tokens_per_s = sum(n for _, n, _ in steady) / seconds
+    flops, head = flops_per_token(model, c["max_length"])
     out = {"threads": torch.get_num_threads(), "tokens_per_s": tokens_per_s, "padding": padding,
            "targets_per_s": sum(t for _, _, t in steady) / seconds,
            "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # ru_maxrss is in KiB on Linux
            "gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if c["cuda"] else None,
-           "flops_per_token": flops_per_token(model, c["max_length"])[0]}
+           "flops_per_token": flops}
     # finetune runs the LM head on target positions only: count what it computes, not what the others do.
-    head = flops_per_token(model, c["max_length"])[1]
     head_rows = out["targets_per_s"] if c["impl"] == "finetune" else tokens_per_s
-    achieved = (out["flops_per_token"] - head) * tokens_per_s + head * head_rows
+    achieved = (flops - head) * tokens_per_s + head * head_rows
     # Measured right after training, in the same process, so MFU divides by what the machine gave in those minutes.
     out["mm_peak"] = matmul_peak(model, c["batch_size"] * c["max_length"],
                                  torch.bfloat16 if c["cuda"] else torch.float32, device)

@@ -3,7 +3,12 @@ with F = 1 (L2-SP) or the base model's diagonal Fisher on original-task data (EW
 
 from __future__ import annotations
 
+import random
+
 import torch
+from datasets import concatenate_datasets
+
+from .data import IGNORE, Collator, DataStats, encode_dataset
 
 
 class PullToBase:
@@ -64,7 +69,7 @@ def diagonal_fisher(model, batches, loss_sum) -> list[torch.Tensor]:
             w.requires_grad_(True)
         n = 0
         for batch in batches:
-            targets = (batch["labels"] != -100).sum()
+            targets = (batch["labels"] != IGNORE).sum()
             if not targets:
                 continue
             grads = torch.autograd.grad(loss_sum(model, dict(batch)) / targets, weights, allow_unused=True)
@@ -84,12 +89,6 @@ def diagonal_fisher(model, batches, loss_sum) -> list[torch.Tensor]:
 
 def fisher_batches(section, data, tokenizer, seed: int, device) -> list[dict]:
     """`section.rows` examples of the Fisher data (drawn with the run's seed), one per batch, ready for the model."""
-    import random
-
-    from datasets import concatenate_datasets
-
-    from .data import Collator, DataStats, encode_dataset
-
     examples = concatenate_datasets([encode_dataset(spec, tokenizer, data, DataStats()) for spec in section.datasets])
     picked = random.Random(seed).sample(range(len(examples)), min(section.rows, len(examples)))
     collate = Collator(tokenizer.pad_token_id, "padding")

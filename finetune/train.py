@@ -257,8 +257,9 @@ def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
                                  "(the Fisher pass needs whole weights); use it with DDP or one process, or set "
                                  "`train.l2sp_fisher: null`.")
             accelerator.print(f"measuring the base model's Fisher on {tr.l2sp_fisher.rows} examples (EWC)")
-            fisher = diagonal_fisher(accelerator.unwrap_model(model), fisher_batches(
-                tr.l2sp_fisher, recipe.data, tokenizer, tr.seed, accelerator.device), token_loss_sum)
+            with accelerator.main_process_first():  # tokenized once, like the training data; the rest read the cache
+                batches = fisher_batches(tr.l2sp_fisher, recipe.data, tokenizer, tr.seed, accelerator.device)
+            fisher = diagonal_fisher(accelerator.unwrap_model(model), batches, token_loss_sum)
         pull = PullToBase(accelerator.unwrap_model(model), tr.l2sp, fisher)
     evals = TrainingEval(recipe, run, accelerator, tokenizer, model,
                          checkpoint_step(run.resume_from) if run.resume_from else 0)
