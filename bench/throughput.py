@@ -110,7 +110,8 @@ def flops_per_token(model, seq: int) -> tuple[float, float]:
     too) costs 2/param forward and 2/param for the input gradient; a trained one 2/param more for its weight
     gradient: 6 N for full fine-tuning, 4 N_frozen + 6 N_adapter for LoRA (layer 0's input gradient, which LoRA
     skips, is under 0.5%). Embedding lookups are free. Attention scores and values add 12 x layers x (heads x
-    head_dim) x seq, with seq = the row width (max_length): sdpa with a mask computes the whole square."""
+    head_dim) x seq, with seq = the row width (max_length) where sdpa with a mask computes the whole square, and
+    the mean over tokens of their example's length where attention runs per example (finetune's packed batches)."""
     cost = {m: (6 if m.weight.requires_grad else 4) * m.weight.numel()
             for m in model.modules() if isinstance(m, torch.nn.Linear)}
     cfg = model.config
@@ -140,10 +141,17 @@ def run_finetune(c: dict, tmp: Path, device):
     import finetune.train
     from finetune.checkpoint import open_run_dir
 
-    # Only to count padded positions (metrics.jsonl has the real ones); the step looks the function up at call time.
-    positions, loss_sum = [], finetune.train.token_loss_sum
-    finetune.train.token_loss_sum = lambda model, batch: positions.append(batch["input_ids"].numel()) or loss_sum(
-        model, batch)
+    # Only to count padded positions (metrics.jsonl has the real ones) and the attention each example costs; the step
+    # looks the function up at call time.
+    positions, squares, loss_sum = [], [], finetune.train.token_loss_sum
+
+    def counting(model, batch):
+        positions.append(batch["input_ids"].numel())
+        squares.append(sum(n * n for n in batch["segment_lengths"]) if "segment_lengths" in batch
+                       else batch["input_ids"].shape[1] * batch["input_ids"].numel())
+        return loss_sum(model, batch)
+
+    finetune.train.token_loss_sum = counting
     recipe = finetune_recipe(c, tmp)
     model = finetune.train.train(recipe, open_run_dir(recipe, accept_changes=False))
     steps, tokens, targets = [], 0, 0
@@ -151,7 +159,8 @@ def run_finetune(c: dict, tmp: Path, device):
         m = json.loads(line)  # tokens and target_tokens are running totals; tokens_per_s is this step's
         steps.append(((m["tokens"] - tokens) / m["tokens_per_s"], m["tokens"] - tokens, m["target_tokens"] - targets))
         tokens, targets = m["tokens"], m["target_tokens"]
-    return model, steps, 1 - tokens / sum(positions)
+    # Attention is computed per example (sum of squared lengths) or per row (rows x width squared): as a width.
+    return model, steps, 1 - tokens / sum(positions), sum(squares) / tokens
 
 
 def run_trl(c: dict, tmp: Path, device, packing: bool):
@@ -236,9 +245,9 @@ def worker(c: dict) -> dict:
     """One run; returns steady-state rates (the first `warmup` steps dropped), peak RSS and MFU."""
     device = torch.device("cuda" if c["cuda"] else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        padding = 0.0
+        padding, seq = 0.0, c["max_length"]
         if c["impl"] == "finetune":
-            model, steps, padding = run_finetune(c, Path(tmp), device)
+            model, steps, padding, seq = run_finetune(c, Path(tmp), device)
         elif c["impl"] == "torch":
             model, steps = run_torch(c, Path(tmp), device)
         else:
@@ -246,7 +255,7 @@ def worker(c: dict) -> dict:
     steady = steps[c["warmup"]:]
     seconds = sum(s for s, _, _ in steady)
     tokens_per_s = sum(n for _, n, _ in steady) / seconds
-    flops, head = flops_per_token(model, c["max_length"])
+    flops, head = flops_per_token(model, seq)
     out = {"threads": torch.get_num_threads(), "tokens_per_s": tokens_per_s, "padding": padding,
            "targets_per_s": sum(t for _, _, t in steady) / seconds,
            "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # ru_maxrss is in KiB on Linux
@@ -287,15 +296,17 @@ def header(results: dict, args) -> str:
     peaks = sorted(r["mm_peak"] / 1e9 for r in runs)
     where = (f"{torch.cuda.get_device_name()}, bf16 autocast" if args.device == "cuda"
              else f"CPU, {runs[0]['threads']} thread(s) per run, fp32")
-    flops = ", ".join(f"{name} {mode} {median([r for rs in by_impl.values() for r in rs], 'flops_per_token') / 1e6:.3g}"
-                      for (name, mode), by_impl in results.items())
+    flops = ", ".join(f"{name} {mode} {median(rs, 'flops_per_token') / 1e6:.3g}"
+                      for (name, mode), by_impl in results.items()
+                      for rs in [[r for impl, rs in by_impl.items() if impl != "finetune" for r in rs]] if rs)
     return (f"torch {torch.__version__}, {where}; batch {args.batch_size} x max_length {args.max_length}; "
             f"{args.steps} steps, the first {args.warmup} not timed (tiny model: x{TINY_STEPS}); median of "
             f"{args.repeats} round(s), ratios paired within a round. Matmul peak (torch.mm at the model's shapes, "
             f"measured in each run): {peaks[0]:,.0f} to {peaks[-1]:,.0f} GFLOP/s. MFU = FLOPs/token x total tok/s / "
             "that run's peak; FLOPs/token = 6 N (full) or 4 N_frozen + 6 N_adapter (LoRA), N over the linear weights "
-            f"(LM head included), + 12 x layers x hidden x max_length for attention: {flops} MFLOP (finetune computes "
-            "the LM head on target tokens only, and is counted so).\n")
+            "(LM head included), + 12 x layers x hidden x S for attention, S = max_length where a row's whole square "
+            f"is computed: {flops or '-'} MFLOP. finetune is counted as it computes: the LM head on target tokens only, "
+            "and attention per example (S = the mean over tokens of their example's length).\n")
 
 
 def table(results: dict, args) -> str:
@@ -323,6 +334,7 @@ def data_pipeline(rows: int, tmp: Path, model_dir: str, max_length: int) -> str:
     """Time-to-first-step of finetune's data pipeline alone: tokenize, pack, collate the first batch."""
     import datasets
 
+    from finetune import attention
     from finetune.data import Collator, RowDataset, build_datasets, mask_kind
     from finetune.model import load_tokenizer
 
@@ -337,7 +349,7 @@ def data_pipeline(rows: int, tmp: Path, model_dir: str, max_length: int) -> str:
     clock.append(time.perf_counter())
     packed = RowDataset(examples, max_length, packing=True)
     clock.append(time.perf_counter())
-    Collator(tokenizer.pad_token_id, mask_kind("sdpa", True))([packed[i] for i in range(8)])
+    Collator(tokenizer.pad_token_id, mask_kind(attention.NAME, True))([packed[i] for i in range(8)])
     clock.append(time.perf_counter())
     return (f"data pipeline, {rows:,} chat rows ({stats.tokens:,} tokens) -> {len(packed):,} packed rows of "
             f"{max_length}: tokenize {clock[1] - clock[0]:.1f} s, pack {clock[2] - clock[1]:.1f} s, first batch "

@@ -15,6 +15,7 @@ import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+from . import attention
 from .errors import UserError
 from .recipe import LoraSection, ModelSection
 
@@ -120,6 +121,9 @@ def load_model(section: ModelSection, lora: LoraSection | None):
                          "`model.allow_pickle: true` if you trust the files.") from e
     # The KV cache only speeds up generation; in training it costs memory and clashes with checkpointing.
     model.config.use_cache = False
+    if section.attn_implementation == "sdpa" and model._can_set_attn_implementation():
+        # sdpa itself, plus one causal call per example for packed batches that say where examples end.
+        model.set_attn_implementation(attention.register())
     if section.gradient_checkpointing:
         # Non-reentrant: gradients reach the LoRA weights inside a recomputed block even when the block's
         # input needs no gradient, which the reentrant variant silently drops.

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, send_to_device, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .budget import TrainingEval
 from .checkpoint import (RunDir, atomic_write_text, checkpoint_step, latest_checkpoint, load_checkpoint,
                          save_checkpoint, write_recipe)
+from .cpu import keep_freed_memory
 from .data import IGNORE, Collator, RowDataset, build_datasets, mask_kind
 from .errors import UserError
 from .l2sp import PullToBase, diagonal_fisher, fisher_batches
@@ -144,8 +145,8 @@ def validation_loss(accelerator, model, rows: RowDataset, collate: Collator, bat
     total = torch.zeros(2, device=accelerator.device)
     for start in range(0, per_rank, batch_size):
         picked = mine[start:start + batch_size] or [0]
-        batch = {k: v.to(accelerator.device) for k, v in collate([rows[i] for i in picked]).items()
-                 if k != "n_tokens"}
+        batch = send_to_device(collate([rows[i] for i in picked]), accelerator.device)
+        batch.pop("n_tokens")
         if not mine[start:start + batch_size]:
             batch["labels"].fill_(IGNORE)
         targets = (batch["labels"] != IGNORE).sum()
@@ -195,10 +196,11 @@ class MetricsLog:
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
 
-def _loaders(recipe: Recipe, tokenizer, accelerator):
+def _loaders(recipe: Recipe, tokenizer, accelerator, attn_implementation: str):
     with accelerator.main_process_first():  # tokenized once, then read from datasets' cache by the other ranks
         train_examples, val_examples, stats = build_datasets(recipe.data, tokenizer, recipe.train.seed)
-    collate = Collator(tokenizer.pad_token_id, mask_kind(recipe.model.attn_implementation, recipe.data.packing))
+    collate = Collator(tokenizer.pad_token_id,
+                       mask_kind(attn_implementation, recipe.data.packing, compiled=recipe.train.compile))
     train_rows = RowDataset(train_examples, recipe.data.max_length, recipe.data.packing)
     val_rows = RowDataset(val_examples, recipe.data.max_length, recipe.data.packing) if val_examples else None
     # A generator of its own: starting an epoch's iterator must not draw from the global RNG that dropout uses,
@@ -220,6 +222,8 @@ def _optimizer(model, tr) -> torch.optim.Optimizer:
 def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
     """Train as the recipe says, resuming from `run.resume_from`; returns the trained (unwrapped) model."""
     accelerator = make_accelerator(recipe, run)
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()  # before the model and data exist, so their blocks come from the heap too
     tr = recipe.train
     if accelerator.is_main_process:
         write_recipe(run, recipe)  # also proves the folder is writable before minutes of loading
@@ -229,7 +233,7 @@ def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
     model = load_model(recipe.model, recipe.lora)
     if tr.compile:
         model.compile(dynamic=True)  # in place: state-dict keys, checkpoints and adapters stay as they are
-    loader, val_rows, collate, stats = _loaders(recipe, tokenizer, accelerator)
+    loader, val_rows, collate, stats = _loaders(recipe, tokenizer, accelerator, model.config._attn_implementation)
     rows = len(loader.dataset)
     model, optimizer, loader = accelerator.prepare(model, _optimizer(model, tr), loader)
     updates_per_epoch = len(loader) // tr.grad_accum

@@ -5,9 +5,11 @@ import torch
 from conftest import chat_rows, make_tokenizer, write_jsonl
 from transformers import AutoModelForCausalLM
 
+from finetune import attention
 from finetune.data import (IGNORE, Collator, DataError, RowDataset, block_causal_mask, build_datasets, encode_dataset,
                            pack, DataStats)
-from finetune.recipe import DataSection, DatasetSpec
+from finetune.model import load_model
+from finetune.recipe import DataSection, DatasetSpec, ModelSection
 
 
 def _data(path, fmt="chat", **kw) -> DataSection:
@@ -113,11 +115,16 @@ def test_block_mask_separates_examples_and_is_causal():
     assert m[5, 5] and not m[5, 4]  # padding sees only itself
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_and_unpacked_batches_give_the_same_per_example_loss(tmp_path, tiny_models, tokenizer, attn):
+@pytest.mark.parametrize("attn,mask", [("sdpa", "block_bool"), ("eager", "block_float"),
+                                       (attention.NAME, "segments")])
+def test_packed_and_unpacked_batches_give_the_same_per_example_loss(tmp_path, tiny_models, tokenizer, attn, mask):
     path = write_jsonl(tmp_path / "c.jsonl", chat_rows(6))
     examples, _, _ = build_datasets(_data(path), tokenizer, seed=0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], attn_implementation=attn).eval()
+    if attn == attention.NAME:  # as training loads it (its kv heads are fewer than its heads: grouped-query)
+        model = load_model(ModelSection(path=str(tiny_models["llama"])), None).eval()
+        assert model.config._attn_implementation == attn
+    else:
+        model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], attn_implementation=attn).eval()
     pad = tokenizer.eos_token_id
 
     def per_example_losses(rows, mask):
@@ -128,9 +135,12 @@ def test_packed_and_unpacked_batches_give_the_same_per_example_loss(tmp_path, ti
             logits = model(**batch).logits
         token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none",
                                                        ignore_index=IGNORE).view(labels.shape)
-        # Group token losses by example: examples are laid out in order within each row.
+        # Group token losses by example: examples are laid out in order within each row ("segments": all of the
+        # batch's examples in one row).
+        layout = [[i for row in rows.rows for i in row]] if mask == "segments" else rows.rows
+        assert len(layout) == labels.shape[0]
         out = []
-        for b, row in enumerate(rows.rows):
+        for b, row in enumerate(layout):
             start = 0
             for i in row:
                 n = len(examples[i]["input_ids"])
@@ -142,7 +152,7 @@ def test_packed_and_unpacked_batches_give_the_same_per_example_loss(tmp_path, ti
     packed = RowDataset(examples, 64, packing=True)
     assert max(len(r) for r in packed.rows) > 1  # the test means nothing unless rows really hold several examples
     unpacked = RowDataset(examples, 64, packing=False)
-    a = per_example_losses(packed, "block_bool" if attn == "sdpa" else "block_float")
+    a = per_example_losses(packed, mask)
     b = per_example_losses(unpacked, "padding")
     assert a.keys() == b.keys()
     for i in a:
