@@ -56,7 +56,7 @@ class ModelSection:
     trust_remote_code: bool = _f(False, "run modelling code shipped with the model; only for models you trust")
     allow_pickle: bool = _f(False, "also load pickle-based .bin weights (can run code); safetensors only when false")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = _f(
-        "sdpa", "attention kernel; packing keeps examples apart under each of these"
+        "sdpa", "attention kernel; packing keeps examples apart under each (sdpa: a causal call per example, no padding)"
     )
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (non-reentrant) to save memory")
     cache_dir: str = _f(
