@@ -12,6 +12,7 @@ checkpoint whose files all match; anything else is ignored.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,6 +37,18 @@ class RunDirError(UserError):
 
 class CheckpointWriteError(UserError):
     """Writing a checkpoint failed (disk full, permissions); the message names what is still intact."""
+
+
+@dataclass
+class Progress:
+    """Where a run stands after its last update; saved in every checkpoint, so a resumed run picks up exactly here."""
+
+    step: int = 0  # optimizer updates done
+    epoch: int = 0
+    position: int = 0  # micro-batches of this epoch already consumed
+    tokens: int = 0  # tokens trained on so far, padding excluded
+    target_tokens: int = 0  # of which targets
+    skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
 
 
 @dataclass
@@ -168,11 +181,11 @@ def _digest(path: Path) -> list:
     return [path.stat().st_size, h.hexdigest()]
 
 
-def save_checkpoint(accelerator, root: Path, step: int, progress: dict, keep: int) -> Path:
+def save_checkpoint(accelerator, root: Path, progress: Progress, keep: int) -> Path:
     """Collective: every rank calls it. Returns the final folder. A failed write (disk full, permissions) removes
     its partial folder and raises CheckpointWriteError; earlier checkpoints are untouched."""
-    tmp = root / f".tmp-step-{step}"
-    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{progress.step}"
+    final = root / f"step-{progress.step}"
     try:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash: never trusted, safe to clear
@@ -182,7 +195,7 @@ def save_checkpoint(accelerator, root: Path, step: int, progress: dict, keep: in
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             files = {str(p.relative_to(tmp)): _digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-            atomic_write_text(tmp / PROGRESS, json.dumps({**progress, "files": files}, indent=1))
+            atomic_write_text(tmp / PROGRESS, json.dumps({**dataclasses.asdict(progress), "files": files}, indent=1))
             _fsync_tree(tmp)
             if final.exists():
                 # Only a checkpoint resume did not trust can sit here (a complete one would have been resumed from).
@@ -202,11 +215,10 @@ def save_checkpoint(accelerator, root: Path, step: int, progress: dict, keep: in
     return final
 
 
-def load_checkpoint(accelerator, path: Path) -> dict:
+def load_checkpoint(accelerator, path: Path) -> Progress:
     accelerator.load_state(str(path))
-    progress = json.loads((path / PROGRESS).read_text())
-    del progress["files"]
-    return progress
+    saved = json.loads((path / PROGRESS).read_text())
+    return Progress(**{f.name: saved[f.name] for f in dataclasses.fields(Progress)})
 
 
 def _fsync_tree(path: Path, recursive: bool = True) -> None:
@@ -217,3 +229,71 @@ def _fsync_tree(path: Path, recursive: bool = True) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The objects of a JSON-lines file that is appended to as a run goes (metrics, curves). Its last line may have
+    been cut short by a crash: it is dropped. A bad line before the last is not a crash's doing and is an error."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i == len(lines):
+                break
+            raise RunDirError(f"{path} line {i} is not JSON; the file was edited or damaged. Move it aside to go "
+                              "on without it.") from None
+    return rows
+
+
+# ---------------------------------------------------------------- saving models
+
+
+def keep_adapter_only(accelerator) -> None:
+    """Checkpoints of a LoRA run hold the adapter, not a copy of the frozen base model. (Under FSDP and DeepSpeed
+    accelerate saves the sharded model itself and these hooks see no models.)"""
+
+    def keep_trainable(models, weights, output_dir):
+        for model, state in zip(models, weights):
+            names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+            for key in [k for k in state if k not in names]:
+                del state[key]
+
+    def load_trainable(models, input_dir):
+        from safetensors.torch import load_file
+
+        # Popped models are left out of accelerate's own (strict) loading; FSDP and DeepSpeed pass none here.
+        while models:
+            i = len(models) - 1
+            model = accelerator.unwrap_model(models.pop())
+            state = load_file(Path(input_dir) / f"model{'' if i == 0 else f'_{i}'}.safetensors")
+            result = model.load_state_dict(state, strict=False)
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            if result.unexpected_keys or trainable - set(state):
+                raise RunDirError(f"checkpoint {input_dir} does not match this adapter "
+                                  f"(missing {sorted(trainable - set(state))[:3]}, "
+                                  f"unexpected {result.unexpected_keys[:3]}).")
+
+    accelerator.register_save_state_pre_hook(keep_trainable)
+    accelerator.register_load_state_pre_hook(load_trainable)
+
+
+def save_model(accelerator, model, tokenizer, dest: Path, replace: bool = False) -> None:
+    """Collective. A Hugging Face folder (adapter or full weights, tokenizer included), written aside and renamed
+    into place when complete. An existing `dest` is replaced only when asked (best/), never for final/."""
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    state = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: every rank calls it
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if dest.exists():
+            if not replace:
+                raise RunDirError(f"{dest} already exists; it was not overwritten. The new model is in {tmp}.")
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    accelerator.wait_for_everyone()

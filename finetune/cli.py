@@ -1,5 +1,6 @@
-"""`finetune train|check|eval|report|merge|keys`: parse the command line, call the stages, turn user mistakes into one
-paragraph and a non-zero exit code (`--debug` shows the traceback)."""
+"""`finetune train|check|eval|report|interpolate|sweep|merge|keys`: parse the command line, call the stages, turn user
+mistakes into one paragraph and a non-zero exit code (`--debug` shows the traceback). Heavy libraries are imported
+only by the command that needs them, after its arguments are known to be good."""
 
 from __future__ import annotations
 
@@ -107,7 +108,9 @@ def _eval(args) -> int:
             print(f"error: {out} already holds files; nothing is overwritten. Choose another --out.", file=sys.stderr)
             return EXIT_USER_ERROR
         out = next_free_dir(out)  # the run's own report stays as training wrote it
-    report = evaluate_saved(base, tuned, section, out, recipe=recipe)
+    from .mitigations import method_label
+
+    report = evaluate_saved(base, tuned, section, out, recipe=recipe, method=method_label(recipe) if recipe else "-")
     print(f"{report['verdict']['text']}\nreport: {out / 'report.html'}")
     return 0
 
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"comparison of {len(args.runs)} runs: {args.out / 'compare.html'}")
             return 0
         if args.command == "interpolate":
-            from .interpolate import interpolate
+            from .mitigations.wise_ft import interpolate
 
             alphas = [float(a) for a in args.alphas.split(",")]
             result = interpolate(args.run, alphas, args.pick)

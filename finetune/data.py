@@ -11,19 +11,19 @@ import bisect
 import codecs
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset, concatenate_datasets, load_dataset
 
 from . import attention
 from .errors import UserError
-from .recipe import DataSection, DatasetSpec
+from .recipe import LOCAL_BUILDERS, DataSection, DatasetSpec
 
 IGNORE = -100
-_LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-_FIELDS = {"text": ("text",), "instruction": ("instruction", "input", "output"), "chat": ("messages",)}
 _ROLES = {"system", "user", "assistant", "tool"}
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -38,8 +38,9 @@ class DataStats:
     examples: int = 0
     skipped: int = 0
     truncated: int = 0
-    replay_examples: int = 0
-    replay_tokens: int = 0
+    mixed_examples: int = 0  # added by data-side mitigations (replay)
+    mixed_tokens: int = 0
+    mixed_by: list[str] = field(default_factory=list)  # their names
     target_tokens: int = 0
     tokens: int = 0
     skipped_reasons: list[str] = field(default_factory=list)
@@ -52,12 +53,12 @@ def load_rows(spec: DatasetSpec) -> Dataset:
     """The raw rows of one dataset, local file or hub."""
     suffix = Path(spec.path).suffix.lower()
     try:
-        if suffix in _LOCAL_BUILDERS and Path(spec.path).is_file():
+        if suffix in LOCAL_BUILDERS and Path(spec.path).is_file():
             if Path(spec.path).stat().st_size == 0:
                 raise DataError(f"{spec.path} is empty; it needs at least one row.")
             if suffix != ".parquet":
                 _check_utf8(Path(spec.path))  # pyarrow's JSON reader lets bad bytes through to tokenization
-            return load_dataset(_LOCAL_BUILDERS[suffix], data_files=spec.path, split="train")
+            return load_dataset(LOCAL_BUILDERS[suffix], data_files=spec.path, split="train")
         return load_dataset(spec.path, spec.name, split=spec.split)
     except DataError:
         raise
@@ -82,22 +83,25 @@ def _check_utf8(path: Path) -> None:
         raise DataError(f"{path} ends in the middle of a UTF-8 character; the file looks cut short.") from None
 
 
-# ---------------------------------------------------------------- encoding
+# ---------------------------------------------------------------- the formats
 
 
-def _check_fields(row: dict, fmt: str) -> str:
-    """Why a row cannot be used ("" if it can)."""
-    if fmt == "text":
-        text = row["text"]
-        return "" if isinstance(text, str) and text.strip() else "`text` must be a non-empty string"
-    if fmt == "instruction":
-        if not (isinstance(row["instruction"], str) and row["instruction"].strip()):
-            return "`instruction` must be a non-empty string"
-        if not (isinstance(row["output"], str) and row["output"].strip()):
-            return "`output` must be a non-empty string"
-        if row.get("input") is not None and not isinstance(row["input"], str):
-            return "`input` must be a string when given"
-        return ""
+def _check_text(row: dict) -> str:
+    text = row["text"]
+    return "" if isinstance(text, str) and text.strip() else "`text` must be a non-empty string"
+
+
+def _check_instruction(row: dict) -> str:
+    if not (isinstance(row["instruction"], str) and row["instruction"].strip()):
+        return "`instruction` must be a non-empty string"
+    if not (isinstance(row["output"], str) and row["output"].strip()):
+        return "`output` must be a non-empty string"
+    if row.get("input") is not None and not isinstance(row["input"], str):
+        return "`input` must be a string when given"
+    return ""
+
+
+def _check_chat(row: dict) -> str:
     messages = row["messages"]
     if not isinstance(messages, list) or not messages:
         return "`messages` must be a non-empty list of {role, content}"
@@ -108,13 +112,6 @@ def _check_fields(row: dict, fmt: str) -> str:
     if not any(m["role"] == "assistant" for m in messages):
         return "`messages` has no assistant turn to learn"
     return ""
-
-
-def _to_messages(row: dict, fmt: str) -> list[dict]:
-    if fmt == "chat":
-        return row["messages"]
-    prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
 
 
 def _render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -134,43 +131,67 @@ def _render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, 
     return text, spans
 
 
-def _encode_one(tokenizer, row: dict, fmt: str, train_on: str) -> tuple[list[int], list[int]]:
-    if fmt == "text":
-        ids = tokenizer(row["text"], add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
-        return ids, [1] * len(ids)
-    messages = _to_messages(row, fmt)
-    if tokenizer.chat_template:
-        text, spans = _render_chat(tokenizer, messages)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = enc["input_ids"]
-        # A token is a target if it starts inside an assistant span; offsets are sorted, so each span is a slice.
-        starts = [start for start, _ in enc["offset_mapping"]]
-        target = [0] * len(ids)
-        for s, e in spans:
-            lo, hi = bisect.bisect_left(starts, s), bisect.bisect_left(starts, e)
-            target[lo:hi] = [1] * (hi - lo)
-    else:
-        # No chat template (a base model): the Alpaca layout, prompt then response and EOS.
-        template = ALPACA_PROMPT_WITH_INPUT if row.get("input") else ALPACA_PROMPT
-        prompt = template.format(instruction=row["instruction"], input=row.get("input"))
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        answer_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids, target = prompt_ids + answer_ids, [0] * len(prompt_ids) + [1] * len(answer_ids)
-    if train_on == "all":
-        target = [1] * len(ids)
+def _encode_text(tokenizer, row: dict) -> tuple[list[int], list[int]]:
+    ids = tokenizer(row["text"], add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    return ids, [1] * len(ids)
+
+
+def _encode_chat(tokenizer, row: dict) -> tuple[list[int], list[int]]:
+    text, spans = _render_chat(tokenizer, row["messages"])
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    # A token is a target if it starts inside an assistant span; offsets are sorted, so each span is a slice.
+    starts = [start for start, _ in enc["offset_mapping"]]
+    target = [0] * len(ids)
+    for s, e in spans:
+        lo, hi = bisect.bisect_left(starts, s), bisect.bisect_left(starts, e)
+        target[lo:hi] = [1] * (hi - lo)
     return ids, target
+
+
+def _encode_instruction(tokenizer, row: dict) -> tuple[list[int], list[int]]:
+    prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+        return _encode_chat(tokenizer, {"messages": messages})
+    # No chat template (a base model): the Alpaca layout, prompt then response and EOS.
+    template = ALPACA_PROMPT_WITH_INPUT if row.get("input") else ALPACA_PROMPT
+    prompt_ids = tokenizer(template.format(instruction=row["instruction"], input=row.get("input")),
+                           add_special_tokens=True)["input_ids"]
+    answer_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids + answer_ids, [0] * len(prompt_ids) + [1] * len(answer_ids)
+
+
+@dataclass(frozen=True)
+class Format:
+    fields: tuple[str, ...]  # our names for a row's fields; `columns` in a recipe maps them to the dataset's
+    optional: tuple[str, ...]  # fields a dataset may lack
+    check: Callable[[dict], str]  # why a row cannot be used ("" if it can)
+    encode: Callable[[Any, dict], tuple[list[int], list[int]]]  # (tokenizer, row) -> input_ids, target
+    needs_chat_template: bool = False
+
+
+# The one table of data formats: recipe.DatasetSpec.format allows exactly these names (tested).
+FORMATS = {
+    "text": Format(("text",), (), _check_text, _encode_text),
+    "instruction": Format(("instruction", "input", "output"), ("input",), _check_instruction, _encode_instruction),
+    "chat": Format(("messages",), (), _check_chat, _encode_chat, needs_chat_template=True),
+}
 
 
 def make_encoder(tokenizer, fmt: str, columns: dict[str, str], max_length: int, train_on: str):
     """A batched `datasets.map` function: rows in, `input_ids`/`target`/`error`/`truncated` out."""
-    names = {f: columns.get(f, f) for f in _FIELDS[fmt]}
+    spec = FORMATS[fmt]
+    names = {f: columns.get(f, f) for f in spec.fields}
 
     def encode(batch: dict, indices: list[int]) -> dict:
         out = {"input_ids": [], "target": [], "error": [], "truncated": [], "row": []}
         for j, index in enumerate(indices):
             row = {f: batch[col][j] if col in batch else None for f, col in names.items()}
-            error = _check_fields(row, fmt)
-            ids, target = ([], []) if error else _encode_one(tokenizer, row, fmt, train_on)
+            error = spec.check(row)
+            ids, target = ([], []) if error else spec.encode(tokenizer, row)
+            if train_on == "all":
+                target = [1] * len(ids)
             if not error and not any(target[1:max_length]):
                 error = f"no target tokens within data.max_length={max_length}"
             out["input_ids"].append(ids[:max_length])
@@ -185,14 +206,15 @@ def make_encoder(tokenizer, fmt: str, columns: dict[str, str], max_length: int, 
 
 def encode_dataset(spec: DatasetSpec, tokenizer, data: DataSection, stats: DataStats) -> Dataset:
     raw = load_rows(spec)
-    if spec.format == "chat" and not tokenizer.chat_template:
-        raise DataError(f"{spec.path}: format `chat` needs a chat template; the tokenizer has none, so set "
+    fmt = FORMATS[spec.format]
+    if fmt.needs_chat_template and not tokenizer.chat_template:
+        raise DataError(f"{spec.path}: format `{spec.format}` needs a chat template; the tokenizer has none, so set "
                         "`data.chat_template` or use format `instruction`.")
-    names = [spec.columns.get(f, f) for f in _FIELDS[spec.format] if f != "input"]
+    names = [spec.columns.get(f, f) for f in fmt.fields if f not in fmt.optional]
     missing = [n for n in names if n not in raw.column_names]
     if missing:
         raise DataError(f"{spec.path}: column(s) {missing} missing for format `{spec.format}`; it has "
-                        f"{raw.column_names}. Map them with `columns: {{{_FIELDS[spec.format][0]}: your_column}}`.")
+                        f"{raw.column_names}. Map them with `columns: {{{fmt.fields[0]}: your_column}}`.")
     encoder = make_encoder(tokenizer, spec.format, spec.columns, data.max_length, data.train_on)
     # The main process tokenizes alone (the other ranks wait, then read datasets' cache): every core is free.
     procs = data.num_proc or (len(os.sched_getaffinity(0)) if len(raw) > 10_000 else 1)
@@ -238,33 +260,14 @@ def build_datasets(data: DataSection, tokenizer, seed: int) -> tuple[Dataset, Da
     if len(train) == 0:
         raise DataError("no usable training examples are left after skipping bad rows: " +
                         "; ".join(stats.skipped_reasons))
-    if data.replay is not None:
-        replay = concatenate_datasets([encode_dataset(spec, tokenizer, data, stats) for spec in data.replay.datasets])
-        picked = _replay_share(replay, sum(len(t) for t in train["input_ids"]), data.replay.ratio, rng)
-        stats.replay_examples = len(picked)
-        stats.replay_tokens = sum(len(t) for t in picked["input_ids"])
-        train = concatenate_datasets([train, picked])
-    lengths = [len(t) for t in train["input_ids"]]
-    stats.examples = len(train)
-    stats.tokens = sum(lengths)
-    stats.target_tokens = sum(sum(t[1:]) for t in train["target"])
+    count_tokens(train, stats)
     return train, (concatenate_datasets(val_parts) if val_parts else None), stats
 
 
-def _replay_share(replay: Dataset, train_tokens: int, ratio: float, rng: random.Random) -> Dataset:
-    """Replay examples, drawn at random (repeating once all are used), until they make `ratio` of all tokens."""
-    wanted = ratio / (1 - ratio) * train_tokens
-    lengths = [len(t) for t in replay["input_ids"]]
-    picked, total = [], 0
-    while total < wanted:
-        order = list(range(len(lengths)))
-        rng.shuffle(order)
-        for i in order:
-            if total >= wanted:
-                break
-            picked.append(i)
-            total += lengths[i]
-    return replay.select(picked)
+def count_tokens(train: Dataset, stats: DataStats) -> None:
+    stats.examples = len(train)
+    stats.tokens = sum(len(t) for t in train["input_ids"])
+    stats.target_tokens = sum(sum(t[1:]) for t in train["target"])
 
 
 # ---------------------------------------------------------------- packing and batches

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .records import Drift
 
 # General prompts the base model continues to make the default drift texts: a spread of registers and topics,
 # none tied to a fine-tuning task.
@@ -47,15 +47,6 @@ SAMPLING_SEED = 0
 
 class DriftError(UserError):
     """Drift texts that cannot be used; the message names the file and what it needs."""
-
-
-@dataclass
-class Drift:
-    kl: float  # mean per-token KL(P_base || P_tuned) in nats; 0 for identical weights
-    ppl_base: float  # perplexity of the base model on the drift texts
-    ppl_tuned: float
-    ppl_ratio: float  # ppl_tuned / ppl_base; above 1 = the tuned model finds general text less likely
-    tokens: int  # predicted tokens the means are over
 
 
 @contextmanager

@@ -10,7 +10,6 @@ document, so that base and tuned can be compared example by example.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import functools
 import hashlib
@@ -19,19 +18,20 @@ import logging
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_text
-from .drift import DEFAULT_PROMPTS, NEW_TOKENS, SAMPLING_SEED, AdapterDisabled, Drift, eval_mode, kl_drift, \
-    read_texts, sample_texts
+from .checkpoint import atomic_write_text, read_jsonl
+from .drift import DEFAULT_PROMPTS, NEW_TOKENS, SAMPLING_SEED, AdapterDisabled, eval_mode, kl_drift, read_texts, \
+    sample_texts
 from .errors import UserError
-from .model import load_model, resolve_model_path
+from .model import load_model, load_tokenizer, resolve_model_path
 from .recipe import EvalSection, ModelSection, Recipe
+from .records import Evaluation, TaskScore, from_dict, to_dict
+from .report import build_report, provenance, write_report
 
 # In order of preference: the length-normalised accuracy is the one lm-eval's model cards quote for
 # multiple-choice tasks; exact_match is what generation tasks report.
@@ -40,33 +40,6 @@ PRIMARY_METRICS = ("acc_norm", "acc", "exact_match")
 
 class EvalError(UserError):
     """A task that cannot be evaluated as named; the message says which and why."""
-
-
-@dataclass
-class TaskScore:
-    task: str  # lm-eval's name for it (a task's or a group's)
-    metric: str
-    value: float  # lm-eval's aggregate (for a group of tasks: the mean over all their examples)
-    examples: dict[str, float]  # per-example score by "task/doc_id", in document order
-
-
-@dataclass
-class Evaluation:
-    """One model measured at one point of a run."""
-
-    step: int | None  # optimizer updates the model had; 0 = the base model; None = a saved model, not counted
-    tasks: dict[str, TaskScore]  # original tasks, by the name the recipe gives
-    targets: dict[str, TaskScore] = field(default_factory=dict)  # tasks of the new skill
-    drift: Drift | None = None  # from the base model; None for the base itself
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Evaluation:
-        return cls(step=d["step"], tasks={k: TaskScore(**v) for k, v in d["tasks"].items()},
-                   targets={k: TaskScore(**v) for k, v in d["targets"].items()},
-                   drift=Drift(**d["drift"]) if d["drift"] else None)
 
 
 # ---------------------------------------------------------------- lm-eval
@@ -270,9 +243,9 @@ class ForgettingEval:
         self.curve: list[Evaluation] = []  # every tuned evaluation, in step order
         if curve_file is not None and curve_file.is_file():
             # Points past the checkpoint we resume from describe updates that are about to be redone.
-            lines = curve_file.read_text(encoding="utf-8").splitlines()
-            self.curve = [e for e in map(Evaluation.from_dict, map(json.loads, lines)) if e.step <= resumed_step]
-            atomic_write_text(curve_file, "".join(json.dumps(e.to_dict()) + "\n" for e in self.curve))
+            points = [from_dict(Evaluation, d) for d in read_jsonl(curve_file)]
+            self.curve = [e for e in points if e.step <= resumed_step]
+            atomic_write_text(curve_file, "".join(json.dumps(to_dict(e)) + "\n" for e in self.curve))
 
     def _cache_path(self, kind: str, *parts) -> Path:
         key = hashlib.sha256(json.dumps([self.identity, *parts], sort_keys=True, default=str).encode())
@@ -289,7 +262,7 @@ class ForgettingEval:
         loaded = {spec: load_tasks(spec) for spec in specs}
         paths = {spec: self._cache_path("base_eval", settings, task_fingerprint(tasks, self.section.limit))
                  for spec, (_, tasks) in loaded.items()}
-        scores = {spec: TaskScore(**_read_json(path)) for spec, path in paths.items() if path.is_file()}
+        scores = {spec: from_dict(TaskScore, _read_json(path)) for spec, path in paths.items() if path.is_file()}
         missing = {spec: loaded[spec] for spec in specs if spec not in scores}
         texts_path = self._cache_path("drift", DEFAULT_PROMPTS, NEW_TOKENS, SAMPLING_SEED)
         sample = not self.texts and not texts_path.is_file()
@@ -299,7 +272,7 @@ class ForgettingEval:
                     fresh = _evaluate_loaded(base, self.tokenizer, missing, batch_size=self.section.batch_size,
                                              limit=self.section.limit, chat=self.section.apply_chat_template)
                     for spec, score in fresh.items():
-                        _write_json(paths[spec], dataclasses.asdict(score))
+                        _write_json(paths[spec], to_dict(score))
                         scores[spec] = score
                 if sample:
                     _write_json(texts_path, sample_texts(base, self.tokenizer, DEFAULT_PROMPTS,
@@ -326,7 +299,7 @@ class ForgettingEval:
         if self.curve_file is not None:
             self.curve_file.parent.mkdir(parents=True, exist_ok=True)
             with open(self.curve_file, "a", encoding="utf-8") as f:
-                f.write(json.dumps(point.to_dict()) + "\n")
+                f.write(json.dumps(to_dict(point)) + "\n")
         return point
 
     def _load_base(self, device: torch.device):
@@ -336,7 +309,7 @@ class ForgettingEval:
     def _plain_base(self, model):
         """The base as a model lm-eval and generate() accept."""
         if model is None:
-            yield self._load_base(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+            yield self._load_base(eval_device())
         elif _is_peft(model):
             with model.disable_adapter():
                 yield model
@@ -352,34 +325,42 @@ class ForgettingEval:
 
 
 def load_tuned(base: ModelSection, folder: Path):
-    """A saved model to measure: a peft adapter folder (on `base`) or a full model folder; a run folder means its
-    final/. Returns (model, whether it is an adapter)."""
+    """A saved model to measure, on the device evaluation runs on: a peft adapter folder (on `base`) or a full model
+    folder; a run folder means its final/. Returns (model, whether it is an adapter)."""
     import peft
 
     folder = folder / "final" if (folder / "final").is_dir() else folder
     if (folder / "adapter_config.json").is_file():
-        return peft.PeftModel.from_pretrained(load_model(base, None), folder), True
-    if (folder / "config.json").is_file():
-        return load_model(ModelSection(path=str(folder), dtype=base.dtype, cache_dir=base.cache_dir), None), False
-    raise EvalError(f"{folder} holds neither a peft adapter (adapter_config.json) nor a model (config.json).")
+        model, is_adapter = peft.PeftModel.from_pretrained(load_model(base, None), folder), True
+    elif (folder / "config.json").is_file():
+        model = load_model(ModelSection(path=str(folder), dtype=base.dtype, cache_dir=base.cache_dir), None)
+        is_adapter = False
+    else:
+        raise EvalError(f"{folder} holds neither a peft adapter (adapter_config.json) nor a model (config.json).")
+    return model.to(eval_device()), is_adapter
+
+
+def eval_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def open_saved(base: ModelSection, tuned: Path, section: EvalSection, chat_template: str | None):
+    """(ForgettingEval with the base measured, tuned model, whether it is an adapter): how `finetune eval` and
+    `finetune interpolate` both start. For an adapter, one copy of the base serves both (its adapter switched off
+    for the base); for a full model a second copy is loaded only if the cache lacks the base's scores."""
+    fe = ForgettingEval(section, base, load_tokenizer(base, chat_template))
+    model, is_adapter = load_tuned(base, Path(tuned))
+    fe.evaluate_base(model if is_adapter else None)
+    return fe, model, is_adapter
 
 
 def evaluate_saved(base: ModelSection, tuned: Path, section: EvalSection, out_dir: Path, *,
-                   recipe: Recipe | None = None, final_note: str = "") -> dict:
+                   recipe: Recipe | None = None, final_note: str = "", method: str = "-") -> dict:
     """`finetune eval BASE RUN_OR_MODEL`: measure a saved model against its base, write the report to `out_dir`
-    and return it. For an adapter, one copy of the base serves both (its adapter switched off for the base)."""
-    from .model import load_tokenizer
-    from .report import build_report, provenance, write_report
-
-    tokenizer = load_tokenizer(base)
-    fe = ForgettingEval(section, base, tokenizer)
-    model, is_adapter = load_tuned(base, Path(tuned))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    # Without an adapter, a second copy of the base is loaded only if the cache lacks its scores.
-    fe.evaluate_base(model if is_adapter else None)
+    and return it. The tokenizer carries the run recipe's chat template, as in training."""
+    fe, model, _ = open_saved(base, tuned, section, recipe.data.chat_template if recipe else None)
     tuned_eval = fe.evaluate(model, step=None)
-    report = build_report(fe.base, tuned_eval, max_drop=section.max_drop, curve=[],
-                          provenance=provenance(recipe), final_note=final_note or f"{tuned} as saved")
+    report = build_report(fe.base, tuned_eval, max_drop=section.max_drop, curve=[], provenance=provenance(recipe),
+                          final_note=final_note or f"{tuned} as saved", method=method)
     write_report(out_dir, report)
     return report

@@ -12,10 +12,8 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .evaluate import Evaluation, TaskScore
+from .records import Evaluation, TaskScore
 
 Z95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
 CORRECT = 0.5  # a per-example score at or above this counts as right (scores are 0/1 for acc and exact_match)

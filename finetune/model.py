@@ -83,7 +83,7 @@ def load_tokenizer(section: ModelSection, chat_template: str | None = None):
         tokenizer.chat_template = chat_template
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(
+            raise ModelError(
                 f"the tokenizer of {section.path} has neither a pad token nor an eos token; add one to its "
                 "tokenizer_config.json (e.g. \"pad_token\": \"<pad>\") or pick another model."
             )
@@ -144,6 +144,13 @@ def load_model(section: ModelSection, lora: LoraSection | None):
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             model = peft.get_peft_model(model, config)
     return model
+
+
+def lora_layers(model) -> list[tuple[torch.nn.Module, str]]:
+    """(layer, adapter name) for every LoRA layer and each of its adapters; [] for a model without LoRA."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(m, name) for m in model.modules() if isinstance(m, LoraLayer) for name in m.lora_A]
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """The recipe: a typed schema with every default in one place, YAML loading, overrides, validation.
 
-Every field below carries its default and a one-line doc; `finetune recipe-keys` prints them.
+Every field below carries its default and a one-line doc; `finetune keys` prints them.
 Validation runs before anything heavy is imported or loaded, so a typo costs seconds.
 """
 
@@ -19,7 +19,8 @@ import yaml
 
 from .errors import UserError
 
-LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+# Local data files by suffix, and the `datasets` builder that reads each: the one table of them.
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
 class RecipeError(UserError):
@@ -424,7 +425,7 @@ def _expand(p: str) -> Path:
 
 def _looks_local(p: str) -> bool:
     """A path that can only mean a local file or folder (hub ids look like org/name)."""
-    return (p.startswith(("/", "./", "../", "~")) or p.lower().endswith(LOCAL_DATA_SUFFIXES + (".gguf",))
+    return (p.startswith(("/", "./", "../", "~")) or p.lower().endswith(tuple(LOCAL_BUILDERS) + (".gguf",))
             or _expand(p).exists())
 
 

@@ -16,9 +16,10 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from .evaluate import Evaluation
+from .errors import UserError
 from .forgetting import Change, largest_drop, mean_change, paired_change, pareto_front, within_budget
 from .recipe import Recipe, recipe_to_dict
+from .records import Evaluation
 
 PACKAGES = ("finetune", "torch", "transformers", "peft", "accelerate", "lm_eval", "datasets")
 
@@ -85,9 +86,10 @@ def _curve_point(e: Evaluation) -> dict:
 
 
 def build_report(base: Evaluation, tuned: Evaluation, *, max_drop: float, curve: list[Evaluation],
-                 provenance: dict, final_note: str) -> dict:
+                 provenance: dict, final_note: str, method: str = "-") -> dict:
     """The report.json record. `curve` is every evaluation during training (the base is added as step 0);
-    `final_note` says which checkpoint final/ is and why (e.g. "step 120, the best within budget")."""
+    `final_note` says which checkpoint final/ is and why (e.g. "step 120, the best within budget"); `method` is what
+    comparisons call the run (mitigations.method_label)."""
     changes = {spec: paired_change(base.tasks[spec], tuned.tasks[spec]) for spec in base.tasks}
     gains = {spec: paired_change(base.targets[spec], tuned.targets[spec]) for spec in base.targets}
     return {
@@ -97,6 +99,7 @@ def build_report(base: Evaluation, tuned: Evaluation, *, max_drop: float, curve:
         "drift": dataclasses.asdict(tuned.drift) if tuned.drift else None,
         "curve": [_curve_point(e) for e in [base, *curve]] if curve else [],
         "final": {"step": tuned.step, "why": final_note},
+        "method": method,
         "provenance": provenance,
     }
 
@@ -254,22 +257,7 @@ def write_report(out_dir: Path, report: dict) -> None:
 # ---------------------------------------------------------------- comparing runs
 
 
-def _method(report: dict) -> str:
-    recipe = report["provenance"]["recipe"]
-    if recipe is None:
-        return "-"
-    kind = f"LoRA r={recipe['lora']['r']}" if recipe["lora"] else "full"
-    parts = [kind, f"lr {recipe['train']['lr']:g}"]
-    if (recipe["data"].get("replay") or {}).get("ratio"):
-        parts.append(f"replay {recipe['data']['replay']['ratio']:.0%}")
-    if recipe["train"].get("l2sp"):
-        parts.append(f"{'EWC' if recipe['train'].get('l2sp_fisher') else 'L2-SP'} {recipe['train']['l2sp']:g}")
-    return ", ".join(parts)
-
-
 def _run_summary(run: Path) -> dict:
-    from .errors import UserError
-
     path = run / "forgetting" / "report.json"
     if not path.is_file():
         raise UserError(f"{run} has no forgetting report ({path}); make one with `finetune eval`.")
@@ -283,7 +271,7 @@ def _run_summary(run: Path) -> dict:
         gain = mean_change(targets)
     before = sum(c.base for c in targets) / len(targets) if targets else None
     after = sum(c.tuned for c in targets) / len(targets) if targets else None
-    return {"run": str(run), "method": _method(report), "target_base": before, "target_tuned": after,
+    return {"run": str(run), "method": report.get("method", "-"), "target_base": before, "target_tuned": after,
             "drop": drop[0], "drop_ci_half_width": drop[1],
             "gain": gain[0], "gain_ci_half_width": gain[1], "largest_drop": report["verdict"]["largest_drop"],
             "within_budget": report["verdict"]["within_budget"],

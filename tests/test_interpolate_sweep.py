@@ -13,7 +13,7 @@ from test_evaluate import base_dir, tasks, texts  # noqa: F401 (fixtures)
 from transformers import AutoModelForCausalLM
 
 from finetune.cli import main as cli_main
-from finetune.interpolate import _snapshots, set_alpha
+from finetune.mitigations.wise_ft import _snapshots, set_alpha
 from finetune.report import compare_runs
 from finetune.sweep import parse_grid, plan
 

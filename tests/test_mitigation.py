@@ -43,7 +43,7 @@ def test_a_large_l2sp_keeps_weights_near_the_base_and_reduces_the_drop(tmp_path,
 
 
 def test_l2sp_for_lora_penalises_the_adapters_effective_update():
-    from finetune.l2sp import PullToBase
+    from finetune.mitigations.l2sp import PullToBase
 
     torch.manual_seed(0)
     a, b = torch.randn(2, 5, requires_grad=True), torch.randn(3, 2, requires_grad=True)
@@ -58,7 +58,7 @@ def test_l2sp_for_lora_penalises_the_adapters_effective_update():
 
 
 def test_fisher_weighted_penalty_and_its_gradient_are_exact():
-    from finetune.l2sp import PullToBase
+    from finetune.mitigations.l2sp import PullToBase
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(4, 3)
@@ -86,7 +86,7 @@ def test_fisher_weighted_penalty_and_its_gradient_are_exact():
 
 def fisher_of_base(recipe_path, base_dir, *overrides):
     """The Fisher a run with this recipe measures, by name of the base model's parameters."""
-    from finetune.l2sp import diagonal_fisher, fisher_batches
+    from finetune.mitigations.l2sp import diagonal_fisher, fisher_batches
     from finetune.model import load_tokenizer
     from finetune.recipe import load_recipe
     from finetune.train import token_loss_sum
@@ -104,7 +104,7 @@ def fisher_of_base(recipe_path, base_dir, *overrides):
 
 def test_diagonal_fisher_is_the_mean_squared_gradient_and_lora_measures_the_same(tmp_path, base_dir, tasks):
     import peft
-    from finetune.l2sp import diagonal_fisher
+    from finetune.mitigations.l2sp import diagonal_fisher
     from finetune.train import token_loss_sum
 
     original = write_jsonl(tmp_path / "original.jsonl", [{"text": t} for t in texts(0)])

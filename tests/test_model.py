@@ -90,7 +90,7 @@ def test_tokenizer_pad_eos_and_chat_template(tiny_model, tokenizer, tmp_path):
     tokenizer_without_eos = AutoTokenizer.from_pretrained(tiny_model)
     tokenizer_without_eos.eos_token = None
     tokenizer_without_eos.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="neither a pad token nor an eos token"):
+    with pytest.raises(ModelError, match="neither a pad token nor an eos token"):
         load_tokenizer(ModelSection(path=str(tmp_path)))
 
 

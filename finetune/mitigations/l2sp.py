@@ -8,7 +8,37 @@ import random
 import torch
 from datasets import concatenate_datasets
 
-from .data import IGNORE, Collator, DataStats, encode_dataset
+from ..data import IGNORE, Collator, DataStats, encode_dataset
+from ..errors import UserError
+from ..loss import token_loss_sum
+from ..model import lora_layers
+
+
+class L2SPError(UserError):
+    """An L2-SP or EWC setting this run cannot honour."""
+
+
+def label(recipe) -> str | None:
+    if not recipe.train.l2sp:
+        return None
+    return f"{'EWC' if recipe.train.l2sp_fisher else 'L2-SP'} {recipe.train.l2sp:g}"
+
+
+def regularizer(recipe, ctx) -> PullToBase | None:
+    """The pull toward the base, with the base model's Fisher measured first when `train.l2sp_fisher` asks (EWC)."""
+    tr = recipe.train
+    if not tr.l2sp:
+        return None
+    fisher = None
+    if tr.l2sp_fisher is not None:
+        if ctx.engine.sharded:
+            raise L2SPError(f"`train.l2sp_fisher` is not supported under {ctx.engine.name} (the Fisher pass needs "
+                            "whole weights); use it with DDP or one process, or set `train.l2sp_fisher: null`.")
+        ctx.accelerator.print(f"measuring the base model's Fisher on {tr.l2sp_fisher.rows} examples (EWC)")
+        with ctx.accelerator.main_process_first():  # tokenized once, like the training data; the rest read the cache
+            batches = fisher_batches(tr.l2sp_fisher, recipe.data, ctx.tokenizer, tr.seed, ctx.accelerator.device)
+        fisher = diagonal_fisher(ctx.model, batches, token_loss_sum)
+    return PullToBase(ctx.model, tr.l2sp, fisher)
 
 
 class PullToBase:
@@ -16,6 +46,8 @@ class PullToBase:
     theta - theta_base is the adapter's own scale * B @ A, so no copy of the base is kept; full fine-tuning keeps
     one copy of the trained weights. `fisher`, if given, holds one weight per element of what is pulled: per adapted
     layer its base weight's shape (LoRA), or per trained parameter its shape (full); see `diagonal_fisher`."""
+
+    name = "l2sp"
 
     def __init__(self, model, lam: float, fisher: list[torch.Tensor] | None = None):
         self.lam = lam
@@ -47,10 +79,8 @@ class PullToBase:
 
 def lora_adapters(model) -> list[tuple]:
     """(A weight, B weight, scale, frozen base weight) for every LoRA layer and adapter; [] without LoRA."""
-    from peft.tuners.lora import LoraLayer
-
     return [(m.lora_A[name].weight, m.lora_B[name].weight, m.scaling[name], m.get_base_layer().weight)
-            for m in model.modules() if isinstance(m, LoraLayer) for name in m.lora_A]
+            for m, name in lora_layers(model)]
 
 
 def diagonal_fisher(model, batches, loss_sum) -> list[torch.Tensor]:
@@ -82,7 +112,8 @@ def diagonal_fisher(model, batches, loss_sum) -> list[torch.Tensor]:
             w.requires_grad_(t)
         model.train(was_training)
     if not n:
-        raise ValueError("no example with a target token to measure the Fisher on")
+        raise L2SPError("no example of `train.l2sp_fisher.datasets` has a target token to measure the Fisher on; "
+                        "check the data's format and `data.max_length`.")
     mean = sum(f.sum() for f in fisher) / sum(f.numel() for f in fisher)
     return [f / mean for f in fisher]
 

@@ -13,13 +13,13 @@ import shutil
 
 from accelerate.utils import broadcast_object_list
 
+from .engine import engine
 from .errors import UserError
 from .evaluate import ForgettingEval, evaluate_saved
 from .forgetting import choose_best, within_budget
+from .mitigations import method_label
 from .recipe import Recipe
 from .report import build_report, provenance, write_report
-
-SHARDED = ("FSDP", "DEEPSPEED")
 
 
 class BudgetError(UserError):
@@ -33,11 +33,12 @@ class TrainingEval:
         self.recipe, self.run, self.accelerator = recipe, run, accelerator
         section = recipe.eval
         self.enabled = bool(section.tasks or section.target_tasks)
-        self.sharded = accelerator.distributed_type.name in SHARDED
+        running = engine(accelerator)
+        self.sharded = running.sharded
         if self.enabled and self.sharded and section.every:
             raise BudgetError(f"eval.every={section.every} needs the whole model on one process, which "
-                              f"{accelerator.distributed_type.name} does not give; set eval.every: 0 (the tuned "
-                              "model is then measured from final/ after training).")
+                              f"{running.name} does not give; set eval.every: 0 (the tuned model is then measured "
+                              "from final/ after training).")
         self.fe = None
         if self.enabled and accelerator.is_main_process and not self.sharded:
             self.fe = ForgettingEval(section, recipe.model, tokenizer, curve_file=run.path / "forgetting" /
@@ -73,7 +74,8 @@ class TrainingEval:
         if self.enabled and self.accelerator.is_main_process:
             if self.sharded:
                 evaluate_saved(self.recipe.model, self.run.final, self.recipe.eval, self.run.path / "forgetting",
-                               recipe=self.recipe, final_note=f"final/ after step {step}, the last")
+                               recipe=self.recipe, final_note=f"final/ after step {step}, the last",
+                               method=method_label(self.recipe))
             else:
                 self._report(step, model)
         self.accelerator.wait_for_everyone()
@@ -96,7 +98,7 @@ class TrainingEval:
             note += "; no evaluated step stayed within the forgetting budget"
         shutil.rmtree(self.run.path / "best", ignore_errors=True)
         report = build_report(fe.base, chosen, max_drop=section.max_drop, curve=fe.curve,
-                              provenance=provenance(self.recipe), final_note=note)
+                              provenance=provenance(self.recipe), final_note=note, method=method_label(self.recipe))
         write_report(self.run.path / "forgetting", report)
         self.accelerator.print(f"forgetting report: {self.run.path / 'forgetting' / 'report.html'} — "
                                f"{report['verdict']['text']}")

@@ -1,6 +1,6 @@
-"""WiSE-FT weight interpolation: theta(alpha) = (1 - alpha) * theta_base + alpha * theta_tuned, measured at each
-alpha on the original and target tasks. For a LoRA run the adapter's scale is multiplied by alpha, which is the
-same interpolation without a second copy of the weights.
+"""WiSE-FT weight interpolation (`finetune interpolate`): theta(alpha) = (1 - alpha) * theta_base + alpha * theta_tuned,
+measured at each alpha on the original and target tasks. For a LoRA run the adapter's scale is multiplied by alpha,
+which is the same interpolation without a second copy of the weights.
 
     RUN/interpolation/alpha-0.5/forgetting/report.*   one report per alpha
     RUN/interpolation/compare.*                        the curve on the learning-forgetting plane
@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .evaluate import ForgettingEval, load_tuned
-from .model import load_model, load_tokenizer
-from .recipe import load_recipe
-from .report import build_report, compare_runs, provenance, write_report
+from ..errors import UserError
+from ..evaluate import open_saved
+from ..model import load_model, lora_layers
+from ..recipe import load_recipe
+from ..report import build_report, compare_runs, provenance, write_report
+from . import method_label
 
 
 class InterpolationError(UserError):
@@ -27,12 +28,8 @@ class InterpolationError(UserError):
 def set_alpha(model, alpha: float, is_adapter: bool, base: dict, tuned: dict) -> None:
     """Put the model at alpha. 0 and 1 are exact: the base's or the tuned model's own numbers."""
     if is_adapter:
-        from peft.tuners.lora import LoraLayer
-
-        for module in model.modules():
-            if isinstance(module, LoraLayer):
-                for name in module.scaling:
-                    module.scaling[name] = alpha * tuned[(id(module), name)]
+        for layer, name in lora_layers(model):
+            layer.scaling[name] = alpha * tuned[(id(layer), name)]
         return
     with torch.no_grad():
         for key, param in model.state_dict().items():
@@ -41,11 +38,9 @@ def set_alpha(model, alpha: float, is_adapter: bool, base: dict, tuned: dict) ->
 
 def _snapshots(model, is_adapter: bool, recipe) -> tuple[dict, dict]:
     if is_adapter:
-        from peft.tuners.lora import LoraLayer
-
-        return {}, {(id(m), n): s for m in model.modules() if isinstance(m, LoraLayer) for n, s in m.scaling.items()}
+        return {}, {(id(layer), name): layer.scaling[name] for layer, name in lora_layers(model)}
     tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    base = load_model(recipe.model, None).state_dict()
+    base = load_model(recipe.model, None).to(next(model.parameters()).device).state_dict()
     if base.keys() != tuned.keys():
         raise InterpolationError("the tuned model's weights do not match its base model's; interpolation needs "
                                  "the same architecture.")
@@ -68,10 +63,7 @@ def interpolate(run_dir: Path, alphas: list[float], pick: bool) -> dict:
     if out.exists():
         raise InterpolationError(f"{out} already exists; move it aside to interpolate again (nothing is "
                                  "overwritten).")
-    tokenizer = load_tokenizer(recipe.model, recipe.data.chat_template)
-    fe = ForgettingEval(recipe.eval, recipe.model, tokenizer)
-    model, is_adapter = load_tuned(recipe.model, run_dir)
-    fe.evaluate_base(model if is_adapter else None)
+    fe, model, is_adapter = open_saved(recipe.model, run_dir, recipe.eval, recipe.data.chat_template)
     base, tuned = _snapshots(model, is_adapter, recipe)
     folders = []
     for alpha in alphas:
@@ -80,14 +72,15 @@ def interpolate(run_dir: Path, alphas: list[float], pick: bool) -> dict:
         folder = out / f"alpha-{alpha:g}"
         write_report(folder / "forgetting", build_report(
             fe.base, point, max_drop=recipe.eval.max_drop, curve=[], provenance=provenance(recipe),
-            final_note=f"weights interpolated at alpha={alpha:g} between the base (0) and {run_dir / 'final'} (1)"))
+            final_note=f"weights interpolated at alpha={alpha:g} between the base (0) and {run_dir / 'final'} (1)",
+            method=f"{method_label(recipe)}, WiSE-FT alpha {alpha:g}"))
         folders.append(folder)
     result = compare_runs(folders, out)
     if pick and result["recommended"] is not None:
         best = Path(result["recommended"])
         alpha = float(best.name.removeprefix("alpha-"))
         set_alpha(model, alpha, is_adapter, base, tuned)
-        _save(model, tokenizer, alpha, is_adapter, tuned, best / "model")
+        _save(model, fe.tokenizer, alpha, is_adapter, tuned, best / "model")
         result["picked"] = str(best / "model")
     return result
 
@@ -96,13 +89,9 @@ def _save(model, tokenizer, alpha: float, is_adapter: bool, tuned: dict, dest: P
     if is_adapter:
         # A standard adapter at this alpha: B carries the factor and the scale is back to the config's, so peft
         # loads the folder as it is.
-        from peft.tuners.lora import LoraLayer
-
         set_alpha(model, 1.0, True, {}, tuned)
         with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, LoraLayer):
-                    for layer in module.lora_B.values():
-                        layer.weight.mul_(alpha)
+            for layer, name in lora_layers(model):
+                layer.lora_B[name].weight.mul_(alpha)
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)

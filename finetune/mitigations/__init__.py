@@ -1,0 +1,76 @@
+"""Ways to forget less, behind one small interface. Each module of this package is one mitigation, and the package
+finds its modules itself: a new mitigation is its module, its recipe keys and its test, nothing else.
+
+A module may define any of these (all optional):
+
+    label(recipe) -> str | None
+        How comparisons name a run that uses it ("replay 5%", "EWC 0.1"); None when the recipe does not use it.
+    mix(recipe, train, tokenizer, stats) -> Dataset | None
+        Data side: encoded examples to add to the training set (replay); bad rows counted in `stats`.
+    regularizer(recipe, ctx) -> Regularizer | None
+        A penalty on every update. Built before a checkpoint is loaded, while the weights are still the base's.
+
+Post-hoc methods are commands of their own (wise_ft.py: `finetune interpolate`) and label the reports they write.
+The budget policy (`eval.on_over_budget`) lives with evaluation during training (training_eval.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+class Regularizer(Protocol):
+    name: str  # the key its penalty is logged under in metrics.jsonl
+
+    def apply(self) -> torch.Tensor:
+        """Called once per update, after the data gradient is all-reduced (the same on every rank) and before
+        clipping: adds the penalty's gradient to each parameter's .grad, identically on every rank, and returns
+        the value of the whole penalty (not one rank's share)."""
+
+
+@dataclass
+class Context:
+    """What a regularizer may need to set itself up."""
+
+    accelerator: Any
+    engine: Any  # engine.Engine: what the parallel engine can do
+    model: torch.nn.Module  # unwrapped: the model's own modules and parameters
+    tokenizer: Any
+
+
+def _modules() -> list:
+    found = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    return [importlib.import_module(f"{__name__}.{name}") for name in found]
+
+
+def method_label(recipe) -> str:
+    """What comparisons call a run: the method, the learning rate and every mitigation it uses."""
+    parts = [f"LoRA r={recipe.lora.r}" if recipe.lora else "full", f"lr {recipe.train.lr:g}"]
+    return ", ".join(parts + [text for m in _modules() if hasattr(m, "label") and (text := m.label(recipe))])
+
+
+def mix(recipe, train, tokenizer, stats):
+    """The training examples with every data-side mitigation's examples added, and `stats` counting them."""
+    from datasets import concatenate_datasets
+
+    from ..data import count_tokens
+
+    for module in _modules():
+        extra = module.mix(recipe, train, tokenizer, stats) if hasattr(module, "mix") else None
+        if extra is not None and len(extra):
+            stats.mixed_examples += len(extra)
+            stats.mixed_tokens += sum(len(t) for t in extra["input_ids"])
+            stats.mixed_by.append(module.__name__.rsplit(".", 1)[-1])
+            train = concatenate_datasets([train, extra])
+    count_tokens(train, stats)
+    return train
+
+
+def regularizers(recipe, ctx: Context) -> list[Regularizer]:
+    built = [m.regularizer(recipe, ctx) for m in _modules() if hasattr(m, "regularizer")]
+    return [r for r in built if r is not None]

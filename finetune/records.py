@@ -1,0 +1,63 @@
+"""What an evaluation measured, as plain records: one model's scores per task, its drift from the base, and one
+measurement of a run. They round-trip through JSON by their own fields (`to_dict` / `from_dict`), so a field added
+here is saved and read back everywhere (report.json, curve.jsonl, the base-result cache). No torch here."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TaskScore:
+    task: str  # lm-eval's name for it (a task's or a group's)
+    metric: str
+    value: float  # lm-eval's aggregate (for a group of tasks: the mean over all their examples)
+    examples: dict[str, float]  # per-example score by "task/doc_id", in document order
+
+
+@dataclass
+class Drift:
+    kl: float  # mean per-token KL(P_base || P_tuned) in nats; 0 for identical weights
+    ppl_base: float  # perplexity of the base model on the drift texts
+    ppl_tuned: float
+    ppl_ratio: float  # ppl_tuned / ppl_base; above 1 = the tuned model finds general text less likely
+    tokens: int  # predicted tokens the means are over
+
+
+@dataclass
+class Evaluation:
+    """One model measured at one point of a run."""
+
+    step: int | None  # optimizer updates the model had; 0 = the base model; None = a saved model, not counted
+    tasks: dict[str, TaskScore]  # original tasks, by the name the recipe gives
+    targets: dict[str, TaskScore] = field(default_factory=dict)  # tasks of the new skill
+    drift: Drift | None = None  # from the base model; None for the base itself
+
+
+def to_dict(record) -> dict:
+    return dataclasses.asdict(record)
+
+
+def from_dict(cls, data: dict):
+    """A record from its JSON form, built by the dataclass's own fields and types (nested records included); a
+    field missing from older JSON takes its default."""
+    hints = typing.get_type_hints(cls)
+    return cls(**{f.name: _typed(hints[f.name], data[f.name]) for f in dataclasses.fields(cls) if f.name in data})
+
+
+def _typed(tp, value):
+    if value is None:
+        return None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return _typed(next(a for a in args if a is not type(None)), value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value)
+    if origin is dict:
+        return {k: _typed(args[1], v) for k, v in value.items()}
+    if origin is list:
+        return [_typed(args[0], v) for v in value]
+    return value

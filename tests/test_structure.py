@@ -1,0 +1,117 @@
+"""The code's shape, where a slip would not show in behaviour until later: no import cycle, comparing reports without
+torch, one table of data formats, records that round-trip, a mitigation found by its module alone."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import finetune
+from finetune import mitigations
+from finetune.data import FORMATS
+from finetune.recipe import LOCAL_BUILDERS, DatasetSpec, load_recipe
+from finetune.records import Drift, Evaluation, TaskScore, from_dict, to_dict
+
+from conftest import make_recipe, metrics, run
+
+PACKAGE = Path(finetune.__file__).parent
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, at any depth of the code (function-level imports too)."""
+    names = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = ("finetune", *path.relative_to(PACKAGE).with_suffix("").parts)
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in names.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                found |= {t for t in [target, *(f"{target}.{a.name}" for a in node.names)] if t in names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name in names}
+        graph[name] = found - {name}
+    return graph
+
+
+def test_the_package_import_graph_has_no_cycle():
+    graph, done, path = _import_graph(), set(), []
+
+    def visit(module):
+        assert module not in path, f"import cycle: {' -> '.join(path[path.index(module):] + [module])}"
+        if module in done:
+            return
+        path.append(module)
+        for dependency in graph[module]:
+            visit(dependency)
+        path.pop()
+        done.add(module)
+
+    assert "finetune.report" in graph and graph["finetune.evaluate"]  # the graph was really read
+    for module in graph:
+        visit(module)
+
+
+def test_comparing_reports_imports_no_torch():
+    code = "import sys, finetune.report, finetune.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in " \
+           "('torch', 'transformers', 'peft', 'lm_eval', 'accelerate')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_recipe_formats_and_suffixes_are_the_data_tables():
+    assert set(typing.get_args(typing.get_type_hints(DatasetSpec)["format"])) == set(FORMATS)
+    assert set(LOCAL_BUILDERS) == {".jsonl", ".json", ".csv", ".parquet", ".txt"}
+
+
+def test_records_round_trip_through_json_by_their_fields():
+    score = TaskScore(task="t", metric="acc", value=0.5, examples={"t/0": 1.0, "t/1": 0.0})
+    record = Evaluation(step=3, tasks={"a.yaml": score}, targets={"b.yaml": score},
+                        drift=Drift(kl=0.1, ppl_base=2.0, ppl_tuned=3.0, ppl_ratio=1.5, tokens=10))
+    assert from_dict(Evaluation, json.loads(json.dumps(to_dict(record)))) == record
+    assert from_dict(Evaluation, {"step": 0, "tasks": {}}) == Evaluation(step=0, tasks={})  # older JSON: defaults
+
+
+MADE_UP = '''
+import torch
+
+def label(recipe):
+    return "made-up pull"
+
+def regularizer(recipe, ctx):
+    return Pull([p for p in ctx.model.parameters() if p.requires_grad])
+
+class Pull:
+    name = "made_up"
+
+    def __init__(self, params):
+        self.params = params
+
+    def apply(self):
+        penalty = sum((p.detach() ** 2).sum() for p in self.params) * 1e-3
+        for p in self.params:
+            p.grad.add_(2e-3 * p.detach())
+        return penalty
+'''
+
+
+def test_a_new_mitigation_is_its_module_alone(tmp_path, tiny_model, monkeypatch):
+    """A module dropped into the mitigations package is found: its penalty is applied and logged, and its label
+    names the run in reports, with no other file changed."""
+    extra = tmp_path / "pkg"
+    extra.mkdir()
+    (extra / "made_up.py").write_text(MADE_UP)
+    monkeypatch.setattr(mitigations, "__path__", [*mitigations.__path__, str(extra)])
+    monkeypatch.delitem(sys.modules, "finetune.mitigations.made_up", raising=False)
+    run_dir, _ = run(make_recipe(tmp_path, tiny_model, lora={"r": 4}), "train.max_steps=2")
+    logged = metrics(run_dir)
+    assert all(m["made_up"] > 0 for m in logged)
+    assert mitigations.method_label(load_recipe(run_dir / "recipe.yaml")) == "LoRA r=4, lr 0.003, made-up pull"
