@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", nargs="+", help="original tasks (default: the run's recipe eval.tasks)")
     e.add_argument("--target-tasks", nargs="+", help="tasks of the new skill (default: the run's recipe)")
     e.add_argument("--limit", type=int, help="examples per task (default: all)")
+    e.add_argument("--checkpoints", action="store_true",
+                   help="also measure every checkpoint a finished run kept: the learning-forgetting curve over steps")
     e.add_argument("--out", type=Path, help="new report folder (default: TUNED/forgetting, or the next free "
                                              "forgetting-2, -3, ... beside it)")
 
@@ -108,9 +110,19 @@ def _eval(args) -> int:
             print(f"error: {out} already holds files; nothing is overwritten. Choose another --out.", file=sys.stderr)
             return EXIT_USER_ERROR
         out = next_free_dir(out)  # the run's own report stays as training wrote it
-    from .mitigations import method_label
+    from .mitigations import describe
 
-    report = evaluate_saved(base, tuned, section, out, recipe=recipe, method=method_label(recipe) if recipe else "-")
+    if args.checkpoints:
+        if recipe is None:
+            print(f"error: --checkpoints needs a run folder (one with recipe.yaml); {tuned} is not one.",
+                  file=sys.stderr)
+            return EXIT_USER_ERROR
+        from .evaluate import evaluate_checkpoints
+
+        report = evaluate_checkpoints(tuned, dataclasses.replace(recipe, model=base), section, out,
+                                      method=describe(recipe))
+    else:
+        report = evaluate_saved(base, tuned, section, out, recipe=recipe, method=describe(recipe) if recipe else None)
     print(f"{report['verdict']['text']}\nreport: {out / 'report.html'}")
     return 0
 
@@ -154,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
 
             result = compare_runs(args.runs, args.out)
             print(summary_table(result))
-            print(f"\nrecommended run: {result['recommended'] or 'none within the forgetting budget (eval.max_drop)'}")
+            print()
+            for note in result["notes"] + [c["text"] for c in result["method_comparison"]]:
+                print(note)
             print(f"comparison of {len(args.runs)} runs: {args.out / 'compare.html'}")
             return 0
         if args.command == "interpolate":

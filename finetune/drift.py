@@ -1,8 +1,16 @@
 """Drift from the base model: how far the tuned model's next-token distributions moved, on text the base writes.
 
-Task scores say what was forgotten on the tasks someone thought to test; drift sees every token. The default
-texts are continuations the base model samples for general prompts, so the mean per-token KL(P_base || P_tuned)
-on them estimates the KL between the two models' distributions over text, where the base puts its mass.
+Task scores say what was forgotten on the tasks someone thought to test; drift sees every token. Two kinds of text,
+each written once by the base model itself (sampled at temperature 1, seeded, cached) for shipped prompts
+(drift_prompts.json, 100 of each, none tied to a fine-tuning task or an evaluation suite):
+
+- "chat": the base's replies to general user requests, rendered in the model's chat template; the KL is taken on
+  the reply's tokens (end of turn included), where a chat model is used. Only for tokenizers with a chat template.
+- "text": continuations of general text openings; the KL is taken on every token. `eval.drift_texts` replaces them
+  with the user's own texts.
+
+The mean per-token KL(P_base || P_tuned) on the base's own text estimates the KL between the two models where the
+base puts its mass. Its interval resamples whole texts (tokens of one text are not independent).
 """
 
 from __future__ import annotations
@@ -15,34 +23,13 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .forgetting import bootstrap_ratio
 from .records import Drift
 
-# General prompts the base model continues to make the default drift texts: a spread of registers and topics,
-# none tied to a fine-tuning task.
-DEFAULT_PROMPTS = [
-    "The history of the city begins",
-    "To make a good cup of tea, you",
-    "In mathematics, a prime number is",
-    "The main causes of the First World War were",
-    "Dear friend, I am writing to tell you",
-    "Photosynthesis is the process by which",
-    "def fibonacci(n):",
-    "The weather today is",
-    "Once upon a time, in a small village,",
-    "The most important thing to remember when learning a language is",
-    "Q: What is the capital of Japan?\nA:",
-    "Water boils at",
-    "The stock market fell sharply on Monday after",
-    "Here is a simple recipe for bread:",
-    "The human heart has four chambers:",
-    "In the year 2050, cities will",
-    "The rules of chess are simple:",
-    "She opened the door and saw",
-    "A good night's sleep helps",
-    "The theory of evolution explains",
-]
-NEW_TOKENS = 64  # sampled per prompt: long enough to leave the prompt's topic, short enough to stay coherent
+PROMPTS = json.loads(Path(__file__).with_name("drift_prompts.json").read_text(encoding="utf-8"))
+NEW_TOKENS = 48  # sampled per prompt: long enough to leave the prompt's topic, short enough to stay coherent
 SAMPLING_SEED = 0
+GENERATION_BATCH = 20  # prompts sampled together (left-padded): the same texts for a seed, ten times faster
 
 
 class DriftError(UserError):
@@ -83,54 +70,93 @@ def _next_token_log_probs(model, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.double(), dim=-1)
 
 
-def kl_drift(base_model, tuned_model, tokenizer, texts: list[str], *, max_length: int) -> Drift:
-    """Mean per-token KL(P_base || P_tuned) over every predicted token of `texts`, and both perplexities.
+def kl_drift(base_model, tuned_model, tokenizer, texts: list, *, max_length: int, special_tokens: bool = True) \
+        -> Drift:
+    """Mean per-token KL(P_base || P_tuned) over the measured tokens of `texts`, both perplexities, and a bootstrap
+    interval over texts. Each text is a string, measured whole (every token but the first, which nothing predicts),
+    or [text, start]: only tokens that begin at or after character `start` are measured.
 
     One text per forward pass, no padding: identical weights see identical inputs and give bit-identical logits,
     so the KL is exactly 0.0 for a model compared with itself. Everything after the logits is float64."""
-    kl_sum = nll_base = nll_tuned = 0.0
-    tokens = 0
+    kl_per_text, tokens_per_text = [], []
+    nll_base = nll_tuned = 0.0
     with eval_mode(base_model), eval_mode(tuned_model):
-        for text in texts:
-            ids = torch.tensor(tokenizer(text, truncation=True, max_length=max_length)["input_ids"],
-                               device=_device(tuned_model))
-            if len(ids) < 2:
+        for item in texts:
+            text, start = (item, 0) if isinstance(item, str) else item
+            enc = tokenizer(text, truncation=True, max_length=max_length, add_special_tokens=special_tokens,
+                            return_offsets_mapping=True)
+            measured = [t for t, (begin, _) in enumerate(enc["offset_mapping"]) if t > 0 and begin >= start]
+            if not measured:
                 continue  # nothing to predict
-            base_lp = _next_token_log_probs(base_model, ids)
-            tuned_lp = _next_token_log_probs(tuned_model, ids)
+            ids = torch.tensor(enc["input_ids"], device=_device(tuned_model))
+            rows = torch.tensor(measured, device=ids.device) - 1  # the prefix that predicts each measured token
+            base_lp = _next_token_log_probs(base_model, ids)[rows]
+            tuned_lp = _next_token_log_probs(tuned_model, ids)[rows]
             # kl_div(input, target) = sum target_p * (log target_p - input): KL(base || tuned) per position.
-            kl_sum += torch.nn.functional.kl_div(tuned_lp, base_lp, log_target=True, reduction="sum").item()
-            targets = ids[1:, None]  # [T-1, 1]
+            kl_per_text.append(torch.nn.functional.kl_div(tuned_lp, base_lp, log_target=True, reduction="sum").item())
+            targets = ids[rows + 1, None]
             nll_base -= base_lp.gather(1, targets).sum().item()
             nll_tuned -= tuned_lp.gather(1, targets).sum().item()
-            tokens += len(ids) - 1
+            tokens_per_text.append(len(measured))
+    tokens = sum(tokens_per_text)
     if tokens == 0:
         raise DriftError("the drift texts hold no text of two tokens or more; give longer texts (eval.drift_texts).")
     ppl_base, ppl_tuned = math.exp(nll_base / tokens), math.exp(nll_tuned / tokens)
-    return Drift(kl=kl_sum / tokens, ppl_base=ppl_base, ppl_tuned=ppl_tuned, ppl_ratio=ppl_tuned / ppl_base,
-                 tokens=tokens)
+    return Drift(kl=sum(kl_per_text) / tokens, ci95=bootstrap_ratio(kl_per_text, tokens_per_text),
+                 ppl_base=ppl_base, ppl_tuned=ppl_tuned, ppl_ratio=ppl_tuned / ppl_base, tokens=tokens,
+                 texts=len(kl_per_text))
 
 
 @torch.no_grad()
-def sample_texts(base_model, tokenizer, prompts: list[str], *, new_tokens: int, seed: int) -> list[str]:
-    """Prompt + a sampled continuation (temperature 1, no top-k/top-p: the base model's own distribution) each.
-
-    The global RNG is forked, so drawing these texts does not move the training run's random stream."""
-    texts = []
+def _sample(base_model, tokenizer, prompts: list[str], *, new_tokens: int, seed: int, special_tokens: bool) \
+        -> list[tuple[str, str]]:
+    """(prompt, sampled continuation) for each prompt: temperature 1, no top-k/top-p, the base model's own
+    distribution. The global RNG is forked, so drawing these texts does not move the training run's random stream."""
+    out = []
     device = _device(base_model)
-    with eval_mode(base_model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
-            out = base_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                      temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-                                      use_cache=True, pad_token_id=tokenizer.pad_token_id)
-            texts.append(tokenizer.decode(out[0], skip_special_tokens=True))
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues each row from its last real token
+    try:
+        with eval_mode(base_model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for i in range(0, len(prompts), GENERATION_BATCH):
+                batch = prompts[i:i + GENERATION_BATCH]
+                enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=special_tokens).to(device)
+                generated = base_model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                                max_new_tokens=new_tokens, use_cache=True,
+                                                pad_token_id=tokenizer.pad_token_id)
+                width = enc["input_ids"].shape[1]
+                out += [(p, tokenizer.decode(g[width:], skip_special_tokens=True)) for p, g in zip(batch, generated)]
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def sample_texts(base_model, tokenizer, prompts: list[str], *, new_tokens: int, seed: int) -> list[str]:
+    """Raw-text drift texts: each prompt and the base's continuation, measured whole."""
+    return [prompt + reply for prompt, reply in
+            _sample(base_model, tokenizer, prompts, new_tokens=new_tokens, seed=seed, special_tokens=True)]
+
+
+def sample_chat(base_model, tokenizer, prompts: list[str], *, new_tokens: int, seed: int) -> list[list]:
+    """Chat drift texts: each request and the base's reply, rendered with the chat template; measured on the reply
+    (and the end of turn the template adds after it)."""
+    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                              add_generation_prompt=True) for p in prompts]
+    replies = _sample(base_model, tokenizer, rendered, new_tokens=new_tokens, seed=seed, special_tokens=False)
+    texts = []
+    for prompt, prefix, (_, reply) in zip(prompts, rendered, replies):
+        full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": reply.strip()}], tokenize=False)
+        # A template that renders the conversation so that it begins with the prompt's render lets the reply be
+        # located; otherwise the whole conversation is measured.
+        texts.append([full, len(prefix) if full.startswith(prefix) else 0])
     return texts
 
 
 def read_texts(paths: list[str]) -> list[str]:
-    """Texts from .txt files (one per non-empty line) and .jsonl files (the `text` field of each row)."""
+    """Texts from .txt files (one per non-empty line) and .jsonl files (the `text` field of each row), measured
+    whole."""
     texts = []
     for path in paths:
         if not Path(path).is_file():

@@ -4,8 +4,9 @@ measurements a run makes (the base before training, the tuned model after, optio
 Evaluation runs on the main process only, on the unwrapped model: ranks do not share the work (lm-eval splits
 requests over ranks only for models it loads itself), so the other ranks wait at a barrier. That model must hold
 all its weights: under FSDP or DeepSpeed ZeRO-3, measure the saved final/ afterwards (`evaluate_saved`). Scoring is
-lm-eval's; this module only picks each task's primary metric and keeps the per-example scores, keyed by
-document, so that base and tuned can be compared example by example.
+lm-eval's; this module picks each task's headline metric (`headline_metric`), keeps every supported metric's
+per-example scores keyed by document (so base and tuned are compared example by example), the chance level, and
+what the model answered, so a report can show what was forgotten.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import random
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write_text, read_jsonl
-from .drift import DEFAULT_PROMPTS, NEW_TOKENS, SAMPLING_SEED, AdapterDisabled, eval_mode, kl_drift, read_texts, \
+from .drift import NEW_TOKENS, PROMPTS, SAMPLING_SEED, AdapterDisabled, eval_mode, kl_drift, read_texts, sample_chat, \
     sample_texts
 from .errors import UserError
 from .model import load_model, load_tokenizer, resolve_model_path
@@ -33,9 +35,9 @@ from .recipe import EvalSection, ModelSection, Recipe
 from .records import Evaluation, TaskScore, from_dict, to_dict
 from .report import build_report, provenance, write_report
 
-# In order of preference: the length-normalised accuracy is the one lm-eval's model cards quote for
-# multiple-choice tasks; exact_match is what generation tasks report.
-PRIMARY_METRICS = ("acc_norm", "acc", "exact_match")
+# Metrics whose per-example scores are 0 or 1, as the paired statistics need (forgetting.py).
+SUPPORTED_METRICS = ("acc", "acc_norm", "exact_match")
+PROMPT_CHARS = 400  # of each example's question kept for the report (the end, where the question is)
 
 
 class EvalError(UserError):
@@ -132,26 +134,74 @@ def _evaluate_loaded(model, tokenizer, loaded: dict[str, dict], *, batch_size: i
     return {spec: _score(name, tasks, out) for spec, (name, tasks) in loaded.items()}
 
 
+def headline_metric(task, reported: set[str]) -> str:
+    """The metric a task is judged by: `metadata: {headline_metric: ...}` in its YAML if set, else the first of
+    acc, acc_norm and exact_match in the order its `metric_list` gives them. Users of multiple-choice suites expect
+    plain accuracy unless told otherwise: acc_norm divides each option's log-likelihood by its length in characters,
+    which on one- or two-character answers ("5", "10") picks by length more than by content."""
+    chosen = (task.config.metadata or {}).get("headline_metric")
+    listed = [m["metric"] for m in task.config.metric_list or [] if isinstance(m.get("metric"), str)]
+    name = task.config.task
+    if chosen is not None:
+        if chosen not in SUPPORTED_METRICS or chosen not in reported:
+            raise EvalError(f"task {name}: metadata.headline_metric is {chosen!r}; it must be one of the metrics "
+                            f"the task reports among {', '.join(SUPPORTED_METRICS)} ({sorted(reported)}).")
+        return chosen
+    metric = next((m for m in [*listed, *SUPPORTED_METRICS] if m in SUPPORTED_METRICS and m in reported), None)
+    if metric is None:
+        raise EvalError(f"task {name} reports {sorted(reported)}; forgetting is measured on one of "
+                        f"{', '.join(SUPPORTED_METRICS)} (per-example scores of 0 or 1).")
+    return metric
+
+
+def _chosen_option(task, sample: dict, metric: str) -> tuple[str, str]:
+    """(what the model answered, the right answer) for one multiple-choice sample, as lm-eval scored `metric`."""
+    choices = task.doc_to_choice(sample["doc"])
+    lls = [resp[0] for resp in sample["filtered_resps"]][:len(choices)]
+    if metric == "acc_norm":  # lm-eval's normalisation: the log-likelihood per character of the option
+        lls = [ll / max(len(c), 1) for ll, c in zip(lls, choices)]
+    pick = max(range(len(lls)), key=lambda i: lls[i])
+    gold = sample["target"]
+    gold = gold[0] if isinstance(gold, list) else gold
+    expected = choices[gold] if isinstance(gold, int) and 0 <= gold < len(choices) else str(gold)
+    return choices[pick], expected
+
+
 def _score(name: str, tasks: dict, out: dict) -> TaskScore:
     leaves = sorted(tasks)
     # Results are keyed "metric,filter". A task with several filters (e.g. strict and flexible answer
     # extraction) reports each metric once per filter: the first listed is taken, as in lm-eval's own tables.
     reported = [key.split(",", 1) for key in out["results"][leaves[0]] if "," in key]
-    metric = next((m for m in PRIMARY_METRICS if any(r[0] == m for r in reported)), None)
-    if metric is None:
-        raise EvalError(f"task {name} reports {sorted({m for m, _ in reported if not m.endswith('_stderr')})}; "
-                        f"forgetting is measured on one of {', '.join(PRIMARY_METRICS)}.")
+    first = tasks[leaves[0]]
+    metric = headline_metric(first, {m for m, _ in reported if not m.endswith("_stderr")})
     filter_name = next(f for m, f in reported if m == metric)
-    examples = {}
+    others = [m for m in SUPPORTED_METRICS if m != metric and [m, filter_name] in reported]
+    score = TaskScore(task=name, metric=metric, value=0.0, examples={}, others={m: {} for m in others},
+                      available=sum(len(tasks[leaf].eval_docs) for leaf in leaves))
+    options = []
     for leaf in leaves:
+        task = tasks[leaf]
         for sample in sorted(out["samples"][leaf], key=lambda s: s["doc_id"]):
-            if sample["filter"] == filter_name:
-                examples[f"{leaf}/{sample['doc_id']}"] = float(sample[metric])
+            if sample["filter"] != filter_name:
+                continue
+            key = f"{leaf}/{sample['doc_id']}"
+            score.examples[key] = float(sample[metric])
+            for m in others:
+                score.others[m][key] = float(sample[m])
+            if task.OUTPUT_TYPE == "multiple_choice":
+                options.append(len(task.doc_to_choice(sample["doc"])))
+                score.answers[key], score.expected[key] = _chosen_option(task, sample, metric)
+            else:
+                score.answers[key] = str(sample["filtered_resps"][0])
+                score.expected[key] = str(sample["target"])
+            score.prompts[key] = str(task.doc_to_text(sample["doc"]))[-PROMPT_CHARS:]
     # One task: lm-eval's aggregate. A group: the mean over all its examples (lm-eval's group mean may weight
     # its tasks equally instead, which the per-example pairing could not reproduce).
-    value = out["results"][leaves[0]][f"{metric},{filter_name}"] if len(leaves) == 1 else \
-        sum(examples.values()) / len(examples)
-    return TaskScore(task=name, metric=metric, value=float(value), examples=examples)
+    score.value = float(out["results"][leaves[0]][f"{metric},{filter_name}"]) if len(leaves) == 1 else \
+        sum(score.examples.values()) / len(score.examples)
+    score.chance = sum(1 / k for k in options) / len(options) if options and len(options) == len(score.examples) \
+        else None
+    return score
 
 
 @_preserved_rng()
@@ -178,14 +228,33 @@ def model_identity(section: ModelSection) -> dict:
     return {"path": str(Path(path).resolve()), "files": files, "dtype": section.dtype}
 
 
+def tokenizer_identity(tokenizer) -> str:
+    """A hash of the tokenizer actually used: its vocabulary and rules, special tokens and chat template (a recipe's
+    `data.chat_template` replaces the model's, and changes every prompt under apply_chat_template)."""
+    if hasattr(tokenizer, "backend_tokenizer"):
+        # Without its padding and truncation state, which every padded call changes and which scores do not see.
+        state = json.loads(tokenizer.backend_tokenizer.to_str())
+        backend = json.dumps({k: v for k, v in state.items() if k not in ("padding", "truncation")}, sort_keys=True)
+    else:
+        backend = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    parts = [backend, tokenizer.chat_template or "", json.dumps(tokenizer.special_tokens_map, sort_keys=True,
+                                                                default=str)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
 def _stable(value) -> str:
-    """A JSON stand-in for what task configs hold besides data (functions): their name, never their address."""
-    return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    """A JSON stand-in for what task configs hold besides data: for a function (a custom loader, a `!function`
+    filter or prompt), its source code, so an edit to it changes the fingerprint; never its address."""
+    try:
+        return hashlib.sha256(inspect.getsource(value).encode()).hexdigest()
+    except (OSError, TypeError):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
 
 
 def task_fingerprint(tasks: dict, limit: int | None) -> str:
-    """A hash of what decides a task's score besides the model: every leaf task's config and the documents
-    evaluated (content, not file names: a data file edited in place gets a new fingerprint)."""
+    """A hash of what decides a task's score besides the model: every leaf task's config (functions by their
+    source), the documents evaluated and the few-shot documents (content, not file names: a data file edited in
+    place gets a new fingerprint)."""
     digest = hashlib.sha256()
     for name in sorted(tasks):
         task = tasks[name]
@@ -194,6 +263,8 @@ def task_fingerprint(tasks: dict, limit: int | None) -> str:
         digest.update(json.dumps([name, task.dump_config()], sort_keys=True, default=_stable).encode())
         for i in range(n):
             digest.update(json.dumps(docs[i], sort_keys=True, default=str).encode())
+        for doc in (task.fewshot_docs() or []) if task.config.num_fewshot else []:
+            digest.update(json.dumps(doc, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
@@ -236,8 +307,11 @@ class ForgettingEval:
                             "either what must not be forgotten or what is learned.")
         self.section, self.model_section, self.tokenizer = section, model_section, tokenizer
         self.cache_dir = Path(model_section.cache_dir).expanduser()
-        self.identity = model_identity(model_section)
-        self.texts = read_texts(section.drift_texts)  # empty: sampled from the base in evaluate_base
+        # The base's scores are cached under what decides them: the weights, and the tokenizer and chat template used.
+        self.identity = {**model_identity(model_section), "tokenizer": tokenizer_identity(tokenizer)}
+        # By kind: "text" (the user's files, or sampled from the base in evaluate_base) and, for a tokenizer with a
+        # chat template, "chat" (the base's replies in that template, sampled in evaluate_base).
+        self.texts: dict[str, list] = {"text": read_texts(section.drift_texts)} if section.drift_texts else {}
         self.base: Evaluation | None = None
         self.curve_file = curve_file
         self.curve: list[Evaluation] = []  # every tuned evaluation, in step order
@@ -253,7 +327,7 @@ class ForgettingEval:
 
     @_preserved_rng()
     def evaluate_base(self, model=None) -> Evaluation:
-        """The base model's scores, and the default drift texts it samples; each from the cache under
+        """The base model's scores, and the drift texts it samples; each from the cache under
         <model.cache_dir> when this base was measured the same way before. `model` holds the base weights (the
         model about to be trained; a peft model's adapter is switched off), or None to load them when needed."""
         specs = self.section.tasks + self.section.target_tasks
@@ -264,9 +338,11 @@ class ForgettingEval:
                  for spec, (_, tasks) in loaded.items()}
         scores = {spec: from_dict(TaskScore, _read_json(path)) for spec, path in paths.items() if path.is_file()}
         missing = {spec: loaded[spec] for spec in specs if spec not in scores}
-        texts_path = self._cache_path("drift", DEFAULT_PROMPTS, NEW_TOKENS, SAMPLING_SEED)
-        sample = not self.texts and not texts_path.is_file()
-        if missing or sample:
+        kinds = {"text": sample_texts, **({"chat": sample_chat} if self.tokenizer.chat_template else {})}
+        texts_paths = {kind: self._cache_path("drift", kind, PROMPTS[kind], NEW_TOKENS, SAMPLING_SEED)
+                       for kind in kinds if kind not in self.texts}
+        to_sample = [kind for kind, path in texts_paths.items() if not path.is_file()]
+        if missing or to_sample:
             with self._plain_base(model) as base:
                 if missing:
                     fresh = _evaluate_loaded(base, self.tokenizer, missing, batch_size=self.section.batch_size,
@@ -274,11 +350,11 @@ class ForgettingEval:
                     for spec, score in fresh.items():
                         _write_json(paths[spec], to_dict(score))
                         scores[spec] = score
-                if sample:
-                    _write_json(texts_path, sample_texts(base, self.tokenizer, DEFAULT_PROMPTS,
-                                                         new_tokens=NEW_TOKENS, seed=SAMPLING_SEED))
-        if not self.texts:
-            self.texts = _read_json(texts_path)
+                for kind in to_sample:
+                    _write_json(texts_paths[kind], kinds[kind](base, self.tokenizer, PROMPTS[kind],
+                                                               new_tokens=NEW_TOKENS, seed=SAMPLING_SEED))
+        for kind, path in texts_paths.items():
+            self.texts[kind] = _read_json(path)
         self.base = Evaluation(step=0, tasks={s: scores[s] for s in self.section.tasks},
                                targets={s: scores[s] for s in self.section.target_tasks})
         return self.base
@@ -291,8 +367,10 @@ class ForgettingEval:
         scores = evaluate_tasks(model, self.tokenizer, self.section.tasks + self.section.target_tasks,
                                 batch_size=self.section.batch_size, limit=self.section.limit,
                                 chat=self.section.apply_chat_template)
-        drift = kl_drift(self._base_beside(model), model, self.tokenizer, self.texts,
-                         max_length=self.section.drift_max_length)
+        base = self._base_beside(model)
+        # Chat texts are rendered by the template, special tokens included; raw texts get the tokenizer's own.
+        drift = {kind: kl_drift(base, model, self.tokenizer, texts, max_length=self.section.drift_max_length,
+                                special_tokens=kind != "chat") for kind, texts in self.texts.items()}
         point = Evaluation(step=step, tasks={s: scores[s] for s in self.section.tasks},
                            targets={s: scores[s] for s in self.section.target_tasks}, drift=drift)
         self.curve.append(point)
@@ -355,12 +433,56 @@ def open_saved(base: ModelSection, tuned: Path, section: EvalSection, chat_templ
 
 
 def evaluate_saved(base: ModelSection, tuned: Path, section: EvalSection, out_dir: Path, *,
-                   recipe: Recipe | None = None, final_note: str = "", method: str = "-") -> dict:
+                   recipe: Recipe | None = None, final_note: str = "", method: dict | None = None) -> dict:
     """`finetune eval BASE RUN_OR_MODEL`: measure a saved model against its base, write the report to `out_dir`
     and return it. The tokenizer carries the run recipe's chat template, as in training."""
     fe, model, _ = open_saved(base, tuned, section, recipe.data.chat_template if recipe else None)
     tuned_eval = fe.evaluate(model, step=None)
     report = build_report(fe.base, tuned_eval, max_drop=section.max_drop, curve=[], provenance=provenance(recipe),
                           final_note=final_note or f"{tuned} as saved", method=method)
+    write_report(out_dir, report)
+    return report
+
+
+def _load_checkpoint_weights(model, checkpoint: Path) -> None:
+    """A checkpoint's weights (the adapter, for LoRA) into `model`, built as the run built it. Weights tied to
+    others (the LM head to the embeddings) may be saved once."""
+    from safetensors.torch import load_file
+
+    path = checkpoint / "model.safetensors"
+    if not path.is_file():
+        raise EvalError(f"{checkpoint} holds no model.safetensors (a sharded FSDP or DeepSpeed checkpoint?); only "
+                        "checkpoints of one-process and DDP runs can be evaluated one by one.")
+    state = load_file(path, device=str(eval_device()))
+    result = model.load_state_dict(state, strict=False)
+    loaded = {p.data_ptr() for n, p in model.named_parameters() if n in state}
+    params = dict(model.named_parameters())
+    untied = [k for k in result.missing_keys if k in params and params[k].requires_grad
+              and params[k].data_ptr() not in loaded]
+    if result.unexpected_keys or untied:
+        raise EvalError(f"{checkpoint} does not match the run's model (missing {untied[:3]}, unexpected "
+                        f"{result.unexpected_keys[:3]}).")
+
+
+def evaluate_checkpoints(run: Path, recipe: Recipe, section: EvalSection, out_dir: Path, *, method: dict) -> dict:
+    """`finetune eval BASE RUN --checkpoints`: every checkpoint a finished run kept, then its final/, as the curve
+    that `eval.every` would have drawn during training, without training again. Writes the report to `out_dir`."""
+    from .checkpoint import checkpoint_step, complete_checkpoints
+
+    if not (run / "final").is_dir():
+        raise EvalError(f"{run} has no final/: --checkpoints measures a finished run.")
+    fe = ForgettingEval(section, recipe.model, load_tokenizer(recipe.model, recipe.data.chat_template))
+    model = load_model(recipe.model, recipe.lora).to(eval_device())  # a fresh adapter is the base (B = 0)
+    fe.evaluate_base(model if recipe.lora else None)
+    for checkpoint in complete_checkpoints(run / "checkpoints"):
+        _load_checkpoint_weights(model, checkpoint)
+        fe.evaluate(model, checkpoint_step(checkpoint))
+    del model
+    final, _ = load_tuned(recipe.model, run)
+    logged = read_jsonl(run / "metrics.jsonl")
+    last = fe.evaluate(final, logged[-1]["step"] if logged else None)
+    report = build_report(fe.base, last, max_drop=section.max_drop, curve=fe.curve, provenance=provenance(recipe),
+                          final_note=f"{run / 'final'}, after step {last.step}; the curve adds every checkpoint "
+                                     "the run kept", method=method)
     write_report(out_dir, report)
     return report

@@ -13,18 +13,26 @@ from dataclasses import dataclass, field
 @dataclass
 class TaskScore:
     task: str  # lm-eval's name for it (a task's or a group's)
-    metric: str
+    metric: str  # the headline metric (see evaluate.headline_metric)
     value: float  # lm-eval's aggregate (for a group of tasks: the mean over all their examples)
     examples: dict[str, float]  # per-example score by "task/doc_id", in document order
+    others: dict[str, dict[str, float]] = field(default_factory=dict)  # other metrics' per-example scores
+    chance: float | None = None  # the mean score of guessing (multiple choice: 1 / options); None for generation
+    available: int | None = None  # examples the task has; fewer are scored under eval.limit
+    answers: dict[str, str] = field(default_factory=dict)  # per example: the chosen option or the extracted reply
+    prompts: dict[str, str] = field(default_factory=dict)  # per example: the question (no few-shot, no template)
+    expected: dict[str, str] = field(default_factory=dict)  # per example: the right answer
 
 
 @dataclass
 class Drift:
-    kl: float  # mean per-token KL(P_base || P_tuned) in nats; 0 for identical weights
+    kl: float  # mean per-token KL(P_base || P_tuned) in nats; exactly 0 for identical weights
+    ci95: list[float]  # bootstrap interval of kl over the texts (resampled texts, seeded)
     ppl_base: float  # perplexity of the base model on the drift texts
     ppl_tuned: float
-    ppl_ratio: float  # ppl_tuned / ppl_base; above 1 = the tuned model finds general text less likely
+    ppl_ratio: float  # ppl_tuned / ppl_base; above 1 = the tuned model finds the text less likely
     tokens: int  # predicted tokens the means are over
+    texts: int  # texts they come from
 
 
 @dataclass
@@ -34,7 +42,7 @@ class Evaluation:
     step: int | None  # optimizer updates the model had; 0 = the base model; None = a saved model, not counted
     tasks: dict[str, TaskScore]  # original tasks, by the name the recipe gives
     targets: dict[str, TaskScore] = field(default_factory=dict)  # tasks of the new skill
-    drift: Drift | None = None  # from the base model; None for the base itself
+    drift: dict[str, Drift] = field(default_factory=dict)  # from the base, by kind ("chat", "text"); none for the base
 
 
 def to_dict(record) -> dict:

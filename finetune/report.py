@@ -1,7 +1,8 @@
 """The forgetting report of a run (`<run>/forgetting/report.{json,md,html}`) and the comparison of runs.
 
-report.json is the record; report.md and report.html are views of it, so a report can be re-rendered or
-compared later from the JSON alone. The HTML is one self-contained file: its plots are inline PNGs.
+report.json is the record; report.md and report.html are views of it, so a report can be re-rendered or compared
+later from the JSON alone (it keeps every example's base and tuned score). The HTML is one self-contained file: its
+plots are inline PNGs. No torch here: comparing reports is quick.
 """
 
 from __future__ import annotations
@@ -12,34 +13,47 @@ import datetime
 import html
 import io
 import json
+import math
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .errors import UserError
-from .forgetting import Change, largest_drop, mean_change, paired_change, pareto_front, within_budget
+from .forgetting import PASS, Change, changes, mean_interval, pareto_front, run_difference, verdict
 from .recipe import Recipe, recipe_to_dict
-from .records import Evaluation
+from .records import Evaluation, TaskScore
 
 PACKAGES = ("finetune", "torch", "transformers", "peft", "accelerate", "lm_eval", "datasets")
+FORGOTTEN_SHOWN = 5  # right -> wrong examples kept per original task
+UNNAMED = {"label": "-", "family": "-", "lr": None, "seed": None, "tag": None, "order": None}
 
 HOW_TO_READ = [
-    ("verdict", "PASS when no original task dropped by more than eval.max_drop, in the metric's units (0.02 = 2 "
-                "points of accuracy); judged on the measured drop, the 95% CI says how sure it is."),
-    ("base", "the score of the model before fine-tuning."),
-    ("tuned", "the score of the fine-tuned model (the one in final/) on the same examples."),
-    ("delta", "tuned - base. On original tasks a negative delta is forgetting; on target tasks a positive one "
-              "is learning."),
-    ("95% CI", "the range the true delta lies in with 95% confidence, from the per-example differences "
-               "(delta +- 1.96 x their standard deviation / sqrt(n)); when every example changed alike it has "
-               "no width, the limit of this approximation."),
-    ("n", "the number of examples both models were scored on."),
-    ("flips", "right->wrong: examples the base got right and the tuned model gets wrong; wrong->right: the reverse."),
-    ("significant", "yes when the 95% CI excludes 0: the change is unlikely to be noise."),
-    ("KL", "how far the tuned model's next-token probabilities moved from the base's, averaged over every token "
-           "of general text (nats; 0 = unchanged)."),
-    ("perplexity", "how surprised each model is by that text; a ratio above 1 means the tuned model finds "
-                   "general text less likely than the base did."),
+    ("verdict", "a non-inferiority decision against eval.max_drop (in the metric's units: 0.02 = 2 points). PASS: "
+                "every original task's 95% interval lies above -max_drop. FAIL: some task's simultaneous interval "
+                "(Bonferroni over the tasks) lies wholly below it. INCONCLUSIVE: neither can be claimed at this n; the "
+                "verdict says roughly how many examples would decide it."),
+    ("metric", "the score each task is judged by: the task YAML's metadata.headline_metric, else the first of acc, "
+               "acc_norm, exact_match it lists. acc_norm divides each option's log-likelihood by its length in "
+               "characters; on one- or two-character answers plain acc is what users expect. Other metrics are "
+               "listed below the table."),
+    ("chance", "the score of guessing (multiple choice: one over the number of options). A base near chance "
+               "has little to forget."),
+    ("delta", "tuned - base on the same examples. On original tasks a negative delta is forgetting; on target tasks "
+              "a positive one is learning."),
+    ("95% CI", "Tango's score interval for a paired difference of proportions: it stays within [-1, 1] and keeps a "
+               "width even when no example changed (with n examples, at least +-3.84/(n+3.84))."),
+    ("flips", "right->wrong: examples the base got right and the tuned model gets wrong; wrong->right: the reverse. "
+              "Only these move the score."),
+    ("p (Holm)", "the exact McNemar test on the flips, Holm-adjusted over the tasks of the table; significant below "
+                 "0.05."),
+    ("detectable", "the smallest drop this n can show at all: that many examples flipping right->wrong and none "
+                   "back would just be significant."),
+    ("drift", "how far the tuned model's next-token probabilities moved from the base's: KL(base || tuned) per "
+              "token, on texts the base model wrote itself. chat: its replies to general requests in its chat "
+              "template (measured on the reply tokens); text: continuations of general text. The interval "
+              "resamples whole texts."),
+    ("perplexity", "how surprised each model is by those texts; a ratio above 1 means the tuned model finds them "
+                   "less likely than the base did."),
 ]
 
 
@@ -61,106 +75,175 @@ def provenance(recipe: Recipe | None = None) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def _verdict(base: Evaluation, tuned: Evaluation, changes: dict[str, Change], max_drop: float) -> dict:
-    worst = largest_drop(base.tasks, tuned.tasks)
-    ok = within_budget(base.tasks, tuned.tasks, max_drop)
-    if worst is None:
-        text = "No original tasks were evaluated (eval.tasks is empty): only the drift measures forgetting."
-    else:
-        name, drop = worst
-        c = changes[name]
-        numbers = f"{c.metric} {c.base:.3f} -> {c.tuned:.3f}"
-        if drop <= 0:
-            text = f"PASS: no original task dropped (the one that gained least, {base.tasks[name].task}: {numbers})."
-        else:
-            text = (f"{'PASS' if ok else 'FAIL'}: the largest drop is {drop:.3f} on {base.tasks[name].task} "
-                    f"({numbers}), {'within' if ok else 'over'} the budget of {max_drop:.3f} (eval.max_drop)"
-                    f"{'; the drop is significant' if c.significant else '; the drop is within noise'}.")
-    return {"max_drop": max_drop, "within_budget": ok, "text": text,
-            "largest_drop": None if worst is None else {"task": base.tasks[worst[0]].task, "drop": worst[1]}}
+# ---------------------------------------------------------------- the record
+
+
+def headline_drift(drift: dict) -> dict | None:
+    """The drift a summary quotes: on chat replies where the model has a chat template, else on raw text."""
+    return drift.get("chat") or drift.get("text") if drift else None
+
+
+def _task_record(change: Change, base: TaskScore, tuned: TaskScore, original: bool) -> dict:
+    record = dataclasses.asdict(change)
+    record["available"] = base.available
+    record["other_metrics"] = {
+        m: dataclasses.asdict(c) for m in base.others if m in tuned.others
+        for c in [changes({m: _as_headline(base, m)}, {m: _as_headline(tuned, m)})[m]]}
+    keys = [k for k in base.examples if k in tuned.examples]
+    record["examples"] = {k: [base.examples[k], tuned.examples[k]] for k in keys}
+    lost = [k for k in keys if base.examples[k] >= 0.5 > tuned.examples[k]] if original else []
+    record["forgotten"] = [{"example": k, "prompt": base.prompts.get(k, ""), "expected": base.expected.get(k, ""),
+                            "base": base.answers.get(k, ""), "tuned": tuned.answers.get(k, "")}
+                           for k in lost[:FORGOTTEN_SHOWN]]
+    return record
+
+
+def _as_headline(score: TaskScore, metric: str) -> TaskScore:
+    examples = score.others[metric]
+    return TaskScore(task=score.task, metric=metric, value=sum(examples.values()) / max(len(examples), 1),
+                     examples=examples, chance=score.chance)
 
 
 def _curve_point(e: Evaluation) -> dict:
     return {"step": e.step, "tasks": {s.task: s.value for s in e.tasks.values()},
-            "targets": {s.task: s.value for s in e.targets.values()}, "kl": e.drift.kl if e.drift else 0.0}
+            "targets": {s.task: s.value for s in e.targets.values()},
+            "kl": {kind: d.kl for kind, d in e.drift.items()}}
 
 
 def build_report(base: Evaluation, tuned: Evaluation, *, max_drop: float, curve: list[Evaluation],
-                 provenance: dict, final_note: str, method: str = "-") -> dict:
+                 provenance: dict, final_note: str, method: dict | None = None) -> dict:
     """The report.json record. `curve` is every evaluation during training (the base is added as step 0);
-    `final_note` says which checkpoint final/ is and why (e.g. "step 120, the best within budget"); `method` is what
-    comparisons call the run (mitigations.method_label)."""
-    changes = {spec: paired_change(base.tasks[spec], tuned.tasks[spec]) for spec in base.tasks}
-    gains = {spec: paired_change(base.targets[spec], tuned.targets[spec]) for spec in base.targets}
+    `final_note` says which checkpoint final/ is and why (e.g. "step 120, the best within budget"); `method` says
+    how comparisons name and group the run (mitigations.describe)."""
+    lost = changes(base.tasks, tuned.tasks)
+    gained = changes(base.targets, tuned.targets)
+    names = {spec: base.tasks[spec].task for spec in base.tasks}
+    limited = any(c.n < (base.tasks[s].available or c.n) for s, c in lost.items())
     return {
-        "verdict": _verdict(base, tuned, changes, max_drop),
-        "tasks": {base.tasks[s].task: dataclasses.asdict(c) for s, c in changes.items()},
-        "targets": {base.targets[s].task: dataclasses.asdict(c) for s, c in gains.items()},
-        "drift": dataclasses.asdict(tuned.drift) if tuned.drift else None,
+        "verdict": verdict(lost, names, max_drop, limited),
+        "tasks": {base.tasks[s].task: _task_record(c, base.tasks[s], tuned.tasks[s], True) for s, c in lost.items()},
+        "targets": {base.targets[s].task: _task_record(c, base.targets[s], tuned.targets[s], False)
+                    for s, c in gained.items()},
+        "drift": {kind: dataclasses.asdict(d) for kind, d in tuned.drift.items()},
         "curve": [_curve_point(e) for e in [base, *curve]] if curve else [],
         "final": {"step": tuned.step, "why": final_note},
-        "method": method,
+        "method": method or UNNAMED,
         "provenance": provenance,
     }
 
 
-# ---------------------------------------------------------------- views
+# ---------------------------------------------------------------- views of one report
 
 
 def _fmt(x: float | None, signed: bool = False) -> str:
-    return "-" if x is None else f"{x:+.3f}" if signed else f"{x:.3f}"
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.3f}" if signed else f"{x:.3f}"
 
 
-def _task_rows(changes: dict) -> list[list[str]]:
+def _ci(ci: list[float] | None) -> str:
+    return "-" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def _n(c: dict) -> str:
+    return f"{c['n']}" + (f" of {c['available']}" if c.get("available") and c["available"] > c["n"] else "")
+
+
+def _task_rows(report: dict, kind: str) -> list[list[str]]:
+    statuses = report["verdict"].get("tasks", {})
     rows = []
-    for name, c in changes.items():
-        ci = "-" if c["ci95"] is None else f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
-        rows.append([name, c["metric"], _fmt(c["base"]), _fmt(c["tuned"]), _fmt(c["delta"], True), ci, str(c["n"]),
-                     f"{c['flips']['correct_to_wrong']} / {c['flips']['wrong_to_correct']}",
-                     "yes" if c["significant"] else "no"])
+    for name, c in report[kind].items():
+        row = [name, c["metric"], _fmt(c["chance"]), _fmt(c["base"]), _fmt(c["tuned"]),
+               f"{_fmt(c['delta'], True)} {_ci(c['ci95'])}", _n(c),
+               f"{c['flips']['correct_to_wrong']} / {c['flips']['wrong_to_correct']}",
+               f"{c['p_holm']:.3g}" + (" (significant)" if c["significant"] else ""), _fmt(c["detectable_drop"])]
+        if kind == "tasks":
+            row.append(statuses.get(name, "-"))
+        rows.append(row)
     return rows
 
 
-TASK_HEADER = ["task", "metric", "base", "tuned", "delta", "95% CI", "n", "flips right->wrong / wrong->right",
-               "significant"]
+TASK_HEADER = ["task", "metric", "chance", "base", "tuned", "delta [95% CI]", "n", "flips right->wrong / wrong->right",
+               "p (McNemar, Holm)", "detectable drop"]
+
+
+def _other_rows(report: dict) -> list[list[str]]:
+    return [[name, m, _fmt(o["base"]), _fmt(o["tuned"]), f"{_fmt(o['delta'], True)} {_ci(o['ci95'])}",
+             f"{o['flips']['correct_to_wrong']} / {o['flips']['wrong_to_correct']}"]
+            for kind in ("tasks", "targets") for name, c in report[kind].items()
+            for m, o in c.get("other_metrics", {}).items()]
+
+
+def _drift_rows(report: dict) -> list[list[str]]:
+    return [[kind, f"{d['kl']:.4f} {_kl_ci(d)}", f"{d['ppl_base']:.2f}", f"{d['ppl_tuned']:.2f}",
+             f"{d['ppl_ratio']:.3f}", str(d["texts"]), str(d["tokens"])] for kind, d in report["drift"].items()]
+
+
+def _kl_ci(d: dict) -> str:
+    return f"[{d['ci95'][0]:.4f}, {d['ci95'][1]:.4f}]"
 
 
 def _sections(report: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
     """(title, header, rows, note) for each table, shared by the Markdown and HTML views."""
-    out = [("Original tasks (what the model must not forget)", TASK_HEADER, _task_rows(report["tasks"]), "")]
+    out = []
+    if report["tasks"]:
+        out.append(("Original tasks (what the model must not forget)", TASK_HEADER + ["vs budget"],
+                    _task_rows(report, "tasks"), f"Budget: a drop of at most {report['verdict']['max_drop']:.3f} "
+                                                 "(eval.max_drop) on every task."))
     if report["targets"]:
-        out.append(("Target tasks (the new skill)", TASK_HEADER, _task_rows(report["targets"]), ""))
+        out.append(("Target tasks (the new skill)", TASK_HEADER, _task_rows(report, "targets"), ""))
+    others = _other_rows(report)
+    if others:
+        out.append(("Other metrics of the same examples", ["task", "metric", "base", "tuned", "delta [95% CI]",
+                                                           "flips"], others, ""))
     if report["drift"]:
-        d = report["drift"]
-        out.append(("Drift from the base model", ["KL(base ‖ tuned) per token", "perplexity base", "perplexity tuned",
-                                                   "ratio", "tokens"],
-                    [[f"{d['kl']:.4f}", f"{d['ppl_base']:.2f}", f"{d['ppl_tuned']:.2f}", f"{d['ppl_ratio']:.3f}",
-                      str(d["tokens"])]], ""))
+        out.append(("Drift from the base model", ["texts the base wrote", "KL(base ‖ tuned) per token [95% CI]",
+                                                  "perplexity base", "perplexity tuned", "ratio", "texts", "tokens"],
+                    _drift_rows(report), ""))
     if len(report["curve"]) > 1:
         names = list(report["curve"][0]["tasks"]) + list(report["curve"][0]["targets"])
-        rows = [[str(p["step"]), *(_fmt({**p["tasks"], **p["targets"]}[n]) for n in names), f"{p['kl']:.4f}"]
-                for p in report["curve"]]
-        out.append(("Learning vs forgetting during training", ["step", *names, "KL"], rows,
+        kinds = list(report["curve"][-1]["kl"])
+        rows = [[str(p["step"]), *(_fmt({**p["tasks"], **p["targets"]}.get(n)) for n in names),
+                 *(f"{p['kl'].get(k, 0.0):.4f}" for k in kinds)] for p in report["curve"]]
+        out.append(("Learning vs forgetting during training", ["step", *names, *(f"KL {k}" for k in kinds)], rows,
                     "Step 0 is the base model."))
     return out
 
 
+def _forgotten(report: dict) -> list[tuple[str, list[dict]]]:
+    return [(name, c["forgotten"]) for name, c in report["tasks"].items() if c.get("forgotten")]
+
+
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in r) + " |"
+                              for r in rows])
 
 
 def _footer(report: dict) -> list[tuple[str, str]]:
     p = report["provenance"]
     versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items() if v)
-    return [("final/", report["final"]["why"]), ("seed", "-" if p["seed"] is None else str(p["seed"])),
-            ("versions", versions), ("git", p["git"] or "-"), ("date", p["date"])]
+    return [("run", report.get("method", UNNAMED)["label"]), ("final/", report["final"]["why"]),
+            ("seed", "-" if p["seed"] is None else str(p["seed"])), ("versions", versions), ("git", p["git"] or "-"),
+            ("date", p["date"])]
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else "..." + text[-limit:]
 
 
 def render_markdown(report: dict) -> str:
     parts = ["# Forgetting report", "", f"**{report['verdict']['text']}**", ""]
     for title, header, rows, note in _sections(report):
         parts += [f"## {title}", "", _markdown_table(header, rows), ""] + ([note, ""] if note else [])
+    forgotten = _forgotten(report)
+    if forgotten:
+        parts += ["## What was forgotten", "", f"Up to {FORGOTTEN_SHOWN} examples per original task that the base "
+                  "got right and the tuned model gets wrong, in the order of the task.", ""]
+        for name, examples in forgotten:
+            parts += [f"### {name}", "", _markdown_table(
+                ["prompt", "expected", "base answered", "tuned answered"],
+                [[_one_line(e["prompt"]), _one_line(e["expected"], 60), _one_line(e["base"], 60),
+                  _one_line(e["tuned"], 60)] for e in examples]), ""]
     parts += ["## How to read this", ""] + [f"- **{k}**: {v}" for k, v in HOW_TO_READ] + [""]
     parts += ["## Provenance", ""] + [f"- **{k}**: {v}" for k, v in _footer(report)] + [""]
     return "\n".join(parts)
@@ -182,38 +265,63 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _bars_plot(report: dict) -> str:
-    changes = {**report["tasks"], **report["targets"]}
-    fig = _figure(max(4.0, 1.4 * len(changes)), 3.2)
-    ax = fig.add_subplot()
-    xs = range(len(changes))
-    ax.bar([x - 0.2 for x in xs], [c["base"] for c in changes.values()], 0.4, label="base", color="#9e9e9e")
-    ax.bar([x + 0.2 for x in xs], [c["tuned"] for c in changes.values()], 0.4, label="tuned", color="#1f77b4",
-           yerr=[(c["ci95"][1] - c["ci95"][0]) / 2 if c["ci95"] else 0 for c in changes.values()], capsize=4)
-    ax.set_xticks(list(xs), [f"{n}\n({'target' if n in report['targets'] else 'original'})" for n in changes])
-    ax.set_ylabel("score")
-    ax.set_title("base vs tuned (error bar: 95% CI of the paired change)")
-    ax.legend()
+ORIGINAL_COLOR, TARGET_COLOR, BUDGET_COLOR = "#1f77b4", "#2ca02c", "#d62728"
+
+
+def _task_plot(report: dict) -> str:
+    """Left: each task's delta with its interval, against the budget (shaded: over budget). Right: each task's base
+    and tuned score, with its chance level."""
+    rows = [(name, c, "original") for name, c in report["tasks"].items()] + \
+           [(name, c, "target") for name, c in report["targets"].items()]
+    fig = _figure(10, 1.0 + 0.55 * len(rows))
+    deltas, scores = fig.subplots(1, 2, sharey=True, width_ratios=[3, 2])
+    ys = list(range(len(rows)))[::-1]
+    max_drop = report["verdict"]["max_drop"]
+    deltas.axvspan(-1.05, -max_drop, color=BUDGET_COLOR, alpha=0.08, lw=0)
+    deltas.axvline(-max_drop, color=BUDGET_COLOR, lw=1, ls="--", label=f"budget: -{max_drop:g}")
+    deltas.axvline(0, color="#555", lw=0.8)
+    for y, (name, c, kind) in zip(ys, rows):
+        color = ORIGINAL_COLOR if kind == "original" else TARGET_COLOR
+        deltas.errorbar(c["delta"], y, xerr=[[c["delta"] - c["ci95"][0]], [c["ci95"][1] - c["delta"]]], fmt="o",
+                        color=color, capsize=4)
+        scores.plot([c["base"]], [y], "o", color="#9e9e9e")
+        scores.plot([c["tuned"]], [y], "D", color=color)
+        scores.annotate("", xy=(c["tuned"], y), xytext=(c["base"], y),
+                        arrowprops={"arrowstyle": "->", "color": color, "lw": 1})
+        if c.get("chance") is not None:
+            scores.plot([c["chance"]] * 2, [y - 0.3, y + 0.3], color="#ff7f0e", lw=2)
+    lows = [c["ci95"][0] for _, c, _ in rows] + [-max_drop]
+    highs = [c["ci95"][1] for _, c, _ in rows] + [0.0]
+    pad = 0.05 * (max(highs) - min(lows) or 1)
+    deltas.set_xlim(max(-1.05, min(lows) - pad), min(1.05, max(highs) + pad))
+    deltas.set_yticks(ys, [f"{name}\n({kind})" for name, _, kind in rows])
+    deltas.set_xlabel("delta = tuned - base (95% CI); left of the dashed line is over budget")
+    deltas.legend(loc="lower right", fontsize="small")
+    scores.set_xlim(-0.02, 1.02)
+    scores.set_xlabel("score: base (grey circle) -> tuned; orange bar: chance")
+    scores.set_ylim(-0.6, len(rows) - 0.4)
     return _png(fig)
 
 
 def _curve_plot(report: dict) -> str:
     curve = report["curve"]
-    fig = _figure(9, 3.2)
-    scores, kl = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    fig = _figure(10, 3.4)
+    scores, kl = fig.subplots(1, 2)
     steps = [p["step"] for p in curve]
     for kind, style in (("tasks", "-"), ("targets", "--")):
         for name in curve[0][kind]:
             scores.plot(steps, [p[kind][name] for p in curve], style, marker="o",
                         label=f"{name} ({'original' if kind == 'tasks' else 'target'})")
-    scores.set_xlabel("step")
+    scores.set_xlabel("step (optimizer updates)")
     scores.set_ylabel("score")
     scores.set_title("learning vs forgetting")
     scores.legend(fontsize="small")
-    kl.plot(steps, [p["kl"] for p in curve], marker="o", color="#d62728")
-    kl.set_xlabel("step")
+    for kind in curve[-1]["kl"]:
+        kl.plot(steps, [p["kl"].get(kind, 0.0) for p in curve], marker="o", label=kind)
+    kl.set_xlabel("step (optimizer updates)")
     kl.set_ylabel("KL(base ‖ tuned) per token")
     kl.set_title("drift from the base")
+    kl.legend(fontsize="small")
     return _png(fig)
 
 
@@ -223,9 +331,14 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-STYLE = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
-         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-         "td:first-child,th:first-child{text-align:left}.verdict{font-size:1.2em;font-weight:bold}")
+STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222;line-height:1.4}"
+         "table{border-collapse:collapse;margin:1em 0;font-size:0.92em}"
+         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;vertical-align:top}"
+         "td:first-child,th:first-child{text-align:left}th{background:#f4f4f4}"
+         ".verdict{font-size:1.15em;font-weight:bold;padding:0.6em 0.8em;border-left:6px solid #888}"
+         ".PASS{border-color:#2ca02c;background:#eef8ee}.FAIL{border-color:#d62728;background:#fbeeee}"
+         ".INCONCLUSIVE{border-color:#ff7f0e;background:#fff5e8}img{max-width:100%}"
+         "table.examples td{text-align:left;max-width:420px}")
 
 
 def _html_page(title: str, body: list[str]) -> str:
@@ -234,13 +347,24 @@ def _html_page(title: str, body: list[str]) -> str:
 
 
 def render_html(report: dict) -> str:
-    body = [f"<p class='verdict'>{html.escape(report['verdict']['text'])}</p>"]
-    for title, header, rows, note in _sections(report):
-        body += [f"<h2>{html.escape(title)}</h2>", _html_table(header, rows)] + ([f"<p>{note}</p>"] if note else [])
+    v = report["verdict"]
+    body = [f"<p class='verdict {html.escape(v['status'])}'>{html.escape(v['text'])}</p>"]
     if report["tasks"] or report["targets"]:
-        body.append(f"<img alt='base vs tuned per task' src='{_bars_plot(report)}'>")
+        body.append(f"<img alt='change per task with its interval, against the budget' src='{_task_plot(report)}'>")
+    for title, header, rows, note in _sections(report):
+        body += [f"<h2>{html.escape(title)}</h2>", _html_table(header, rows)] + \
+                ([f"<p>{html.escape(note)}</p>"] if note else [])
     if len(report["curve"]) > 1:
         body.append(f"<img alt='scores and drift over training steps' src='{_curve_plot(report)}'>")
+    forgotten = _forgotten(report)
+    if forgotten:
+        body.append(f"<h2>What was forgotten</h2><p>Up to {FORGOTTEN_SHOWN} examples per original task that the "
+                    "base got right and the tuned model gets wrong.</p>")
+        for name, examples in forgotten:
+            rows = [[_one_line(e["prompt"], 300), e["expected"], e["base"], e["tuned"]] for e in examples]
+            body.append(f"<h3>{html.escape(name)}</h3>" + _html_table(
+                ["prompt", "expected", "base answered", "tuned answered"], rows).replace("<table>",
+                                                                                       "<table class='examples'>"))
     body += ["<h2>How to read this</h2><ul>"] + [f"<li><b>{k}</b>: {html.escape(v)}</li>" for k, v in HOW_TO_READ]
     body += ["</ul><h2>Provenance</h2><ul>"] + [f"<li><b>{k}</b>: {html.escape(v)}</li>" for k, v in _footer(report)]
     return _html_page("Forgetting report", body + ["</ul>"])
@@ -249,7 +373,7 @@ def render_html(report: dict) -> str:
 def write_report(out_dir: Path, report: dict) -> None:
     """report.json, report.md and report.html in `out_dir` (created if needed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
     (out_dir / "report.html").write_text(render_html(report), encoding="utf-8")
 
@@ -257,127 +381,229 @@ def write_report(out_dir: Path, report: dict) -> None:
 # ---------------------------------------------------------------- comparing runs
 
 
+def _mean_of(records: dict) -> tuple[float | None, list[float] | None]:
+    if not records:
+        return None, None
+    return mean_interval([(c["delta"], c["ci95"]) for c in records.values()])
+
+
+def _tuned_examples(records: dict) -> dict[str, dict[str, float]]:
+    return {name: {k: pair[1] for k, pair in c.get("examples", {}).items()} for name, c in records.items()}
+
+
 def _run_summary(run: Path) -> dict:
     path = run / "forgetting" / "report.json"
     if not path.is_file():
         raise UserError(f"{run} has no forgetting report ({path}); make one with `finetune eval`.")
     report = json.loads(path.read_text(encoding="utf-8"))
-    drop = gain = (None, None)
-    if report["tasks"]:
-        mean, half = mean_change([Change(**c) for c in report["tasks"].values()])
-        drop = (-mean, half)
-    targets = [Change(**c) for c in report["targets"].values()]
-    if targets:
-        gain = mean_change(targets)
-    before = sum(c.base for c in targets) / len(targets) if targets else None
-    after = sum(c.tuned for c in targets) / len(targets) if targets else None
-    return {"run": str(run), "method": report.get("method", "-"), "target_base": before, "target_tuned": after,
-            "drop": drop[0], "drop_ci_half_width": drop[1],
-            "gain": gain[0], "gain_ci_half_width": gain[1], "largest_drop": report["verdict"]["largest_drop"],
-            "within_budget": report["verdict"]["within_budget"],
-            "kl": report["drift"]["kl"] if report["drift"] else None}
+    if "status" not in report["verdict"]:
+        raise UserError(f"{path} was written by an older finetune, without the per-example record comparisons "
+                        "need; measure the run again with `finetune eval`.")
+    change, change_ci = _mean_of(report["tasks"])
+    gain, gain_ci = _mean_of(report["targets"])
+    targets = list(report["targets"].values())
+    drift = headline_drift(report["drift"])
+    return {"run": str(run), "name": run.name, **report["method"], "status": report["verdict"]["status"],
+            "within_budget": report["verdict"]["within_budget"], "max_drop": report["verdict"]["max_drop"],
+            "largest_drop": report["verdict"]["largest_drop"],
+            "target_base": sum(c["base"] for c in targets) / len(targets) if targets else None,
+            "target_tuned": sum(c["tuned"] for c in targets) / len(targets) if targets else None,
+            "drop": None if change is None else -change,
+            "drop_ci": None if change_ci is None else [-change_ci[1], -change_ci[0]],
+            "gain": gain, "gain_ci": gain_ci,
+            "kl": drift["kl"] if drift else None, "kl_ci": drift["ci95"] if drift else None,
+            "drift": {kind: {"kl": d["kl"], "ci95": d["ci95"]} for kind, d in report["drift"].items()},
+            "_originals": _tuned_examples(report["tasks"]), "_targets": _tuned_examples(report["targets"])}
 
 
-def _plane_plot(runs: list[dict]) -> str:
-    fig = _figure(6, 4.5)
-    ax = fig.add_subplot()
-    placed = [r for r in runs if r["gain"] is not None and r["drop"] is not None]
-    for r in placed:
-        ax.errorbar(r["drop"], r["gain"], xerr=r["drop_ci_half_width"] or 0, yerr=r["gain_ci_half_width"] or 0,
-                    fmt="o", capsize=3, color="#d62728" if r["pareto"] else "#1f77b4")
-    ax.axvline(0, color="#999", lw=0.8)
-    for r, (dx, dy, ha) in zip(placed, _label_offsets([(r["drop"], r["gain"]) for r in placed],
-                                                      [Path(r["run"]).name for r in placed], ax)):
-        ax.annotate(Path(r["run"]).name, (r["drop"], r["gain"]), textcoords="offset points", xytext=(dx, dy), ha=ha,
-                    fontsize=9)
-    front = sorted((r["drop"], r["gain"]) for r in runs if r["pareto"])
-    ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="#d62728", label="Pareto front")
-    ax.set_xlabel("forgetting: mean drop on original tasks (lower is better)")
-    ax.set_ylabel("learning: mean gain on target tasks (higher is better)")
-    ax.set_title("learning vs forgetting (error bars: 95% CI)")
-    ax.legend()
-    return _png(fig)
+def _difference(a: dict, b: dict, kind: str) -> dict | None:
+    """a minus b on the same examples of the original (`_originals`) or target (`_targets`) tasks."""
+    return run_difference(a[kind], b[kind])
 
 
-def _label_offsets(points: list[tuple[float, float]], names: list[str], ax) -> list[tuple[int, int, str]]:
-    """Where each point's name goes (offset in points, alignment): the first of right-above, right-below,
-    left-above, left-below whose box overlaps no earlier label and no other point, so that close runs stay
-    readable. Boxes are estimated in axes fractions for a 6-inch plot and 9-point text."""
-    (x_lo, x_hi), (y_lo, y_hi) = ax.get_xlim(), ax.get_ylim()
-    norm = [((x - x_lo) / (x_hi - x_lo), (y - y_lo) / (y_hi - y_lo)) for x, y in points]
-    boxes, out = [], []
-    for i, ((x, y), name) in enumerate(zip(norm, names)):
-        width, height = 0.0145 * len(name), 0.05
-        for dx, dy, ha in ((5, 4, "left"), (5, -13, "left"), (-5, 4, "right"), (-5, -13, "right")):
-            x0 = x + 0.012 if ha == "left" else x - 0.012 - width
-            y0 = y + 0.01 if dy > 0 else y - 0.01 - height
-            box = (x0, y0, x0 + width, y0 + height)
-            hits = any(b[0] < box[2] and box[0] < b[2] and b[1] < box[3] and box[1] < b[3] for b in boxes) or any(
-                box[0] <= px <= box[2] and box[1] <= py <= box[3] for j, (px, py) in enumerate(norm) if j != i)
-            if not hits:
-                break
-        boxes.append(box)
-        out.append((dx, dy, ha))
+def _told_apart(d: dict | None) -> bool:
+    return d is not None and (d["ci95"][0] > 0 or d["ci95"][1] < 0)
+
+
+def recommended(runs: list[dict]) -> tuple[int | None, list[str]]:
+    """(index of the recommended run or None, statements that qualify it). Only a run whose verdict is PASS can
+    be recommended: of those, the one that gained most on the target tasks, and the statement names every other
+    passing run the paired test cannot tell apart from it."""
+    passing = [i for i, r in enumerate(runs) if r["status"] == PASS]
+    if not passing:
+        return None, ["No run passes its forgetting budget (eval.max_drop): none is recommended."]
+    best = max(passing, key=lambda i: (runs[i]["gain"] or 0.0, -(runs[i]["drop"] or 0.0)))
+    tied = [runs[i]["name"] for i in passing if i != best and
+            not _told_apart(_difference(runs[best], runs[i], "_targets"))]
+    notes = [f"{runs[best]['name']} passes the budget and gained most on the target tasks."]
+    if tied:
+        notes.append(f"On the target tasks it cannot be told apart from {', '.join(tied)} (paired 95% interval of "
+                     "the difference holds 0): those pass too, and any of them would do.")
+    return best, notes
+
+
+def method_comparison(runs: list[dict]) -> list[dict]:
+    """For every pair of run families (e.g. LoRA and full, over learning rates): the two runs nearest in target
+    gain, one from each, and how much less the first forgot on the same examples, with its paired interval."""
+    families = sorted({r["family"] for r in runs if r["gain"] is not None and r["drop"] is not None})
+    out = []
+    for i, fa in enumerate(families):
+        for fb in families[i + 1:]:
+            pairs = [(a, b) for a in runs if a["family"] == fa and a["gain"] is not None
+                     for b in runs if b["family"] == fb and b["gain"] is not None]
+            if not pairs:
+                continue
+            a, b = min(pairs, key=lambda p: abs(p[0]["gain"] - p[1]["gain"]))
+            diff = _difference(a, b, "_originals")  # tuned a - tuned b: positive = a kept more
+            if diff is None:
+                continue
+            if _told_apart(diff):
+                better, worse = (a, b) if diff["mean"] > 0 else (b, a)
+                text = (f"At similar new-task gain ({a['name']}: {a['gain']:+.3f}, {b['name']}: {b['gain']:+.3f}), "
+                        f"{better['family']} ({better['name']}) forgot {abs(diff['mean']):.3f} less than "
+                        f"{worse['family']} ({worse['name']}) on the original tasks (paired 95% CI of the difference "
+                        f"[{abs(diff['ci95'][0] if diff['mean'] > 0 else diff['ci95'][1]):.3f}, "
+                        f"{abs(diff['ci95'][1] if diff['mean'] > 0 else diff['ci95'][0]):.3f}]).")
+            else:
+                text = (f"At similar new-task gain ({a['name']}: {a['gain']:+.3f}, {b['name']}: {b['gain']:+.3f}), "
+                        f"{fa} and {fb} cannot be told apart on the original tasks: {a['name']} minus {b['name']} "
+                        f"is {diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}].")
+            out.append({"families": [fa, fb], "runs": [a["run"], b["run"]], "original_difference": diff,
+                        "gain_gap": a["gain"] - b["gain"], "text": text})
     return out
+
+
+def best_per_family(runs: list[dict]) -> dict[str, str | None]:
+    """Per family, the passing run that gained most (None where no run of it passes)."""
+    out = {}
+    for family in sorted({r["family"] for r in runs}):
+        passing = [r for r in runs if r["family"] == family and r["status"] == PASS]
+        out[family] = max(passing, key=lambda r: r["gain"] or 0.0)["name"] if passing else None
+    return out
+
+
+def _pm(x: float | None, ci: list[float] | None) -> str:
+    return "-" if x is None else f"{x:+.3f}" + ("" if ci is None else f" [{ci[0]:+.3f}, {ci[1]:+.3f}]")
 
 
 def summary_table(result: dict) -> str:
     """The few numbers a terminal should show: what each run learned, what it cost, and whether it fits."""
-    header = ["run", "method", "new task: before -> after", "original tasks: mean change (95% CI)", "KL drift",
-              "within budget"]
+    header = ["run", "method", "seed", "new task: before -> after", "original tasks: mean change [95% CI]",
+              "KL drift [95% CI]", "verdict"]
     rows = []
     for r in result["runs"]:
         learned = "-" if r["target_base"] is None else f"{r['target_base']:.3f} -> {r['target_tuned']:.3f}"
-        change = "-" if r["drop"] is None else f"{-r['drop']:+.3f}" + (
-            "" if r["drop_ci_half_width"] is None else f" +- {r['drop_ci_half_width']:.3f}")
-        rows.append([Path(r["run"]).name, r["method"], learned, change,
-                     "-" if r["kl"] is None else f"{r['kl']:.4f}", "yes" if r["within_budget"] else "no"])
+        change = "-" if r["drop"] is None else _pm(-r["drop"], [-r["drop_ci"][1], -r["drop_ci"][0]])
+        kl = "-" if r["kl"] is None else f"{r['kl']:.3f} [{r['kl_ci'][0]:.3f}, {r['kl_ci'][1]:.3f}]"
+        rows.append([r["name"], r["label"], "-" if r["seed"] is None else str(r["seed"]), learned, change, kl,
+                     r["status"]])
     return _markdown_table(header, rows)
-
-
-def recommended(runs: list[dict]) -> int | None:
-    """Index of the run within budget with the largest target gain (then the smallest drop); None if none fits."""
-    fits = [i for i, r in enumerate(runs) if r["within_budget"]]
-    return max(fits, key=lambda i: (runs[i]["gain"] or 0.0, -(runs[i]["drop"] or 0.0)), default=None)
 
 
 def compare_runs(run_dirs: list[Path], out_dir: Path) -> dict:
     """`finetune report RUN [RUN...]`: one table over runs and the learning-forgetting plane (x: mean drop on the
     original tasks, y: mean gain on the target tasks, as in Biderman et al. 2024, "LoRA Learns Less and Forgets
-    Less"), written as compare.{json,md,html} in `out_dir`. Runs on the Pareto front are those no other run
-    beats in both forgetting less and learning more; runs without target tasks stay off the plane."""
+    Less"), the best passing run per method family, methods compared at similar gain, and the recommended run,
+    written as compare.{json,md,html} in `out_dir`."""
     runs = [_run_summary(Path(r)) for r in run_dirs]
     placed = [i for i, r in enumerate(runs) if r["drop"] is not None and r["gain"] is not None]
     front = {placed[i] for i in pareto_front([(runs[j]["drop"], runs[j]["gain"]) for j in placed])}
+    pick, notes = recommended(runs)
     for i, r in enumerate(runs):
-        r["pareto"] = i in front
-    pick = recommended(runs)
-    for i, r in enumerate(runs):
-        r["recommended"] = i == pick
-    header = ["run", "method", "largest drop", "mean drop (95% CI)", "mean target gain (95% CI)", "KL",
-              "within budget", "Pareto front", "recommended"]
-
-    def pm(x, half):
-        return "-" if x is None else f"{x:+.3f}" + ("" if half is None else f" +- {half:.3f}")
-
-    rows = [[r["run"], r["method"],
+        r["pareto"], r["recommended"] = i in front, i == pick
+    comparisons = method_comparison(runs)
+    best = best_per_family(runs)
+    header = ["run", "method", "seed", "largest drop", "mean drop [95% CI]", "mean target gain [95% CI]",
+              "KL drift [95% CI]", "verdict", "Pareto front", "recommended"]
+    rows = [[r["name"], r["label"], "-" if r["seed"] is None else str(r["seed"]),
              "-" if r["largest_drop"] is None else f"{r['largest_drop']['drop']:+.3f} ({r['largest_drop']['task']})",
-             pm(r["drop"], r["drop_ci_half_width"]), pm(r["gain"], r["gain_ci_half_width"]),
-             "-" if r["kl"] is None else f"{r['kl']:.4f}", "yes" if r["within_budget"] else "no",
-             "yes" if r["pareto"] else "", "**yes**" if r["recommended"] else ""] for r in runs]
-    note = ("Drop and gain are means over tasks of the paired deltas; their intervals combine the tasks' intervals "
-            "as independent (sqrt of the summed squared half-widths / number of tasks). A run is on the Pareto "
-            "front when no other run has both a smaller or equal drop and a larger or equal gain. The recommended "
-            "run is the one within its forgetting budget (eval.max_drop) that gained most on the target tasks.")
+             _pm(r["drop"], r["drop_ci"]), _pm(r["gain"], r["gain_ci"]),
+             "-" if r["kl"] is None else f"{r['kl']:.3f} [{r['kl_ci'][0]:.3f}, {r['kl_ci'][1]:.3f}]",
+             r["status"], "yes" if r["pareto"] else "", "**yes**" if r["recommended"] else ""] for r in runs]
+    family_rows = [[family, name or "none passes the budget"] for family, name in best.items()]
+    how = ("Drop and gain are means over tasks of the paired deltas, with intervals that combine the tasks' "
+           "intervals as independent (MOVER). The verdict is each run's own (PASS / FAIL / INCONCLUSIVE against its "
+           "eval.max_drop). A run is on the Pareto front when no other run has both a smaller or equal drop and a "
+           "larger or equal gain, by point estimates: neighbours on the front whose intervals overlap may not truly "
+           "differ. Methods are compared on the same examples (paired), between the runs of two families nearest "
+           "in target gain. KL is on the base's chat replies where the model has a chat template, else on text.")
+    for r in runs:
+        del r["_originals"], r["_targets"]
+    result = {"runs": runs, "recommended": None if pick is None else runs[pick]["run"], "notes": notes,
+              "best_per_family": best, "method_comparison": comparisons, "how_to_read": how}
     out_dir.mkdir(parents=True, exist_ok=True)
-    if pick is None:
-        note += " No run here is within its budget, so none is recommended."
-    result = {"runs": runs, "recommended": None if pick is None else runs[pick]["run"], "note": note}
-    (out_dir / "compare.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "compare.md").write_text("\n".join(["# Learning vs forgetting across runs", "",
-                                                   _markdown_table(header, rows), "", note, ""]), encoding="utf-8")
-    body = [_html_table(header, rows), f"<p>{html.escape(note)}</p>"]
+    (out_dir / "compare.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    md = ["# Learning vs forgetting across runs", "", _markdown_table(header, rows), "", *notes, "",
+          "## Best run within budget, per method", "", _markdown_table(["method", "best passing run"], family_rows),
+          ""]
+    if comparisons:
+        md += ["## Methods at similar new-task gain", ""] + [f"- {c['text']}" for c in comparisons] + [""]
+    md += ["## How to read this", "", how, ""]
+    (out_dir / "compare.md").write_text("\n".join(md), encoding="utf-8")
+    body = [f"<p class='verdict'>{html.escape(' '.join(notes))}</p>", _html_table(header, rows)]
     if placed:
-        body.append(f"<img alt='learning-forgetting plane' src='{_plane_plot(runs)}'>")
+        body.append(f"<img alt='learning-forgetting plane' src='{_plane_plot([runs[i] for i in placed])}'>")
+    body += ["<h2>Best run within budget, per method</h2>", _html_table(["method", "best passing run"], family_rows)]
+    if comparisons:
+        body += ["<h2>Methods at similar new-task gain</h2><ul>"] + \
+                [f"<li>{html.escape(c['text'])}</li>" for c in comparisons] + ["</ul>"]
+    body += ["<h2>How to read this</h2>", f"<p>{html.escape(how)}</p>"]
     (out_dir / "compare.html").write_text(_html_page("Learning vs forgetting across runs", body), encoding="utf-8")
     return result
+
+
+# ---------------------------------------------------------------- the plane
+
+
+def _point_label(r: dict) -> str:
+    """A point's tag on its family's curve: its learning rate (and seed when the family has several)."""
+    return (r["tag"] or r["name"]) + (f" s{r['seed']}" if r.get("_seeds", 1) > 1 else "")
+
+
+def _plane_plot(runs: list[dict]) -> str:
+    """Left: the learning-forgetting plane, one line per method family through its runs in order of learning rate,
+    95% intervals both ways, the budget and the Pareto front. Right: each run's drift with its interval."""
+    from matplotlib import colormaps
+
+    fig = _figure(12, 5)
+    plane, drift = fig.subplots(1, 2, width_ratios=[3, 2])
+    families = sorted({r["family"] for r in runs})
+    colors = colormaps["tab10"]
+    max_drop = min(r["max_drop"] for r in runs)
+    for k, family in enumerate(families):
+        members = sorted((r for r in runs if r["family"] == family), key=lambda r: (r["order"] or 0, r["seed"] or 0))
+        seeds = len({r["seed"] for r in members})
+        color = colors(k % 10)
+        plane.plot([r["drop"] for r in members], [r["gain"] for r in members], "-", color=color, alpha=0.5)
+        for r in members:
+            r["_seeds"] = seeds
+            plane.errorbar(r["drop"], r["gain"],
+                           xerr=[[r["drop"] - r["drop_ci"][0]], [r["drop_ci"][1] - r["drop"]]],
+                           yerr=[[r["gain"] - r["gain_ci"][0]], [r["gain_ci"][1] - r["gain"]]] if r["gain_ci"]
+                           else None, fmt="o", color=color, capsize=2, ms=5,
+                           label=family if r is members[0] else None)
+            plane.annotate(_point_label(r), (r["drop"], r["gain"]), textcoords="offset points", xytext=(4, 4),
+                           fontsize=8, color=color)
+    lows = [r["drop_ci"][0] for r in runs] + [0.0]
+    highs = [r["drop_ci"][1] for r in runs] + [max_drop]
+    pad = 0.05 * (max(highs) - min(lows) or 1)
+    plane.set_xlim(min(lows) - pad, max(highs) + pad)
+    plane.axvspan(max_drop, max(highs) + pad, color=BUDGET_COLOR, alpha=0.07, lw=0)
+    plane.axvline(max_drop, color=BUDGET_COLOR, ls="--", lw=1, label=f"budget: drop {max_drop:g}")
+    plane.axvline(0, color="#555", lw=0.8)
+    front = sorted((r["drop"], r["gain"]) for r in runs if r["pareto"])
+    plane.plot([p[0] for p in front], [p[1] for p in front], ":", color="#333", lw=1.5, label="Pareto front")
+    plane.set_xlabel("forgetting: mean drop on original tasks (95% CI); right of the dashed line is over budget")
+    plane.set_ylabel("learning: mean gain on target tasks (95% CI)")
+    plane.set_title("learning vs forgetting (points: learning rate)")
+    plane.legend(fontsize="small", loc="best")
+    with_kl = [r for r in runs if r["kl"] is not None]
+    for i, r in enumerate(with_kl):
+        color = colors(families.index(r["family"]) % 10)
+        drift.errorbar(max(r["kl"], 1e-6), i, xerr=[[r["kl"] - r["kl_ci"][0]], [r["kl_ci"][1] - r["kl"]]], fmt="o",
+                       color=color, capsize=2)
+    drift.set_yticks(range(len(with_kl)), [f"{r['name']}" for r in with_kl], fontsize=8)
+    drift.set_xscale("symlog", linthresh=0.01)
+    drift.set_xlabel("drift: KL(base ‖ tuned) per token (95% CI)")
+    drift.set_title("how far predictions moved")
+    return _png(fig)

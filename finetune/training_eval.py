@@ -17,7 +17,7 @@ from .engine import engine
 from .errors import UserError
 from .evaluate import ForgettingEval, evaluate_saved
 from .forgetting import choose_best, within_budget
-from .mitigations import method_label
+from .mitigations import describe
 from .recipe import Recipe
 from .report import build_report, provenance, write_report
 
@@ -75,7 +75,7 @@ class TrainingEval:
             if self.sharded:
                 evaluate_saved(self.recipe.model, self.run.final, self.recipe.eval, self.run.path / "forgetting",
                                recipe=self.recipe, final_note=f"final/ after step {step}, the last",
-                               method=method_label(self.recipe))
+                               method=describe(self.recipe))
             else:
                 self._report(step, model)
         self.accelerator.wait_for_everyone()
@@ -98,7 +98,7 @@ class TrainingEval:
             note += "; no evaluated step stayed within the forgetting budget"
         shutil.rmtree(self.run.path / "best", ignore_errors=True)
         report = build_report(fe.base, chosen, max_drop=section.max_drop, curve=fe.curve,
-                              provenance=provenance(self.recipe), final_note=note, method=method_label(self.recipe))
+                              provenance=provenance(self.recipe), final_note=note, method=describe(self.recipe))
         write_report(self.run.path / "forgetting", report)
         self.accelerator.print(f"forgetting report: {self.run.path / 'forgetting' / 'report.html'} — "
                                f"{report['verdict']['text']}")

@@ -48,3 +48,22 @@ def test_keep_best_makes_final_the_best_step_within_budget_and_keeps_the_last(tm
     best = max((p for p in report["curve"] if p["step"]), key=lambda p: (p["targets"]["conflict"], p["step"]))
     assert report["final"]["step"] == best["step"]
     assert (run_dir / "last").is_dir() == (best["step"] != 20)
+
+
+def test_eval_of_a_finished_run_draws_the_curve_from_its_checkpoints(tmp_path, base_dir, tasks):
+    from finetune.cli import main as cli_main
+
+    recipe = conflicting_recipe(tmp_path, base_dir, tasks)
+    for lora in ([], ["lora.r=4"]):
+        out = tmp_path / ("lora" if lora else "full")
+        run_dir, _ = run(recipe, f"output.dir={out}", "output.save_every=5", "output.keep=2", *lora)
+        trained = json.loads((run_dir / "forgetting" / "report.json").read_text())
+        assert [p["step"] for p in trained["curve"]] == [0, 20]  # eval.every: 0 measures the base and the end
+        assert cli_main(["eval", str(base_dir), str(run_dir), "--checkpoints"]) == 0
+        report = json.loads((run_dir / "forgetting-2" / "report.json").read_text())
+        assert [p["step"] for p in report["curve"]] == [0, 10, 15, 20]  # keep: 2 left steps 10 and 15
+        # The end of the curve is final/, measured as training measured it.
+        assert report["tasks"]["original"]["tuned"] == trained["tasks"]["original"]["tuned"]
+        assert report["curve"][0]["tasks"]["original"] == trained["tasks"]["original"]["base"]
+        middle = report["curve"][1]["targets"]["conflict"]
+        assert report["curve"][0]["targets"]["conflict"] < middle  # step 10 had already learned some

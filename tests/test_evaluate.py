@@ -106,11 +106,15 @@ def test_a_model_against_itself_changes_nothing(section, tasks, drift_file):
                                     drift_texts=[str(drift_file)]), section, tokenizer)
     report = build_report(fe.evaluate_base(model), fe.evaluate(model, step=1), max_drop=0.0, curve=fe.curve,
                           provenance=provenance(), final_note="")
+    half = 1.959963984540054 ** 2 / (len(ITEMS) + 1.959963984540054 ** 2)  # nothing changed, yet n is finite
     for change in [*report["tasks"].values(), *report["targets"].values()]:
-        assert change["delta"] == 0 and change["ci95"] == [0, 0] and not change["significant"]
+        assert change["delta"] == 0 and change["ci95"] == pytest.approx([-half, half]) and not change["significant"]
         assert change["flips"] == {"correct_to_wrong": 0, "wrong_to_correct": 0} and change["n"] == len(ITEMS)
-    assert report["drift"]["kl"] == 0.0 and report["drift"]["ppl_ratio"] == 1.0
-    assert report["verdict"]["within_budget"]
+    # Raw text from the file, and the base's own chat replies in the tokenizer's template: both exactly 0.
+    assert set(report["drift"]) == {"text", "chat"} and report["drift"]["chat"]["texts"] == 100
+    for d in report["drift"].values():
+        assert d["kl"] == 0.0 and d["ci95"] == [0.0, 0.0] and d["ppl_ratio"] == 1.0
+    assert report["verdict"]["status"] == "INCONCLUSIVE"  # never FAIL; PASS needs more than 16 examples
     # Two copies of the same weights, one in training mode (dropout must not leak into the measurement).
     copy = AutoModelForCausalLM.from_pretrained(section.path, attention_dropout=0.5).train()
     assert kl_drift(model, copy, tokenizer, texts(0), max_length=32).kl == 0.0
@@ -127,10 +131,12 @@ def test_scores_are_lm_evals_own(section, tasks):
     direct = lm_eval.simple_evaluate(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), tasks=["original"],
                                      task_manager=TaskManager(include_path=str(tasks["original"].parent),
                                                               include_defaults=False))
-    assert ours.task == "original" and ours.metric == "acc_norm"
-    assert ours.value == direct["results"]["original"]["acc_norm,none"]
-    assert ours.examples == {f"original/{s['doc_id']}": s["acc_norm"] for s in direct["samples"]["original"]}
-    assert ours.value > 0.9  # the pre-trained base knows its task
+    assert ours.task == "original" and ours.metric == "acc"  # the first metric the YAML lists
+    assert ours.value == direct["results"]["original"]["acc,none"]
+    assert ours.examples == {f"original/{s['doc_id']}": s["acc"] for s in direct["samples"]["original"]}
+    assert ours.others["acc_norm"] == {f"original/{s['doc_id']}": s["acc_norm"] for s in direct["samples"]["original"]}
+    assert ours.value > 0.9 and ours.chance == 0.25  # the pre-trained base knows its task; four options
+    assert ours.expected["original/0"] == ANSWERS[0] and ours.prompts["original/0"] == "Q: what is a? A:"
 
 
 def test_a_group_is_scored_over_all_its_examples(section, tasks):
@@ -143,12 +149,35 @@ def test_a_group_is_scored_over_all_its_examples(section, tasks):
     assert both.value == pytest.approx(sum(both.examples.values()) / len(both.examples))
 
 
+def write_fewshot_task(folder: Path, shots: list[dict]) -> Path:
+    """The original task with one few-shot example taken from a file of its own."""
+    folder.mkdir(parents=True, exist_ok=True)
+    test = write_jsonl(folder / "fs.jsonl", task_rows(0))
+    shot_file = write_jsonl(folder / "fs_shots.jsonl", shots)
+    path = folder / "fs.yaml"
+    path.write_text(f"""task: fs
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {test}, shots: {shot_file}}}
+test_split: test
+fewshot_split: shots
+num_fewshot: 1
+fewshot_config: {{sampler: first_n}}
+output_type: multiple_choice
+doc_to_text: "Q: what is {{{{item}}}}? A:"
+doc_to_choice: {json.dumps(ANSWERS)}
+doc_to_target: label
+""", encoding="utf-8")
+    return path
+
+
 def test_base_evaluation_and_drift_texts_are_cached(section, tmp_path, monkeypatch):
     model, tokenizer = load(section)
     task = write_task(tmp_path / "tasks", "original", 0)
     spec = EvalSection(tasks=[str(task)], limit=8)
     # Fewer, shorter default texts than a real run samples: the same code path, a faster test.
-    monkeypatch.setattr(evaluate, "DEFAULT_PROMPTS", ["The weather today is", "Q: what is a? A:"])
+    monkeypatch.setattr(evaluate, "PROMPTS", {"text": ["The weather today is", "Q: what is a? A:"],
+                                              "chat": ["Say hello.", "What is a?", "Count to three."]})
     monkeypatch.setattr(evaluate, "NEW_TOKENS", 8)
     runs = []
     real = evaluate._evaluate_loaded
@@ -160,11 +189,16 @@ def test_base_evaluation_and_drift_texts_are_cached(section, tmp_path, monkeypat
     # lm-eval seeds the global generators and sampling draws from torch's: the training stream must not notice.
     assert torch.rand(1) == torch.rand(1, generator=torch.Generator().manual_seed(123))
     assert random.random() == random.Random(123).random()
-    assert len(first.texts) == 2 and first.texts[0].startswith("The weather today is") and runs == [1]
+    assert [len(first.texts[k]) for k in ("text", "chat")] == [2, 3] and runs == [1]
+    assert first.texts["text"][0].startswith("The weather today is")
+    chat_text, reply_start = first.texts["chat"][0]
+    assert chat_text.startswith("<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n")
+    assert chat_text[:reply_start].endswith("<|im_start|>assistant\n")  # measured from the reply on
     assert len(base.tasks[str(task)].examples) == 8
 
     with monkeypatch.context() as m:
-        m.setattr(evaluate, "sample_texts", lambda *a, **k: pytest.fail("drift texts sampled again"))
+        for sampler in ("sample_texts", "sample_chat"):
+            m.setattr(evaluate, sampler, lambda *a, **k: pytest.fail("drift texts sampled again"))
         m.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("base loaded although everything is cached"))
         again = ForgettingEval(spec, section, tokenizer)
         assert again.evaluate_base(None) == base and again.texts == first.texts and runs == [1]
@@ -175,6 +209,26 @@ def test_base_evaluation_and_drift_texts_are_cached(section, tmp_path, monkeypat
         again.evaluate_base(model)
         ForgettingEval(EvalSection(tasks=[str(task)], limit=4), section, tokenizer).evaluate_base(model)
         assert runs == [1, 1, 1]
+
+    # Another chat template changes every prompt under apply_chat_template, and the chat drift texts: both missed.
+    chat = EvalSection(tasks=[str(task)], limit=4, apply_chat_template=True)
+    ForgettingEval(chat, section, tokenizer).evaluate_base(model)
+    assert runs == [1, 1, 1, 1]
+    other = load_tokenizer(section, chat_template=tokenizer.chat_template.replace("<|im_start|>", "<|im_start|> "))
+    retemplated = ForgettingEval(chat, section, other)
+    retemplated.evaluate_base(model)
+    assert runs == [1, 1, 1, 1, 1] and retemplated.texts["chat"] != first.texts["chat"]
+    ForgettingEval(chat, section, tokenizer).evaluate_base(model)
+    assert runs == [1, 1, 1, 1, 1]  # the first template's entry is still there
+    # A few-shot file edited in place is another task too.
+    shots = [{"item": "z", "label": 0}]
+    fewshot = EvalSection(tasks=[str(write_fewshot_task(tmp_path / "fs", shots))], limit=4)
+    ForgettingEval(fewshot, section, tokenizer).evaluate_base(model)
+    ForgettingEval(fewshot, section, tokenizer).evaluate_base(model)
+    assert runs == [1] * 6
+    write_fewshot_task(tmp_path / "fs", [{"item": "z", "label": 2}])
+    ForgettingEval(fewshot, section, tokenizer).evaluate_base(model)
+    assert runs == [1] * 7
 
 
 def test_fine_tuning_on_a_conflicting_task_forgets_the_original(section, tasks, drift_file, tmp_path):
@@ -194,8 +248,10 @@ def test_fine_tuning_on_a_conflicting_task_forgets_the_original(section, tasks, 
     assert original["base"] > 0.9 and original["delta"] < -0.5 and original["significant"], original
     assert original["ci95"][1] < 0 and original["flips"]["correct_to_wrong"] >= 8
     assert new["delta"] > 0.5 and new["significant"], new
-    assert report["drift"]["kl"] > 0 and report["drift"]["ppl_ratio"] > 1
-    assert not report["verdict"]["within_budget"] and "original" in report["verdict"]["text"]
+    assert report["drift"]["text"]["kl"] > 0 and report["drift"]["text"]["ppl_ratio"] > 1
+    assert report["drift"]["chat"]["ci95"][0] > 0  # the base's chat replies moved too, beyond resampling noise
+    assert report["verdict"]["status"] == "FAIL" and "original" in report["verdict"]["text"]
+    assert len(original["forgotten"]) == 5 and original["forgotten"][0]["base"] != original["forgotten"][0]["tuned"]
     assert [p["step"] for p in report["curve"]] == [0, 5, 60]
     best = choose_best(base, fe.curve, max_drop=1.0)
     assert best.step == 60  # with any drop allowed, the step that learned most
@@ -234,7 +290,7 @@ def test_lora_at_a_low_learning_rate_forgets_less_than_full_fine_tuning(section,
     assert reports["full"]["targets"]["conflict"]["base"] == reports["lora"]["targets"]["conflict"]["base"]
     drop = {name: -r["tasks"]["original"]["delta"] for name, r in reports.items()}
     assert drop["lora"] < drop["full"] and drop["full"] > 0.5, drop
-    assert reports["lora"]["drift"]["kl"] < reports["full"]["drift"]["kl"]
+    assert reports["lora"]["drift"]["text"]["kl"] < reports["full"]["drift"]["text"]["kl"]
     assert (tmp_path / "lora" / "forgetting" / "report.html").is_file()
     runs = compare_runs([tmp_path / "lora", tmp_path / "full"], tmp_path / "compare")["runs"]
     assert runs[0]["pareto"]  # nothing forgets less
@@ -261,3 +317,98 @@ def test_unknown_or_missing_tasks_are_explained(section, tmp_path):
         load_tasks(str(tmp_path / "nope.yaml"))
     with pytest.raises(EvalError, match="both eval.tasks and eval.target_tasks"):
         ForgettingEval(EvalSection(tasks=["x.yaml"], target_tasks=["x.yaml"]), section, None)
+
+
+def direct_lm_eval(model, tokenizer, task_yaml: Path, chat: bool = False):
+    """lm-eval called as its own docs show, on the same in-memory model: the reference our scores must equal."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    name = task_yaml.stem
+    out = lm_eval.simple_evaluate(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), tasks=[name],
+                                  task_manager=TaskManager(include_path=str(task_yaml.parent), include_defaults=False),
+                                  log_samples=True, apply_chat_template=chat, fewshot_as_multiturn=chat)
+    return out["results"][name], {f"{name}/{s['doc_id']}": s for s in out["samples"][name]}
+
+
+def test_acc_and_acc_norm_are_both_kept_and_match_lm_eval_on_a_mid_range_base(section, tmp_path):
+    # Options of very different lengths: raw log-likelihood favours the short ones, per-character the long ones, so
+    # acc and acc_norm pick differently and the base lands mid-range, far from its 0.9+ on its own task.
+    model, tokenizer = load(section)
+    options = ["one", "two three four five", "a", "the cat sat on the mat"]
+    folder = tmp_path / "mc"
+    task = write_task(folder, "lengths", 0)
+    task.write_text(task.read_text().replace(json.dumps(ANSWERS), json.dumps(options)))
+    ours = evaluate_tasks(model, tokenizer, [str(task)], batch_size=4, limit=None)[str(task)]
+    results, samples = direct_lm_eval(model, tokenizer, task)
+    assert ours.metric == "acc" and ours.value == results["acc,none"] and 0.2 <= ours.value <= 0.8, ours.value
+    assert ours.examples == {k: s["acc"] for k, s in samples.items()}
+    assert ours.others["acc_norm"] == {k: s["acc_norm"] for k, s in samples.items()}
+    assert ours.examples != ours.others["acc_norm"]  # a mix-up of the two would show
+    for key, sample in samples.items():  # the answer shown is the option lm-eval's acc picked
+        chosen = max(range(4), key=lambda i: sample["filtered_resps"][i][0])
+        assert ours.answers[key] == options[chosen]
+        assert (ours.examples[key] == 1.0) == (options[chosen] == ours.expected[key])
+
+
+def write_generation_task(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(folder / "gen.jsonl", [{"item": r["item"], "answer": ANSWERS[r["label"]]} for r in task_rows(0)])
+    path = folder / "gen.yaml"
+    path.write_text(f"""task: gen
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {data}}}
+test_split: test
+output_type: generate_until
+doc_to_text: "Q: what is {{{{item}}}}? A:"
+doc_to_target: answer
+generation_kwargs: {{until: ["\\n", "Q:"], max_gen_toks: 6, do_sample: false}}
+filter_list:
+  - name: first_word
+    filter:
+      - {{function: regex, regex_pattern: "[a-z]+", group_select: 0, fallback: "[no answer]"}}
+      - {{function: take_first}}
+metric_list:
+  - {{metric: exact_match, aggregation: mean, higher_is_better: true, ignore_case: true}}
+""", encoding="utf-8")
+    return path
+
+
+def test_a_generation_task_with_filters_matches_lm_eval(section, tmp_path):
+    model, tokenizer = load(section)
+    task = write_generation_task(tmp_path / "gen")
+    ours = evaluate_tasks(model, tokenizer, [str(task)], batch_size=4, limit=None)[str(task)]
+    results, samples = direct_lm_eval(model, tokenizer, task)
+    assert ours.metric == "exact_match" and ours.value == results["exact_match,first_word"] and ours.chance is None
+    first_word = {k: s for k, s in samples.items() if s["filter"] == "first_word"}
+    assert ours.examples == {k: s["exact_match"] for k, s in first_word.items()}
+    assert ours.answers == {k: s["filtered_resps"][0] for k, s in first_word.items()}  # what was scored
+    assert ours.value > 0.5  # the base answers its own task by generation too
+
+
+def test_the_chat_template_path_matches_lm_eval_called_directly(section, tmp_path):
+    model, tokenizer = load(section)
+    task = write_fewshot_task(tmp_path / "fs", [{"item": "z", "label": 0}, {"item": "y", "label": 1}])
+    ours = evaluate_tasks(model, tokenizer, [str(task)], batch_size=4, limit=None, chat=True)[str(task)]
+    results, samples = direct_lm_eval(model, tokenizer, task, chat=True)
+    assert ours.value == results["acc,none"] and ours.examples == {k: s["acc"] for k, s in samples.items()}
+    # The prompt went through the template, with the few-shot example as an earlier turn.
+    context = samples["fs/0"]["arguments"][0][0]
+    assert context.startswith("<|im_start|>user\nQ: what is z? A:<|im_end|>\n<|im_start|>assistant\none<|im_end|>")
+
+
+def test_drift_grows_with_the_interpolation_alpha(section, drift_file):
+    from finetune.mitigations.wise_ft import set_alpha
+
+    base, tokenizer = load(section)
+    model, _ = load(section)
+    torch.manual_seed(0)
+    fit(model, tokenizer, texts(1), lr=3e-3, steps=30)
+    tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    kls = []
+    for alpha in (0.0, 0.25, 0.5, 1.0):
+        set_alpha(model, alpha, False, base.state_dict(), tuned)
+        kls.append(kl_drift(base, model, tokenizer, texts(0), max_length=32).kl)
+    assert kls[0] == 0.0 and kls[0] < kls[1] < kls[2] < kls[3], kls

@@ -75,7 +75,8 @@ def test_recipe_formats_and_suffixes_are_the_data_tables():
 def test_records_round_trip_through_json_by_their_fields():
     score = TaskScore(task="t", metric="acc", value=0.5, examples={"t/0": 1.0, "t/1": 0.0})
     record = Evaluation(step=3, tasks={"a.yaml": score}, targets={"b.yaml": score},
-                        drift=Drift(kl=0.1, ppl_base=2.0, ppl_tuned=3.0, ppl_ratio=1.5, tokens=10))
+                        drift={"chat": Drift(kl=0.1, ci95=[0.05, 0.2], ppl_base=2.0, ppl_tuned=3.0, ppl_ratio=1.5,
+                                             tokens=10, texts=2)})
     assert from_dict(Evaluation, json.loads(json.dumps(to_dict(record)))) == record
     assert from_dict(Evaluation, {"step": 0, "tasks": {}}) == Evaluation(step=0, tasks={})  # older JSON: defaults
 

@@ -48,10 +48,19 @@ def _modules() -> list:
     return [importlib.import_module(f"{__name__}.{name}") for name in found]
 
 
+def describe(recipe) -> dict:
+    """How reports name and group a run: `family` is the method and every mitigation it uses (runs of one family
+    differ only in learning rate or seed, and a comparison draws them as one curve, in `order`, each point tagged
+    `tag`); `label` adds the rate."""
+    kind = f"LoRA r={recipe.lora.r}" if recipe.lora else "full"
+    extras = [text for m in _modules() if hasattr(m, "label") and (text := m.label(recipe))]
+    return {"label": ", ".join([kind, f"lr {recipe.train.lr:g}", *extras]), "family": ", ".join([kind, *extras]),
+            "lr": recipe.train.lr, "seed": recipe.train.seed, "tag": f"{recipe.train.lr:g}", "order": recipe.train.lr}
+
+
 def method_label(recipe) -> str:
     """What comparisons call a run: the method, the learning rate and every mitigation it uses."""
-    parts = [f"LoRA r={recipe.lora.r}" if recipe.lora else "full", f"lr {recipe.train.lr:g}"]
-    return ", ".join(parts + [text for m in _modules() if hasattr(m, "label") and (text := m.label(recipe))])
+    return describe(recipe)["label"]
 
 
 def mix(recipe, train, tokenizer, stats):

@@ -18,7 +18,7 @@ from ..evaluate import open_saved
 from ..model import load_model, lora_layers
 from ..recipe import load_recipe
 from ..report import build_report, compare_runs, provenance, write_report
-from . import method_label
+from . import describe
 
 
 class InterpolationError(UserError):
@@ -73,7 +73,7 @@ def interpolate(run_dir: Path, alphas: list[float], pick: bool) -> dict:
         write_report(folder / "forgetting", build_report(
             fe.base, point, max_drop=recipe.eval.max_drop, curve=[], provenance=provenance(recipe),
             final_note=f"weights interpolated at alpha={alpha:g} between the base (0) and {run_dir / 'final'} (1)",
-            method=f"{method_label(recipe)}, WiSE-FT alpha {alpha:g}"))
+            method=_at_alpha(describe(recipe), alpha)))
         folders.append(folder)
     result = compare_runs(folders, out)
     if pick and result["recommended"] is not None:
@@ -83,6 +83,12 @@ def interpolate(run_dir: Path, alphas: list[float], pick: bool) -> dict:
         _save(model, fe.tokenizer, alpha, is_adapter, tuned, best / "model")
         result["picked"] = str(best / "model")
     return result
+
+
+def _at_alpha(method: dict, alpha: float) -> dict:
+    """The run's name in comparisons, at one alpha: a family of its own (its points differ in alpha, not rate)."""
+    return {**method, "label": f"{method['label']}, WiSE-FT alpha {alpha:g}", "family": f"{method['family']}, WiSE-FT",
+            "tag": f"alpha {alpha:g}", "order": alpha}
 
 
 def _save(model, tokenizer, alpha: float, is_adapter: bool, tuned: dict, dest: Path) -> None:
