@@ -1,6 +1,12 @@
 """Training throughput of finetune against TRL's SFTTrainer (defaults, and packing) and a bare PyTorch loop, on the
-same model, data, sequence length, global batch, optimizer (AdamW, same lr) and precision (fp32 on CPU, bf16 autocast
-on CUDA). Prints a Markdown table and writes it to --out.
+same model, data, sequence length, global batch, optimizer (AdamW, same lr), precision (fp32 on CPU, bf16 autocast
+on CUDA), gradient checkpointing and allocator. Prints a Markdown table, writes it to --out and every run's raw
+numbers beside it (.json).
+
+Equal work: TRL's SFTConfig turns gradient checkpointing on by default, so the headline rows set it off for TRL, as
+finetune runs by default; a second pair (finetune-gc, trl-gc) has it on for both. Every run gets the same allocator
+setting (glibc keeps freed blocks mapped, as finetune does on CPU). TRL's packing=True is shown for reference only:
+TRL documents it for flash attention, which this CPU path does not have.
 
     pip install -e ".[bench]"
     python bench/throughput.py --quick            # tiny + SmolLM2-135M, 3 steps, one round: about 10 minutes on 2 cores
@@ -31,7 +37,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ)  # taken before tests.conftest (tiny model) sets OMP_NUM_THREADS=1 for the test suite
-IMPLS = ["finetune", "trl", "trl-packing", "torch"]
+IMPLS = ["finetune", "trl", "trl-packing", "torch", "finetune-gc", "trl-gc"]
+CHECKPOINTING = {"finetune-gc", "trl-gc"}  # gradient checkpointing on; off for every other run
+REFERENCE = {"finetune": "trl", "torch": "trl", "trl-packing": "trl", "finetune-gc": "trl-gc"}  # "x TRL" pairs
 TINY_STEPS = 10  # step multiplier for the tiny model
 # Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s), for MFU on GPUs.
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
@@ -105,18 +113,37 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def flops_per_token(model, seq: int) -> tuple[float, float]:
-    """(training FLOPs per token, the LM head's share) as computed. Every nn.Linear weight (LoRA's A and B are Linear
-    too) costs 2/param forward and 2/param for the input gradient; a trained one 2/param more for its weight
-    gradient: 6 N for full fine-tuning, 4 N_frozen + 6 N_adapter for LoRA (layer 0's input gradient, which LoRA
-    skips, is under 0.5%). Embedding lookups are free. Attention scores and values add 12 x layers x (heads x
-    head_dim) x seq, with seq = the row width (max_length) where sdpa with a mask computes the whole square, and
-    the mean over tokens of their example's length where attention runs per example (finetune's packed batches)."""
-    cost = {m: (6 if m.weight.requires_grad else 4) * m.weight.numel()
-            for m in model.modules() if isinstance(m, torch.nn.Linear)}
+def linear_flops(model) -> tuple[float, float, float]:
+    """(FLOPs per position of one training step through every nn.Linear but the LM head, the LM head's, and the
+    forward alone of the former): 2/param forward and 2/param for the input gradient, 2/param more for a trained
+    weight's gradient: 6 N for full fine-tuning, 4 N_frozen + 6 N_adapter for LoRA (LoRA's A and B are Linear too;
+    layer 0's input gradient, which LoRA skips, is under 0.5%). Embedding lookups are free."""
+    head_module = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head_module]
+    body = sum((6 if m.weight.requires_grad else 4) * m.weight.numel() for m in linears)
+    head = (6 if head_module.weight.requires_grad else 4) * head_module.weight.numel()
+    return body, head, sum(2 * m.weight.numel() for m in linears)
+
+
+def flops(model, run: dict) -> dict:
+    """FLOPs per real (non-padding) token, counted the same way for every implementation.
+
+    useful: what the step needs: every linear layer on every real token, the LM head on target tokens only (no other
+    position enters the loss; the run's own share of targets), and attention of each token over its own example (12 x layers x heads x head_dim x S,
+    S = the mean over tokens of their example's length).
+    executed: what the implementation computed: linear layers on every position it ran (padding included), the LM
+    head where it ran it (finetune: targets only), attention over the width it computed (S = the mean over real
+    tokens of the sequence width its kernel saw: a padded row's whole square, or one example), and with gradient
+    checkpointing one more forward of the layers (2/param, and 4 x layers x heads x head_dim x S of attention)."""
+    body, head, body_forward = linear_flops(model)
     cfg = model.config
     width = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
-    return sum(cost.values()) + 12 * cfg.num_hidden_layers * width * seq, cost[model.get_output_embeddings()]
+    attention = 12 * cfg.num_hidden_layers * width
+    useful = body + head * run["target_fraction"] + attention * run["s_useful"]
+    forward_again = body_forward if run["checkpointing"] else 0
+    executed = (body + forward_again) * run["positions_per_token"] + head * run["head_rows_per_token"] + \
+        attention * run["s_executed"] * (4 / 3 if run["checkpointing"] else 1)
+    return {"useful": useful, "executed": executed}
 
 
 def finetune_recipe(c: dict, tmp: Path):
@@ -125,7 +152,7 @@ def finetune_recipe(c: dict, tmp: Path):
 
     from finetune.recipe import load_recipe
 
-    recipe = {"model": {"path": c["model"]},
+    recipe = {"model": {"path": c["model"], "gradient_checkpointing": c.get("impl") in CHECKPOINTING},
               "data": {"train": [{"path": c["data"], "format": "chat"}], "max_length": c["max_length"]},
               "train": {"lr": c["lr"], "max_steps": c["steps"], "batch_size": c["batch_size"], "seed": 0,
                         "mixed_precision": "bf16" if c["cuda"] else "no"},
@@ -141,8 +168,8 @@ def run_finetune(c: dict, tmp: Path, device):
     import finetune.train
     from finetune.checkpoint import open_run_dir
 
-    # Only to count padded positions (metrics.jsonl has the real ones) and the attention each example costs; the step
-    # looks the function up at call time.
+    # Only to count the positions the model ran and the attention each example costs; the step looks the function up
+    # at call time.
     positions, squares, loss_sum = [], [], finetune.train.token_loss_sum
 
     def counting(model, batch):
@@ -159,13 +186,16 @@ def run_finetune(c: dict, tmp: Path, device):
         m = json.loads(line)  # tokens and target_tokens are running totals; tokens_per_s is this step's
         steps.append(((m["tokens"] - tokens) / m["tokens_per_s"], m["tokens"] - tokens, m["target_tokens"] - targets))
         tokens, targets = m["tokens"], m["target_tokens"]
-    # Attention is computed per example (sum of squared lengths) or per row (rows x width squared): as a width.
-    return model, steps, 1 - tokens / sum(positions), sum(squares) / tokens
+    # Attention runs per example (sum of squared lengths over the tokens): executed and useful alike.
+    per_example = sum(squares) / tokens
+    return model, steps, {"positions_per_token": sum(positions) / tokens, "head_rows_per_token": targets / tokens,
+                          "target_fraction": targets / tokens, "s_executed": per_example, "s_useful": per_example}
 
 
 def run_trl(c: dict, tmp: Path, device, packing: bool):
-    """SFTTrainer with its defaults (or packing=True, which TRL makes padding-free), on prompt/completion rows of the
-    same conversations, so that its default loss is on the completions, as finetune's is on the responses."""
+    """SFTTrainer with its defaults but gradient checkpointing (set as the run asks), or packing=True, which TRL makes
+    padding-free; on prompt/completion rows of the same conversations, so that its default loss is on the
+    completions, as finetune's is on the responses."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -177,9 +207,17 @@ def run_trl(c: dict, tmp: Path, device, packing: bool):
 
     class Counting(SFTTrainer):
         def compute_loss(self, model, inputs, *args, **kwargs):
-            # Padding-free batches are one flattened row with no attention mask: every position is a real token.
-            real = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
-            counts.append((int(real), int((inputs["labels"][:, 1:] != -100).sum()), inputs["input_ids"].numel()))
+            ids = inputs["input_ids"]
+            if "attention_mask" in inputs:  # padded rows, one example each
+                lengths = inputs["attention_mask"].sum(1).tolist()
+            else:  # padding-free: one flattened row, examples where position ids restart
+                starts = (inputs["position_ids"][0] == 0).nonzero().flatten().tolist() + [ids.shape[1]]
+                lengths = [b - a for a, b in zip(starts, starts[1:])]
+            real = sum(lengths)
+            # (real tokens, targets, positions run, sum over rows of the width squared the kernel sees, of the
+            # examples' squared lengths)
+            counts.append((real, int((inputs["labels"][:, 1:] != -100).sum()), ids.numel(),
+                           ids.shape[0] * ids.shape[1] ** 2, sum(n * n for n in lengths)))
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     class Clock(TrainerCallback):
@@ -191,12 +229,13 @@ def run_trl(c: dict, tmp: Path, device, packing: bool):
         def on_step_end(self, args, state, control, **kw):
             sync(device)
             now = time.perf_counter()
-            real, target, _ = counts[-1]
+            real, target = counts[-1][:2]
             steps.append((now - self.last, real, target))
             self.last = now
 
     args = SFTConfig(output_dir=str(tmp / "trl"), max_steps=c["steps"], per_device_train_batch_size=c["batch_size"],
                      learning_rate=c["lr"], max_length=c["max_length"], packing=packing, seed=0,
+                     gradient_checkpointing=c["impl"] in CHECKPOINTING,
                      bf16=device.type == "cuda", use_cpu=device.type != "cuda", report_to="none", save_strategy="no")
     model = AutoModelForCausalLM.from_pretrained(c["model"], dtype=torch.float32, attn_implementation="sdpa")
     peft_config = (LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -204,8 +243,11 @@ def run_trl(c: dict, tmp: Path, device, packing: bool):
     trainer = Counting(model=model, args=args, train_dataset=dataset, peft_config=peft_config,
                        processing_class=AutoTokenizer.from_pretrained(c["model"]), callbacks=[Clock()])
     trainer.train()
-    padded = sum(n for _, _, n in counts)
-    return trainer.model, steps, 1 - sum(r for r, _, _ in counts) / padded
+    real = sum(n[0] for n in counts)
+    return trainer.model, steps, {"positions_per_token": sum(n[2] for n in counts) / real,
+                                  "head_rows_per_token": sum(n[2] for n in counts) / real,
+                                  "target_fraction": sum(n[1] for n in counts) / real,
+                                  "s_executed": sum(n[3] for n in counts) / real, "s_useful": sum(n[4] for n in counts) / real}
 
 
 def run_torch(c: dict, tmp: Path, device):
@@ -238,38 +280,43 @@ def run_torch(c: dict, tmp: Path, device):
         optimizer.zero_grad(set_to_none=True)
         sync(device)
         steps.append((time.perf_counter() - start, batch.numel(), batch.numel() - batch.shape[0]))
-    return model, steps
+    # Dense rows: every position is real, a target and the head's; attention spans the whole row.
+    return model, steps, {"positions_per_token": 1.0, "head_rows_per_token": 1.0,
+                          "target_fraction": 1 - 1 / c["max_length"], "s_executed": c["max_length"],
+                          "s_useful": c["max_length"]}
 
 
 def worker(c: dict) -> dict:
     """One run; returns steady-state rates (the first `warmup` steps dropped), peak RSS and MFU."""
     device = torch.device("cuda" if c["cuda"] else "cpu")
+    if device.type == "cpu":
+        from finetune.cpu import keep_freed_memory
+
+        keep_freed_memory()  # the same allocator setting for every run (finetune's train() sets it on CPU anyway)
     with tempfile.TemporaryDirectory() as tmp:
-        padding, seq = 0.0, c["max_length"]
-        if c["impl"] == "finetune":
-            model, steps, padding, seq = run_finetune(c, Path(tmp), device)
+        if c["impl"].startswith("finetune"):
+            model, steps, layout = run_finetune(c, Path(tmp), device)
         elif c["impl"] == "torch":
-            model, steps = run_torch(c, Path(tmp), device)
+            model, steps, layout = run_torch(c, Path(tmp), device)
         else:
-            model, steps, padding = run_trl(c, Path(tmp), device, packing=c["impl"] == "trl-packing")
+            model, steps, layout = run_trl(c, Path(tmp), device, packing=c["impl"] == "trl-packing")
     steady = steps[c["warmup"]:]
     seconds = sum(s for s, _, _ in steady)
     tokens_per_s = sum(n for _, n, _ in steady) / seconds
-    flops, head = flops_per_token(model, seq)
-    out = {"threads": torch.get_num_threads(), "tokens_per_s": tokens_per_s, "padding": padding,
-           "targets_per_s": sum(t for _, _, t in steady) / seconds,
+    targets_per_s = sum(t for _, _, t in steady) / seconds
+    per_token = flops(model, {**layout, "checkpointing": c["impl"] in CHECKPOINTING})
+    out = {"threads": torch.get_num_threads(), "tokens_per_s": tokens_per_s, "targets_per_s": targets_per_s,
+           "padding": 1 - 1 / layout["positions_per_token"], "checkpointing": c["impl"] in CHECKPOINTING,
            "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # ru_maxrss is in KiB on Linux
            "gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if c["cuda"] else None,
-           "flops_per_token": flops}
-    # finetune runs the LM head on target positions only: count what it computes, not what the others do.
-    head_rows = out["targets_per_s"] if c["impl"] == "finetune" else tokens_per_s
-    achieved = (flops - head) * tokens_per_s + head * head_rows
+           "useful_flops_per_token": per_token["useful"], "executed_flops_per_token": per_token["executed"], **layout}
     # Measured right after training, in the same process, so MFU divides by what the machine gave in those minutes.
     out["mm_peak"] = matmul_peak(model, c["batch_size"] * c["max_length"],
                                  torch.bfloat16 if c["cuda"] else torch.float32, device)
-    out["mfu"] = achieved / out["mm_peak"]
+    out["mfu"] = per_token["useful"] * tokens_per_s / out["mm_peak"]
+    out["mfu_executed"] = per_token["executed"] * tokens_per_s / out["mm_peak"]
     sheet = next((v for k, v in BF16_PEAK.items() if k in torch.cuda.get_device_name()), None) if c["cuda"] else None
-    out["mfu_sheet"] = achieved / sheet if sheet else None
+    out["mfu_sheet"] = per_token["useful"] * tokens_per_s / sheet if sheet else None
     return out
 
 
@@ -296,35 +343,39 @@ def header(results: dict, args) -> str:
     peaks = sorted(r["mm_peak"] / 1e9 for r in runs)
     where = (f"{torch.cuda.get_device_name()}, bf16 autocast" if args.device == "cuda"
              else f"CPU, {runs[0]['threads']} thread(s) per run, fp32")
-    flops = ", ".join(f"{name} {mode} {median(rs, 'flops_per_token') / 1e6:.3g}"
-                      for (name, mode), by_impl in results.items()
-                      for rs in [[r for impl, rs in by_impl.items() if impl != "finetune" for r in rs]] if rs)
     return (f"torch {torch.__version__}, {where}; batch {args.batch_size} x max_length {args.max_length}; "
             f"{args.steps} steps, the first {args.warmup} not timed (tiny model: x{TINY_STEPS}); median of "
-            f"{args.repeats} round(s), ratios paired within a round. Matmul peak (torch.mm at the model's shapes, "
-            f"measured in each run): {peaks[0]:,.0f} to {peaks[-1]:,.0f} GFLOP/s. MFU = FLOPs/token x total tok/s / "
-            "that run's peak; FLOPs/token = 6 N (full) or 4 N_frozen + 6 N_adapter (LoRA), N over the linear weights "
-            "(LM head included), + 12 x layers x hidden x S for attention, S = max_length where a row's whole square "
-            f"is computed: {flops or '-'} MFLOP. finetune is counted as it computes: the LM head on target tokens only, "
-            "and attention per example (S = the mean over tokens of their example's length).\n")
+            f"{args.repeats} round(s), ratios paired within a round. Every run: AdamW lr {args.lr:g}, the same "
+            "allocator setting (freed blocks kept mapped), gradient checkpointing as the `grad ckpt` column says. "
+            "x TRL compares with TRL at the same checkpointing (finetune and torch: trl; finetune-gc: trl-gc). "
+            "trl-packing is TRL's padding-free packing, which TRL documents for flash attention only: a reference, "
+            "not a goal. MFU = useful FLOPs per real token x real tok/s / the best torch.mm FLOP/s at the model's "
+            f"shapes, measured in each run ({peaks[0]:,.0f} to {peaks[-1]:,.0f} GFLOP/s); useful FLOPs count every "
+            "row alike (linear layers on real tokens, the LM head on targets, attention within each example); "
+            "executed FLOPs count what each implementation computed (padding, the head on every position, a padded "
+            "row's whole attention square, checkpointing's second forward); both per token in MFLOP.\n")
 
 
 def table(results: dict, args) -> str:
     gpu = args.device == "cuda"
-    lines = ["| model | mode | run | target tok/s | total tok/s | padding | x TRL default | x TRL packing | "
-             + ("peak RSS GiB (GPU) | MFU | MFU (data sheet) |" if gpu else "peak RSS GiB | MFU |"),
-             "|---" * (11 if gpu else 10) + "|"]
+    cols = ["model", "mode", "run", "grad ckpt", "target tok/s", "total tok/s", "padding", "x TRL (same ckpt)",
+            "x TRL packing", "peak RSS GiB" + (" (GPU)" if gpu else ""), "MFLOP/token useful / executed",
+            "MFU", "MFU executed"] + (["MFU (data sheet)"] if gpu else [])
+    lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
     for (name, mode), by_impl in results.items():
         for impl, rs in by_impl.items():
             ratios = []
-            for base in ("trl", "trl-packing"):
+            for base in (REFERENCE.get(impl), "trl-packing" if impl in ("finetune", "torch") else None):
                 # Paired within each round (the same minutes of machine load), then the median over rounds.
                 paired = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(rs, by_impl.get(base, []))]
-                ratios.append(f"{statistics.median(paired):.2f}" if paired and impl != base else "-")
-            row = [name, mode, impl, f"{median(rs, 'targets_per_s'):,.0f}", f"{median(rs, 'tokens_per_s'):,.0f}",
-                   f"{median(rs, 'padding'):.0%}", *ratios, f"{median(rs, 'rss_gib'):.2f}", f"{median(rs, 'mfu'):.0%}"]
+                ratios.append(f"{statistics.median(paired):.2f}" if paired else "-")
+            row = [name, mode, impl, "on" if rs[0]["checkpointing"] else "off", f"{median(rs, 'targets_per_s'):,.0f}",
+                   f"{median(rs, 'tokens_per_s'):,.0f}", f"{median(rs, 'padding'):.0%}", *ratios,
+                   f"{median(rs, 'rss_gib'):.2f}" + (f" ({median(rs, 'gpu_gib'):.1f})" if gpu else ""),
+                   f"{median(rs, 'useful_flops_per_token') / 1e6:.3g} / "
+                   f"{median(rs, 'executed_flops_per_token') / 1e6:.3g}",
+                   f"{median(rs, 'mfu'):.0%}", f"{median(rs, 'mfu_executed'):.0%}"]
             if gpu:
-                row[-2] += f" ({median(rs, 'gpu_gib'):.1f})"
                 row.append(f"{median(rs, 'mfu_sheet'):.1%}" if rs[0]["mfu_sheet"] else "-")
             lines.append("| " + " | ".join(row) + " |")
     return header(results, args) + "\n" + "\n".join(lines) + "\n"
@@ -373,7 +424,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="threads per CPU run (OMP_NUM_THREADS); 0 = torch's "
                    "default (all cores)")
     p.add_argument("--data-rows", type=int, help="only time finetune's data pipeline on this many rows")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results.md")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results.md",
+                   help="the table; every run's raw numbers go beside it as .json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -418,6 +470,12 @@ def main() -> int:
                               f"MFU {r['mfu']:.0%}", flush=True)
     text = table(results, args)
     args.out.write_text(text)
+    # Every run's own numbers, so the table can be checked and recomputed.
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"args": {k: str(v) for k, v in vars(args).items()},
+         "runs": [{"model": name, "mode": mode, "impl": impl, "round": i + 1, **r}
+                  for (name, mode), by_impl in results.items() for impl, rs in by_impl.items()
+                  for i, r in enumerate(rs)]}, indent=1) + "\n")
     print(text)
     return 0
 

@@ -238,9 +238,16 @@ def _delta_with_ci(c: Change) -> str:
     return f"{c.delta:+.3f} [{c.ci95[0]:+.3f}, {c.ci95[1]:+.3f}]"
 
 
+def budget_status(base: dict[str, TaskScore], tuned: dict[str, TaskScore], max_drop: float) -> str:
+    """PASS, FAIL or INCONCLUSIVE over every original task, as the verdict decides it."""
+    found = changes(base, tuned)
+    statuses = {task_status(c, max_drop) for c in found.values()}
+    return FAIL if FAIL in statuses else INCONCLUSIVE if INCONCLUSIVE in statuses else PASS
+
+
 def within_budget(base: dict[str, TaskScore], tuned: dict[str, TaskScore], max_drop: float) -> bool:
     """PASS: every original task's interval lies above -max_drop."""
-    return all(task_status(c, max_drop) == PASS for c in changes(base, tuned).values())
+    return budget_status(base, tuned, max_drop) == PASS
 
 
 def mean_gain(base: dict[str, TaskScore], tuned: dict[str, TaskScore]) -> float:

@@ -156,24 +156,28 @@ class LoraSection:
 class EvalSection:
     tasks: list[str] = _f([], "original tasks checked for forgetting (lm-eval names or task YAML files)")
     max_drop: float = _nonneg(
-        "forgetting budget: the largest acceptable drop on an original task, in its metric's units (0.02 = 2 points)",
-        0.02)
+        "forgetting budget: the largest acceptable drop on an original task, in its metric's units (0.02 = 2 points); "
+        "PASS needs every task's 95% interval above -max_drop, so n must be large enough to resolve it", 0.02)
     target_tasks: list[str] = _f([], "tasks that measure the new skill (lm-eval names or task YAML files); "
                                      "reported as gain")
     every: int = _nonneg("optimizer updates between forgetting evaluations during training; 0 = only before and "
                          "after", 0)
-    limit: int | None = _f(None, "examples per task (the first N); null = all", lambda v: v is None or v > 0,
-                           "an integer > 0 or null")
+    limit: int | None = _f(None, "examples per task (the first N); null = all. Fewer examples widen every "
+                           "interval: the verdict may be INCONCLUSIVE where all examples would decide it",
+                           lambda v: v is None or v > 0, "an integer > 0 or null")
     batch_size: int = _pos("examples per forward pass in task evaluation", 8)
     apply_chat_template: bool = _f(False, "prompt the tasks through the tokenizer's chat template (instruct "
                                           "models; target tasks trained in chat format)")
     drift_texts: list[str] = _f([], "text files (.txt, one text per line) or .jsonl files (a `text` column) to "
-                                    "measure drift on; empty = continuations sampled from the base model")
+                                    "measure raw-text drift on; empty = continuations the base model writes for 100 "
+                                    "shipped prompts (chat models are also measured on their replies to 100 chat "
+                                    "requests)")
     drift_max_length: int = _pos("tokens per drift text (truncated beyond)", 256)
     on_over_budget: Literal["continue", "keep_best", "stop"] = _f(
-        "continue", "when an evaluation drops more than max_drop: continue = train on, report only; keep_best = "
-                    "train on, then final/ is the evaluated step within budget that gained most on target_tasks "
-                    "(the latest, without them); stop = as keep_best, but end training at that evaluation")
+        "continue", "the budget policy during training: continue = train on, report only; keep_best = train on, "
+                    "then final/ is the evaluated step whose verdict is PASS that gained most on target_tasks (the "
+                    "latest, without them); stop = as keep_best, and end training at the first evaluation whose "
+                    "verdict is FAIL")
 
 
 @dataclass

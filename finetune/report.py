@@ -271,14 +271,17 @@ ORIGINAL_COLOR, TARGET_COLOR, BUDGET_COLOR = "#1f77b4", "#2ca02c", "#d62728"
 def _task_plot(report: dict) -> str:
     """Left: each task's delta with its interval, against the budget (shaded: over budget). Right: each task's base
     and tuned score, with its chance level."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     rows = [(name, c, "original") for name, c in report["tasks"].items()] + \
            [(name, c, "target") for name, c in report["targets"].items()]
-    fig = _figure(10, 1.0 + 0.55 * len(rows))
+    fig = _figure(10, 1.4 + 0.55 * len(rows))
     deltas, scores = fig.subplots(1, 2, sharey=True, width_ratios=[3, 2])
     ys = list(range(len(rows)))[::-1]
     max_drop = report["verdict"]["max_drop"]
     deltas.axvspan(-1.05, -max_drop, color=BUDGET_COLOR, alpha=0.08, lw=0)
-    deltas.axvline(-max_drop, color=BUDGET_COLOR, lw=1, ls="--", label=f"budget: -{max_drop:g}")
+    deltas.axvline(-max_drop, color=BUDGET_COLOR, lw=1, ls="--")
     deltas.axvline(0, color="#555", lw=0.8)
     for y, (name, c, kind) in zip(ys, rows):
         color = ORIGINAL_COLOR if kind == "original" else TARGET_COLOR
@@ -295,11 +298,19 @@ def _task_plot(report: dict) -> str:
     pad = 0.05 * (max(highs) - min(lows) or 1)
     deltas.set_xlim(max(-1.05, min(lows) - pad), min(1.05, max(highs) + pad))
     deltas.set_yticks(ys, [f"{name}\n({kind})" for name, _, kind in rows])
-    deltas.set_xlabel("delta = tuned - base (95% CI); left of the dashed line is over budget")
-    deltas.legend(loc="lower right", fontsize="small")
+    deltas.set_title("change: tuned - base, with 95% interval")
+    deltas.set_xlabel("delta")
+    below = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.16 - 0.25 / len(rows)), "fontsize": "small",
+             "frameon": False}
+    deltas.legend(handles=[Patch(color=BUDGET_COLOR, alpha=0.15, label=f"over budget (a drop above {max_drop:g})")],
+                  **below)
     scores.set_xlim(-0.02, 1.02)
-    scores.set_xlabel("score: base (grey circle) -> tuned; orange bar: chance")
+    scores.set_title("score")
+    scores.set_xlabel("base -> tuned")
     scores.set_ylim(-0.6, len(rows) - 0.4)
+    scores.legend(handles=[Line2D([], [], marker="o", ls="", color="#9e9e9e", label="base"),
+                           Line2D([], [], marker="D", ls="", color=ORIGINAL_COLOR, label="tuned"),
+                           Line2D([], [], color="#ff7f0e", lw=2, label="chance")], ncol=3, **below)
     return _png(fig)
 
 
@@ -327,8 +338,14 @@ def _curve_plot(report: dict) -> str:
 
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(_cell(c) for c in r) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _cell(text: str) -> str:
+    # Numbers align right, so digits line up down a column; words read from the left.
+    numeric = text[:1].isdigit() or text[:2].lstrip("+-")[:1].isdigit() or text == "-"
+    return f"<td>{html.escape(text)}</td>" if numeric else f"<td class='text'>{html.escape(text)}</td>"
 
 
 STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222;line-height:1.4}"
@@ -338,7 +355,7 @@ STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#22
          ".verdict{font-size:1.15em;font-weight:bold;padding:0.6em 0.8em;border-left:6px solid #888}"
          ".PASS{border-color:#2ca02c;background:#eef8ee}.FAIL{border-color:#d62728;background:#fbeeee}"
          ".INCONCLUSIVE{border-color:#ff7f0e;background:#fff5e8}img{max-width:100%}"
-         "table.examples td{text-align:left;max-width:420px}")
+         "table.examples td{text-align:left;max-width:420px}td.text{text-align:left}")
 
 
 def _html_page(title: str, body: list[str]) -> str:
@@ -556,8 +573,8 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> dict:
 
 
 def _point_label(r: dict) -> str:
-    """A point's tag on its family's curve: its learning rate (and seed when the family has several)."""
-    return (r["tag"] or r["name"]) + (f" s{r['seed']}" if r.get("_seeds", 1) > 1 else "")
+    """A point's tag on its family's curve: its learning rate, and its seed where several seeds share the rate."""
+    return (r["tag"] or r["name"]) + (f" (seed {r['seed']})" if r.get("_seeds", 1) > 1 else "")
 
 
 def _plane_plot(runs: list[dict]) -> str:
@@ -572,11 +589,10 @@ def _plane_plot(runs: list[dict]) -> str:
     max_drop = min(r["max_drop"] for r in runs)
     for k, family in enumerate(families):
         members = sorted((r for r in runs if r["family"] == family), key=lambda r: (r["order"] or 0, r["seed"] or 0))
-        seeds = len({r["seed"] for r in members})
         color = colors(k % 10)
         plane.plot([r["drop"] for r in members], [r["gain"] for r in members], "-", color=color, alpha=0.5)
         for r in members:
-            r["_seeds"] = seeds
+            r["_seeds"] = sum(m["order"] == r["order"] for m in members)
             plane.errorbar(r["drop"], r["gain"],
                            xerr=[[r["drop"] - r["drop_ci"][0]], [r["drop_ci"][1] - r["drop"]]],
                            yerr=[[r["gain"] - r["gain_ci"][0]], [r["gain_ci"][1] - r["gain"]]] if r["gain_ci"]
@@ -603,7 +619,12 @@ def _plane_plot(runs: list[dict]) -> str:
         drift.errorbar(max(r["kl"], 1e-6), i, xerr=[[r["kl"] - r["kl_ci"][0]], [r["kl_ci"][1] - r["kl"]]], fmt="o",
                        color=color, capsize=2)
     drift.set_yticks(range(len(with_kl)), [f"{r['name']}" for r in with_kl], fontsize=8)
-    drift.set_xscale("symlog", linthresh=0.01)
+    smallest = min((r["kl_ci"][0] for r in with_kl), default=0.0)
+    if smallest > 0:
+        drift.set_xscale("log")
+    else:  # a run that did not move at all has KL 0, which a log axis cannot show
+        drift.set_xscale("symlog", linthresh=min((r["kl"] for r in with_kl if r["kl"] > 0), default=0.01))
+        drift.set_xlim(left=0)
     drift.set_xlabel("drift: KL(base ‖ tuned) per token (95% CI)")
     drift.set_title("how far predictions moved")
     return _png(fig)

@@ -16,7 +16,7 @@ from accelerate.utils import broadcast_object_list
 from .engine import engine
 from .errors import UserError
 from .evaluate import ForgettingEval, evaluate_saved
-from .forgetting import choose_best, within_budget
+from .forgetting import FAIL, budget_status, choose_best
 from .mitigations import describe
 from .recipe import Recipe
 from .report import build_report, provenance, write_report
@@ -53,17 +53,18 @@ class TrainingEval:
 
     def check(self, step: int, model, tokenizer, save) -> bool:
         """Collective. Measures the model after `step` updates; keeps it as best/ when the budget policy wants
-        it; returns True on every rank when the run must stop (over budget with `on_over_budget: stop`)."""
+        it; returns True on every rank when the run must stop (`on_over_budget: stop` and the verdict is FAIL: a drop
+        beyond the budget and beyond doubt; an INCONCLUSIVE step trains on)."""
         policy = self.recipe.eval.on_over_budget
         verdict = [False, False]  # over budget, new best within budget
         if self.fe is not None:
             point = self.fe.evaluate(self.accelerator.unwrap_model(model), step)
-            verdict[0] = not within_budget(self.fe.base.tasks, point.tasks, self.recipe.eval.max_drop)
+            status = budget_status(self.fe.base.tasks, point.tasks, self.recipe.eval.max_drop)
+            verdict[0] = status == FAIL
             best = choose_best(self.fe.base, self.fe.curve, self.recipe.eval.max_drop)
             verdict[1] = policy != "continue" and best is point
-            if verdict[0]:
-                self.accelerator.print(f"step {step}: over the forgetting budget (eval.max_drop="
-                                       f"{self.recipe.eval.max_drop})")
+            self.accelerator.print(f"step {step}: forgetting verdict {status} (eval.max_drop="
+                                   f"{self.recipe.eval.max_drop})")
         over, new_best = broadcast_object_list(verdict)
         if new_best:
             save(self.run.path / "best")  # collective: every rank takes part

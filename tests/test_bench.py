@@ -1,5 +1,6 @@
 """The benchmark runs end to end (not how fast: speed is measured by bench/throughput.py itself, never by a test)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -8,21 +9,32 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+IMPLS = ["finetune", "trl", "trl-packing", "torch", "finetune-gc", "trl-gc"]
 
 
 @pytest.mark.slow
 def test_quick_benchmark_on_the_tiny_model_prints_every_row_with_its_ratios(tmp_path):
     out = tmp_path / "results.md"
     proc = subprocess.run([sys.executable, "bench/throughput.py", "--quick", "--models", "tiny", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| tiny")]
-    assert [(r[1].strip(), r[2].strip()) for r in rows] == [
-        (mode, impl) for mode in ("lora", "full") for impl in ("finetune", "trl", "trl-packing", "torch")]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.read_text().splitlines()
+            if line.startswith("| tiny")]
+    assert [(r[1], r[2]) for r in rows] == [(mode, impl) for mode in ("lora", "full") for impl in IMPLS]
     for r in rows:
-        assert float(r[4].replace(",", "")) > 0  # total tok/s
-        ratios = [c.strip() for c in r[6:8]]
-        assert sum(c == "-" for c in ratios) == (1 if r[2].strip().startswith("trl") else 0)
-        assert all(re.fullmatch(r"\d+\.\d\d", c) for c in ratios if c != "-")
-        assert re.fullmatch(r"\d+%", r[9].strip())  # MFU
+        # Every row says how gradient checkpointing was set, and the pairs compare equal settings.
+        assert r[3] == ("on" if r[2].endswith("-gc") else "off")
+        assert float(r[5].replace(",", "")) > 0  # total tok/s
+        has_reference = r[2] in ("finetune", "torch", "trl-packing", "finetune-gc")
+        assert (r[7] != "-") == has_reference and (r[8] != "-") == (r[2] in ("finetune", "torch"))
+        assert all(re.fullmatch(r"\d+\.\d\d", c) for c in r[7:9] if c != "-")
+        useful, executed = (float(x) for x in r[10].split(" / "))
+        assert 0 < useful <= executed * 1.001  # nothing executes less than it needs
+        assert re.fullmatch(r"\d+%", r[11]) and re.fullmatch(r"\d+%", r[12])
+    # TRL pads its default batches; checkpointing adds a second forward to what is executed.
+    by = {(r[1], r[2]): r for r in rows}
+    assert float(by["full", "trl"][6].rstrip("%")) > 0 and by["full", "finetune"][6] == "0%"
+    assert float(by["full", "finetune-gc"][10].split(" / ")[1]) > float(by["full", "finetune"][10].split(" / ")[1])
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert len(raw["runs"]) == len(rows) and all("useful_flops_per_token" in r for r in raw["runs"])
     assert out.read_text() in proc.stdout

@@ -28,7 +28,7 @@ def test_replay_of_the_original_task_reduces_the_drop(tmp_path, base_dir, tasks)
                    f"data.replay={{datasets: [{{path: {replay}, format: text}}], ratio: 0.3}}")
     assert original_drop(plain) > 0.5
     assert original_drop(mixed) < original_drop(plain) - 0.25, (original_drop(mixed), original_drop(plain))
-    assert [r["method"] for r in compare_runs([plain, mixed], tmp_path / "cmp")["runs"]] == ["full, lr 0.003",
+    assert [r["label"] for r in compare_runs([plain, mixed], tmp_path / "cmp")["runs"]] == ["full, lr 0.003",
                                                                                           "full, lr 0.003, replay 30%"]
 
 
@@ -39,7 +39,7 @@ def test_a_large_l2sp_keeps_weights_near_the_base_and_reduces_the_drop(tmp_path,
     assert distance_from_base(pulled, base_dir) < 0.5 * distance_from_base(plain, base_dir)
     assert original_drop(pulled) < original_drop(plain) - 0.25, (original_drop(pulled), original_drop(plain))
     assert "l2sp" in json.loads((pulled / "metrics.jsonl").read_text().splitlines()[-1])
-    assert compare_runs([pulled], tmp_path / "cmp")["runs"][0]["method"].endswith(", L2-SP 30")
+    assert compare_runs([pulled], tmp_path / "cmp")["runs"][0]["label"].endswith(", L2-SP 30")
 
 
 def test_l2sp_for_lora_penalises_the_adapters_effective_update():
@@ -150,4 +150,4 @@ def test_ewc_holds_the_weights_the_original_task_needs_closer_than_plain_l2sp(tm
 
     assert share_moved_of_important(weighted) < 0.5 * share_moved_of_important(plain), (
         share_moved_of_important(weighted), share_moved_of_important(plain))
-    assert compare_runs([weighted], tmp_path / "cmp")["runs"][0]["method"].endswith(", EWC 1")
+    assert compare_runs([weighted], tmp_path / "cmp")["runs"][0]["label"].endswith(", EWC 1")
