@@ -4,11 +4,9 @@ run without them."""
 import json
 
 import torch
-from conftest import run, write_jsonl
+from conftest import conflicting_recipe, run, texts, write_jsonl
 from finetune.report import compare_runs
 from safetensors.torch import load_file
-from test_budget import conflicting_recipe
-from test_evaluate import base_dir, tasks, texts  # noqa: F401 (fixtures)
 
 
 def original_drop(run_dir) -> float:
