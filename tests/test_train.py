@@ -97,6 +97,32 @@ def test_grad_accumulation_2x2_equals_batch_4(tmp_path, tiny_model, monkeypatch,
     assert_close(weights(a), weights(b), atol=1e-5)
 
 
+@pytest.mark.parametrize("arch,fmt", [("llama", "chat"), ("gpt2", "text")])
+def test_packed_and_unpacked_runs_take_the_same_steps(tmp_path, tiny_models, tokenizer, arch, fmt):
+    """Each update holds every example (one batch per epoch), packed into fewer rows or one per row: the same
+    global batch, so the same loss, gradient norm and weights. Unclipped, so a scale would show in the weights."""
+    sections = dict(fmt=fmt, rows=12, train={"max_steps": 3, "max_grad_norm": None})
+    path = make_recipe(tmp_path, tiny_models[arch], "probe", **sections)
+    recipe = load_recipe(path)
+    examples, _, _ = build_datasets(recipe.data, tokenizer, seed=0)
+    packed_rows = len(RowDataset(examples, recipe.data.max_length, packing=True))
+    assert packed_rows < len(examples)
+    packed, _ = run(make_recipe(tmp_path, tiny_models[arch], "packed", **sections, data={"packing": True}),
+                    f"train.batch_size={packed_rows}")
+    unpacked, _ = run(make_recipe(tmp_path, tiny_models[arch], "unpacked", **sections, data={"packing": False}),
+                      f"train.batch_size={len(examples)}")
+    for a, b in zip(metrics(packed), metrics(unpacked), strict=True):
+        assert a["target_tokens"] == b["target_tokens"], (a, b)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
+                                                                                                   rel=1e-5), (a, b)
+    # Compared as whole updates: Adam divides by the root of the squared gradient, so rounding noise in a gradient
+    # that is zero in exact arithmetic (GPT-2's key biases) becomes a full-size step of that one element.
+    start, a, b = load_file(tiny_models[arch] / "model.safetensors"), weights(packed), weights(unpacked)
+    apart = sum(((a[k] - b[k]) ** 2).sum() for k in start).sqrt()
+    moved = sum(((a[k] - start[k]) ** 2).sum() for k in start).sqrt()
+    assert apart < 1e-3 * moved, (apart, moved)
+
+
 def test_train_step_gradient_is_the_sum_of_token_losses_over_the_global_target_count(tmp_path, tiny_model, tokenizer):
     """train_step against plain autograd of sum(token cross-entropies) / (target tokens of the whole update), over two
     accumulated micro-batches with different target counts."""
