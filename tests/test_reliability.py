@@ -45,7 +45,7 @@ def newest_complete_checkpoint(run_dir: Path) -> Path:
 
 def start_and_wait_for_step(cmd: list[str], run_dir: Path, step: int) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 300  # a guard against a hang, not a measure of speed
     while logged_steps(run_dir) < step:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the run never got there"
