@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             result = compare_runs(args.runs, args.out)
             print(summary_table(result))
             print()
+            for family, best in result["best_per_family"].items():
+                print(f"best run within budget, {family}: {best or 'none passes'}")
             for note in result["notes"] + [c["text"] for c in result["method_comparison"]]:
                 print(note)
             print(f"comparison of {len(args.runs)} runs: {args.out / 'compare.html'}")
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
             result = sweep(Path(args.recipe), args.grid, args.overrides, args.launch_config, args.print_commands)
             if result is not None:
-                print(f"recommended run: {result['recommended'] or 'none within the forgetting budget'}")
+                print(f"recommended run: {result['recommended'] or 'none passes the forgetting budget'}")
             return 0
         if args.command == "merge":
             from .model import merge_adapter

@@ -1,9 +1,14 @@
-"""Tiny models and a tiny tokenizer, built here so every test runs offline in seconds."""
+"""Shared fixtures and helpers: tiny models and a tiny tokenizer (every test runs offline in seconds), data with
+varied target counts, recipes and runs, the forgetting set-up (a base pre-trained on an lm-eval task), and
+`accelerate launch` without a port to collide on. Test modules import helpers from here, never from each other."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from accelerate.state import AcceleratorState, GradientState
@@ -15,7 +20,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from finetune.checkpoint import open_run_dir
-from finetune.recipe import load_recipe
+from finetune.model import load_tokenizer
+from finetune.recipe import ModelSection, load_recipe
 from finetune.train import train
 
 # Models this small gain nothing from a second thread, and on a busy two-core machine a thread waiting for a core
@@ -44,6 +50,10 @@ TINY_CONFIGS = {
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
     "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, max_position_embeddings=512),
+    # Learned absolute positions: the one family where position ids that fail to restart per packed example show.
+    # Dropout off, as in the others, so that equivalence tests can compare exactly.
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=512,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
 }
 
 
@@ -103,16 +113,34 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+
+def _counts(i: int) -> tuple[int, int]:
+    """(first word, number of words) of row i: 1 to 8 words, 24 distinct rows. Answers of different lengths give
+    packed rows, micro-batches and ranks different target counts, so a loss normalised per micro-batch or per rank
+    instead of over the global batch shows."""
+    return i % 3, 1 + (i * 5) % 8
+
+
 def chat_rows(n: int) -> list[dict]:
-    """A memorisable chat task: the assistant counts on from a number."""
-    words = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    """A memorisable chat task: the assistant counts on from a word, as many words as asked (1 to 8)."""
     rows = []
     for i in range(n):
-        start = i % 7
+        start, length = _counts(i)
         rows.append({"messages": [
-            {"role": "user", "content": f"count from {words[start]}"},
-            {"role": "assistant", "content": " ".join(words[start:start + 4])},
+            {"role": "user", "content": f"count {length} from {WORDS[start]}"},
+            {"role": "assistant", "content": " ".join(WORDS[start:start + length])},
         ]})
+    return rows
+
+
+def text_rows(n: int) -> list[dict]:
+    """Format `text` (every token a target, the first included): counts of 1 to 8 words."""
+    rows = []
+    for i in range(n):
+        start, length = _counts(i)
+        rows.append({"text": "count: " + " ".join(WORDS[start:start + length])})
     return rows
 
 
@@ -123,13 +151,14 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
-def make_recipe(tmp_path, model_dir, name="r", rows=32, **sections):
-    data = tmp_path / "chat.jsonl"
+def make_recipe(tmp_path, model_dir, name="r", rows=32, fmt="chat", **sections):
+    """A recipe file for a short run on `rows` rows of chat_rows (fmt "chat") or text_rows (fmt "text")."""
+    data = tmp_path / f"{fmt}.jsonl"
     if not data.exists():
-        write_jsonl(data, chat_rows(rows))
+        write_jsonl(data, chat_rows(rows) if fmt == "chat" else text_rows(rows))
     recipe = {
         "model": {"path": str(model_dir)},
-        "data": {"train": [{"path": str(data), "format": "chat"}], "max_length": 64},
+        "data": {"train": [{"path": str(data), "format": fmt}], "max_length": 64},
         "train": {"lr": 3e-3, "max_steps": 4, "batch_size": 4, "seed": 0},
         "output": {"dir": str(tmp_path / "runs" / name), "save_every": 0},
     }
@@ -171,3 +200,113 @@ def run(path, *overrides, accept_changes=False):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     return Path(recipe.output.dir), model
+
+
+# ---------------------------------------------------------------- forgetting: a base that knows an lm-eval task
+
+ITEMS = list("abcdefghijklmnop")  # 16 questions
+ANSWERS = ["one", "two", "three", "four"]
+
+
+def task_rows(shift: int) -> list[dict]:
+    """"Q: what is x? A: <word>": the original task (shift 0) and a conflicting one (another word, same prompt)."""
+    return [{"item": x, "label": (i + shift) % len(ANSWERS)} for i, x in enumerate(ITEMS)]
+
+
+def write_task(folder: Path, name: str, shift: int) -> Path:
+    """A local lm-eval multiple-choice task: a YAML file and its jsonl data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(folder / f"{name}.jsonl", task_rows(shift))
+    path = folder / f"{name}.yaml"
+    path.write_text(f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {data}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Q: what is {{{{item}}}}? A:"
+doc_to_choice: {json.dumps(ANSWERS)}
+doc_to_target: label
+metric_list:
+  - {{metric: acc, aggregation: mean, higher_is_better: true}}
+  - {{metric: acc_norm, aggregation: mean, higher_is_better: true}}
+""", encoding="utf-8")
+    return path
+
+
+def texts(shift: int) -> list[str]:
+    return [f"Q: what is {r['item']}? A: {ANSWERS[r['label']]}" for r in task_rows(shift)]
+
+
+def fit(model, tokenizer, lines: list[str], *, lr: float, steps: int) -> None:
+    """Full-batch AdamW on every token of `lines`: enough to memorise 16 short lines in a few hundred steps."""
+    batch = tokenizer(lines, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.fixture(scope="session")
+def tasks(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("tasks")
+    return {"original": write_task(folder, "original", 0), "conflict": write_task(folder, "conflict", 1)}
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory) -> Path:
+    """A tiny llama pre-trained on the original task: the base whose knowledge fine-tuning may destroy."""
+    root = tmp_path_factory.mktemp("base")
+    folder = make_model_dir(root, "llama")
+    tokenizer = load_tokenizer(ModelSection(path=str(folder)))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    torch.manual_seed(0)
+    fit(model, tokenizer, texts(0), lr=3e-3, steps=150)
+    model.save_pretrained(folder)
+    return folder
+
+
+def conflicting_recipe(tmp_path, base_dir, tasks, **eval_section):
+    data = write_jsonl(tmp_path / "conflict.jsonl", [{"text": t} for t in texts(1)])
+    return make_recipe(
+        tmp_path, base_dir, model={"cache_dir": str(tmp_path / "cache")},
+        data={"train": [{"path": str(data), "format": "text"}], "packing": False},
+        train={"max_steps": 20, "lr": 3e-3, "batch_size": 8},
+        eval={"tasks": [str(tasks["original"])], "target_tasks": [str(tasks["conflict"])], **eval_section},
+    )
+
+
+# ---------------------------------------------------------------- several processes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# `accelerate launch ARGS` with torchrun's standalone rendezvous. accelerate reaches it only as a fallback when its
+# port is taken, and turns `--main_process_port 0` into a port it binds, closes and hands on, which another launch
+# may take in between. Standalone, the rendezvous store binds port 0 itself and keeps it, and the ranks' process
+# group reuses that store (torch shares it with the workers), so no port number exists before it is bound.
+_STANDALONE_LAUNCH = """import sys
+from accelerate.commands.launch import launch_command, launch_command_parser
+args = launch_command_parser().parse_args(sys.argv[1:])
+args.standalone = True
+launch_command(args)
+"""
+
+
+def accelerate_launch(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `accelerate launch ARGS` (e.g. --config_file, the script and its arguments) from the repository root on
+    this machine (one node), with no port to collide on, whatever other launches run at the same time. A launch that
+    hangs is killed with all its ranks after `timeout` seconds and fails the test with its output."""
+    cmd = [sys.executable, "-c", _STANDALONE_LAUNCH, *args]
+    # A session of its own, so that a hung launch is killed with all its ranks and its output is still shown.
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"accelerate launch hung for {timeout} s:\n{out[-3000:]}\n{err[-6000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -2,18 +2,7 @@
 
 import json
 
-from conftest import make_recipe, metrics, run, write_jsonl
-from test_evaluate import base_dir, tasks, texts  # noqa: F401 (fixtures)
-
-
-def conflicting_recipe(tmp_path, base_dir, tasks, **eval_section):
-    data = write_jsonl(tmp_path / "conflict.jsonl", [{"text": t} for t in texts(1)])
-    return make_recipe(
-        tmp_path, base_dir, model={"cache_dir": str(tmp_path / "cache")},
-        data={"train": [{"path": str(data), "format": "text"}], "packing": False},
-        train={"max_steps": 20, "lr": 3e-3, "batch_size": 8},
-        eval={"tasks": [str(tasks["original"])], "target_tasks": [str(tasks["conflict"])], **eval_section},
-    )
+from conftest import conflicting_recipe, metrics, run
 
 
 def test_train_measures_base_curve_and_writes_the_report(tmp_path, base_dir, tasks):

@@ -2,7 +2,7 @@ import random
 
 import pytest
 import torch
-from conftest import chat_rows, make_tokenizer, write_jsonl
+from conftest import chat_rows, make_tokenizer, text_rows, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from finetune import attention
@@ -10,6 +10,7 @@ from finetune.data import (IGNORE, Collator, DataError, RowDataset, block_causal
                            pack, DataStats)
 from finetune.model import load_model
 from finetune.recipe import DataSection, DatasetSpec, ModelSection
+from finetune.loss import token_loss_sum
 
 
 def _data(path, fmt="chat", **kw) -> DataSection:
@@ -115,48 +116,73 @@ def test_block_mask_separates_examples_and_is_causal():
     assert m[5, 5] and not m[5, 4]  # padding sees only itself
 
 
-@pytest.mark.parametrize("attn,mask", [("sdpa", "block_bool"), ("eager", "block_float"),
-                                       (attention.NAME, "segments")])
-def test_packed_and_unpacked_batches_give_the_same_per_example_loss(tmp_path, tiny_models, tokenizer, attn, mask):
-    path = write_jsonl(tmp_path / "c.jsonl", chat_rows(6))
-    examples, _, _ = build_datasets(_data(path), tokenizer, seed=0)
-    if attn == attention.NAME:  # as training loads it (its kv heads are fewer than its heads: grouped-query)
-        model = load_model(ModelSection(path=str(tiny_models["llama"])), None).eval()
+N = IGNORE  # no label
+# Three examples, every token a target but the second token of B. B's first token is a target, so a label shifted
+# across the boundary (the last token of A predicting it) would count.
+A, B, C = ([10, 11, 12], [1, 1, 1]), ([20, 21, 22, 23], [1, 0, 1, 1]), ([30, 31], [1, 1])
+# Label at t: token t+1 of the same example if it is a target; positions restart at 0 with every example.
+PER_EXAMPLE = {"A": ([11, 12, N], [0, 1, 2]), "B": ([N, 22, 23, N], [0, 1, 2, 3]), "C": ([31, N], [0, 1])}
+LAYOUTS = {  # rows of examples each collator mode makes from rows [[A, B], [C]] (unpacked: [[A], [B], [C]])
+    "segments": [["A", "B", "C"]], "block_bool": [["A", "B"], ["C"]], "block_float": [["A", "B"], ["C"]],
+    "position_ids": [["A", "B"], ["C"]], "padding": [["A"], ["B"], ["C"]],
+}
+
+
+@pytest.mark.parametrize("mask", LAYOUTS)
+def test_labels_and_position_ids_restart_at_every_example_boundary(mask):
+    rows = [[A], [B], [C]] if mask == "padding" else [[A, B], [C]]
+    batch = Collator(pad_id=0, mask=mask)(rows)
+    width = max(sum(len(PER_EXAMPLE[name][0]) for name in row) for row in LAYOUTS[mask])
+    labels, positions = [], []
+    for row in LAYOUTS[mask]:
+        pad = width - sum(len(PER_EXAMPLE[name][0]) for name in row)
+        labels.append([t for name in row for t in PER_EXAMPLE[name][0]] + [N] * pad)
+        positions.append([t for name in row for t in PER_EXAMPLE[name][1]] + [0] * pad)
+    assert batch["labels"].tolist() == labels
+    assert batch["position_ids"].tolist() == positions
+    assert int(batch["n_tokens"]) == 9
+    if mask == "segments":
+        assert batch["segment_lengths"] == (3, 4, 2)
+
+
+# The attention finetune trains with (its per-example sdpa), and the block masks sdpa and eager take.
+PACKED_ATTENTION = {attention.NAME: "segments", "sdpa": "block_bool", "eager": "block_float"}
+
+
+@pytest.mark.parametrize("attn", PACKED_ATTENTION)
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "gpt2"])
+def test_packed_and_unpacked_batches_give_the_same_loss_and_gradients(tmp_path, tiny_models, tokenizer, arch, attn):
+    """Through finetune's attention and loss. Chat and text examples (in text, the first token of every example is a
+    target: a label shifted across an example boundary shows); GPT-2's learned absolute positions show position ids
+    that fail to restart, which rotary models cannot."""
+    chat = write_jsonl(tmp_path / "c.jsonl", chat_rows(6))
+    text = write_jsonl(tmp_path / "t.jsonl", text_rows(6))
+    data = DataSection(train=[DatasetSpec(path=str(chat), format="chat"), DatasetSpec(path=str(text), format="text")],
+                       max_length=64)
+    examples, _, _ = build_datasets(data, tokenizer, seed=0)
+    if attn == attention.NAME:  # as training loads it (llama's kv heads are fewer than its heads: grouped-query)
+        model = load_model(ModelSection(path=str(tiny_models[arch])), None)
         assert model.config._attn_implementation == attn
     else:
-        model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], attn_implementation=attn).eval()
-    pad = tokenizer.eos_token_id
+        model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], attn_implementation=attn)
+    model.eval()
 
-    def per_example_losses(rows, mask):
-        batch = Collator(pad, mask)([rows[i] for i in range(len(rows))])
+    def loss_and_gradients(rows, mask):
+        batch = Collator(tokenizer.eos_token_id, mask)([rows[i] for i in range(len(rows))])
         batch.pop("n_tokens")
-        labels = batch.pop("labels")
-        with torch.no_grad():
-            logits = model(**batch).logits
-        token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none",
-                                                       ignore_index=IGNORE).view(labels.shape)
-        # Group token losses by example: examples are laid out in order within each row ("segments": all of the
-        # batch's examples in one row).
-        layout = [[i for row in rows.rows for i in row]] if mask == "segments" else rows.rows
-        assert len(layout) == labels.shape[0]
-        out = []
-        for b, row in enumerate(layout):
-            start = 0
-            for i in row:
-                n = len(examples[i]["input_ids"])
-                out.append((i, (token_loss[b, start:start + n].sum() / (labels[b, start:start + n] != IGNORE).sum())
-                            .item()))
-                start += n
-        return dict(out)
+        model.zero_grad()
+        targets = (batch["labels"] != IGNORE).sum()
+        loss = token_loss_sum(model, batch) / targets
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     packed = RowDataset(examples, 64, packing=True)
     assert max(len(r) for r in packed.rows) > 1  # the test means nothing unless rows really hold several examples
-    unpacked = RowDataset(examples, 64, packing=False)
-    a = per_example_losses(packed, mask)
-    b = per_example_losses(unpacked, "padding")
-    assert a.keys() == b.keys()
-    for i in a:
-        assert abs(a[i] - b[i]) < 1e-4, (i, a[i], b[i])
+    loss, grads = loss_and_gradients(packed, PACKED_ATTENTION[attn])
+    expected_loss, expected = loss_and_gradients(RowDataset(examples, 64, packing=False), "padding")
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected[name], rtol=1e-4, atol=1e-6), (name, (grad - expected[name]).abs().max())
 
 
 def test_position_ids_alone_do_not_separate_packed_examples_under_sdpa(tmp_path, tiny_models, tokenizer):

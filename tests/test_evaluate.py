@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model_dir, write_jsonl
+from conftest import ANSWERS, ITEMS, fit, task_rows, texts, write_jsonl, write_task
 from transformers import AutoModelForCausalLM
 
 import finetune.evaluate as evaluate
@@ -18,70 +18,6 @@ from finetune.forgetting import choose_best
 from finetune.model import load_tokenizer
 from finetune.recipe import EvalSection, ModelSection
 from finetune.report import build_report, provenance
-
-ITEMS = list("abcdefghijklmnop")  # 16 questions
-ANSWERS = ["one", "two", "three", "four"]
-
-
-def task_rows(shift: int) -> list[dict]:
-    """"Q: what is x? A: <word>": the original task (shift 0) and a conflicting one (another word, same prompt)."""
-    return [{"item": x, "label": (i + shift) % len(ANSWERS)} for i, x in enumerate(ITEMS)]
-
-
-def write_task(folder: Path, name: str, shift: int) -> Path:
-    """A local lm-eval multiple-choice task: a YAML file and its jsonl data."""
-    folder.mkdir(parents=True, exist_ok=True)
-    data = write_jsonl(folder / f"{name}.jsonl", task_rows(shift))
-    path = folder / f"{name}.yaml"
-    path.write_text(f"""task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files: {{test: {data}}}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Q: what is {{{{item}}}}? A:"
-doc_to_choice: {json.dumps(ANSWERS)}
-doc_to_target: label
-metric_list:
-  - {{metric: acc, aggregation: mean, higher_is_better: true}}
-  - {{metric: acc_norm, aggregation: mean, higher_is_better: true}}
-""", encoding="utf-8")
-    return path
-
-
-def texts(shift: int) -> list[str]:
-    return [f"Q: what is {r['item']}? A: {ANSWERS[r['label']]}" for r in task_rows(shift)]
-
-
-def fit(model, tokenizer, lines: list[str], *, lr: float, steps: int) -> None:
-    """Full-batch AdamW on every token of `lines`: enough to memorise 16 short lines in a few hundred steps."""
-    batch = tokenizer(lines, return_tensors="pt", padding=True)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    for _ in range(steps):
-        model(**batch, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-
-@pytest.fixture(scope="module")
-def tasks(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("tasks")
-    return {"original": write_task(folder, "original", 0), "conflict": write_task(folder, "conflict", 1)}
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    """A tiny llama pre-trained on the original task: the base whose knowledge fine-tuning may destroy."""
-    root = tmp_path_factory.mktemp("base")
-    folder = make_model_dir(root, "llama")
-    tokenizer = load_tokenizer(ModelSection(path=str(folder)))
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    torch.manual_seed(0)
-    fit(model, tokenizer, texts(0), lr=3e-3, steps=150)
-    model.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture()

@@ -13,6 +13,9 @@ from finetune.data import DataError, build_datasets
 from finetune.recipe import RecipeError, load_recipe
 from finetune.recipe import DataSection, DatasetSpec
 
+# No deadline and no too_slow health check: both are wall-clock limits, which fail on busy shared cores.
+UNTIMED = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+
 KEYS = {
     "model": ["path", "dtype", "trust_remote_code", "attn_implementation", "gradient_checkpointing", "pth"],
     "data": ["train", "max_length", "packing", "train_on", "val_fraction", "on_bad_row", "maxlength"],
@@ -41,7 +44,7 @@ def recipes(draw):
     return recipe
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=UNTIMED)
 @given(recipe=recipes(), overrides=st.lists(st.text(max_size=15), max_size=2))
 def test_any_recipe_loads_or_raises_a_recipe_error(tmp_path, recipe, overrides):
     path = tmp_path / "fuzz.yaml"
@@ -52,7 +55,7 @@ def test_any_recipe_loads_or_raises_a_recipe_error(tmp_path, recipe, overrides):
         assert str(e) and "\n" not in str(e).strip()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=UNTIMED)
 @given(text=st.text(max_size=200))
 def test_any_text_as_a_recipe_file_gives_exit_0_or_2_without_traceback(tmp_path, capsys, text):
     path = tmp_path / "fuzz.yaml"
@@ -61,7 +64,7 @@ def test_any_text_as_a_recipe_file_gives_exit_0_or_2_without_traceback(tmp_path,
     assert "Traceback" not in capsys.readouterr().err
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=50, deadline=None, suppress_health_check=UNTIMED)
 @given(raw=st.binary(min_size=1, max_size=200))
 def test_any_bytes_as_a_recipe_file_are_refused_cleanly(tmp_path, raw):
     path = tmp_path / "fuzz.yaml"
@@ -81,7 +84,7 @@ FIELDS = {"text": ["text"], "instruction": ["instruction", "input", "output"], "
 TOKENIZER = make_tokenizer()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=UNTIMED)
 @given(fmt=st.sampled_from(sorted(FIELDS)), data=st.data())
 def test_any_rows_encode_or_raise_a_data_error_naming_file_and_row(tmp_path, fmt, data):
     rows = data.draw(st.lists(st.fixed_dictionaries({}, optional={f: json_values for f in FIELDS[fmt]}),

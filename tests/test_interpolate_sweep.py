@@ -7,14 +7,11 @@ import sys
 import peft
 import pytest
 import torch
-from conftest import run
-from test_budget import conflicting_recipe
-from test_evaluate import base_dir, tasks, texts  # noqa: F401 (fixtures)
+from conftest import conflicting_recipe, make_recipe, run
 from transformers import AutoModelForCausalLM
 
 from finetune.cli import main as cli_main
 from finetune.mitigations.wise_ft import _snapshots, set_alpha
-from finetune.report import compare_runs
 from finetune.sweep import parse_grid, plan
 
 IDS = torch.tensor([[3, 7, 11, 19, 23, 29]])
@@ -98,8 +95,6 @@ def test_sweep_grid_parsing_and_plan(tmp_path, tiny_model):
 
 
 def conflicting_recipe_path(tmp_path, model):
-    from conftest import make_recipe
-
     task = tmp_path / "t.yaml"
     task.write_text("task: t\n")
     return make_recipe(tmp_path, model, eval={"tasks": [str(task)]})

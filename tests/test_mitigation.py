@@ -4,11 +4,9 @@ run without them."""
 import json
 
 import torch
-from conftest import run, write_jsonl
+from conftest import conflicting_recipe, run, texts, write_jsonl
 from finetune.report import compare_runs
 from safetensors.torch import load_file
-from test_budget import conflicting_recipe
-from test_evaluate import base_dir, tasks, texts  # noqa: F401 (fixtures)
 
 
 def original_drop(run_dir) -> float:
@@ -89,7 +87,7 @@ def fisher_of_base(recipe_path, base_dir, *overrides):
     from finetune.mitigations.l2sp import diagonal_fisher, fisher_batches
     from finetune.model import load_tokenizer
     from finetune.recipe import load_recipe
-    from finetune.train import token_loss_sum
+    from finetune.loss import token_loss_sum
     from transformers import AutoModelForCausalLM
 
     recipe = load_recipe(recipe_path, list(overrides))
@@ -105,7 +103,7 @@ def fisher_of_base(recipe_path, base_dir, *overrides):
 def test_diagonal_fisher_is_the_mean_squared_gradient_and_lora_measures_the_same(tmp_path, base_dir, tasks):
     import peft
     from finetune.mitigations.l2sp import diagonal_fisher
-    from finetune.train import token_loss_sum
+    from finetune.loss import token_loss_sum
 
     original = write_jsonl(tmp_path / "original.jsonl", [{"text": t} for t in texts(0)])
     ewc = f"train.l2sp_fisher={{datasets: [{{path: {original}, format: text}}], rows: 6}}"

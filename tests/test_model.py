@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -243,9 +242,7 @@ def test_gguf_converts_once_into_a_loadable_folder(converted, monkeypatch):
 
     mtime = (folder / "model.safetensors").stat().st_mtime_ns
     monkeypatch.setattr(model_module, "_convert_gguf", lambda *_: pytest.fail("converted twice"))
-    start = time.perf_counter()
     assert resolve_model_path(section) == str(folder)
-    assert time.perf_counter() - start < 1
     assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
 
 
