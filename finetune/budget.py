@@ -2,8 +2,8 @@
 and after the last, the forgetting budget (`eval.max_drop`, `eval.on_over_budget`) and the report at the end.
 
 Evaluation runs on the main process with the unwrapped model; the other ranks wait at a barrier. Under FSDP or
-DeepSpeed no single rank holds all the weights, so the base is measured from model.path and the tuned model from
-final/ once it is saved, and evaluation during training is refused.
+DeepSpeed no single rank holds all the weights: the base is measured from model.path, and the tuned model from a copy
+that the ranks gather for the main process at each evaluation (gather.whole_model).
 """
 
 from __future__ import annotations
@@ -14,17 +14,11 @@ import shutil
 from accelerate.utils import broadcast_object_list
 
 from .errors import UserError
-from .evaluate import ForgettingEval, evaluate_saved
+from .evaluate import ForgettingEval
 from .forgetting import choose_best, within_budget
+from .gather import SHARDED, whole_model
 from .recipe import Recipe
 from .report import build_report, provenance, write_report
-
-SHARDED = ("FSDP", "DEEPSPEED")
-
-
-class BudgetError(UserError):
-    """An evaluation setting this launch cannot honour."""
-
 
 class TrainingEval:
     """Created after `accelerator.prepare` and before a checkpoint is loaded, while the weights are the base's."""
@@ -33,17 +27,13 @@ class TrainingEval:
         self.recipe, self.run, self.accelerator = recipe, run, accelerator
         section = recipe.eval
         self.enabled = bool(section.tasks or section.target_tasks)
-        self.sharded = accelerator.distributed_type.name in SHARDED
-        if self.enabled and self.sharded and section.every:
-            raise BudgetError(f"eval.every={section.every} needs the whole model on one process, which "
-                              f"{accelerator.distributed_type.name} does not give; set eval.every: 0 (the tuned "
-                              "model is then measured from final/ after training).")
+        sharded = accelerator.distributed_type.name in SHARDED
         self.fe = None
-        if self.enabled and accelerator.is_main_process and not self.sharded:
+        if self.enabled and accelerator.is_main_process:
             self.fe = ForgettingEval(section, recipe.model, tokenizer, curve_file=run.path / "forgetting" /
                                      "curve.jsonl", resumed_step=resumed_step)
             accelerator.print("measuring the base model on the original tasks (cached for later runs)")
-            self.fe.evaluate_base(accelerator.unwrap_model(model))
+            self.fe.evaluate_base(None if sharded else accelerator.unwrap_model(model))
         accelerator.wait_for_everyone()
 
     def due(self, step: int, max_steps: int) -> bool:
@@ -55,33 +45,34 @@ class TrainingEval:
         it; returns True on every rank when the run must stop (over budget with `on_over_budget: stop`)."""
         policy = self.recipe.eval.on_over_budget
         verdict = [False, False]  # over budget, new best within budget
-        if self.fe is not None:
-            point = self.fe.evaluate(self.accelerator.unwrap_model(model), step)
-            verdict[0] = not within_budget(self.fe.base.tasks, point.tasks, self.recipe.eval.max_drop)
-            best = choose_best(self.fe.base, self.fe.curve, self.recipe.eval.max_drop)
-            verdict[1] = policy != "continue" and best is point
-            if verdict[0]:
-                self.accelerator.print(f"step {step}: over the forgetting budget (eval.max_drop="
-                                       f"{self.recipe.eval.max_drop})")
+        with self._whole(model) as whole:
+            if self.fe is not None:
+                point = self.fe.evaluate(whole, step)
+                verdict[0] = not within_budget(self.fe.base.tasks, point.tasks, self.recipe.eval.max_drop)
+                best = choose_best(self.fe.base, self.fe.curve, self.recipe.eval.max_drop)
+                verdict[1] = policy != "continue" and best is point
+                if verdict[0]:
+                    self.accelerator.print(f"step {step}: over the forgetting budget (eval.max_drop="
+                                           f"{self.recipe.eval.max_drop})")
         over, new_best = broadcast_object_list(verdict)
         if new_best:
             save(self.run.path / "best")  # collective: every rank takes part
         return over and policy == "stop"
 
     def finish(self, step: int, model, tokenizer) -> None:
-        """After final/ is saved: measure the last model, pick what final/ is, write forgetting/report.*."""
-        if self.enabled and self.accelerator.is_main_process:
-            if self.sharded:
-                evaluate_saved(self.recipe.model, self.run.final, self.recipe.eval, self.run.path / "forgetting",
-                               recipe=self.recipe, final_note=f"final/ after step {step}, the last")
-            else:
-                self._report(step, model)
+        """Collective. After final/ is saved: measure the last model, pick what final/ is, write forgetting/report.*."""
+        if self.enabled:
+            with self._whole(model) as whole:
+                if self.fe is not None:
+                    self._report(step, whole)
         self.accelerator.wait_for_everyone()
+
+    def _whole(self, model):
+        return whole_model(self.accelerator, model, self.recipe.model, self.recipe.lora)
 
     def _report(self, step: int, model) -> None:
         fe, section = self.fe, self.recipe.eval
-        last = next((e for e in fe.curve if e.step == step), None) or fe.evaluate(
-            self.accelerator.unwrap_model(model), step)
+        last = next((e for e in fe.curve if e.step == step), None) or fe.evaluate(model, step)
         chosen, note = last, f"final/ is the model after step {step}, the last update"
         best = choose_best(fe.base, fe.curve, section.max_drop) if section.on_over_budget != "continue" else None
         if best is not None and best.step != step and (self.run.path / "best").is_dir():

@@ -21,6 +21,7 @@ from .checkpoint import (RunDir, atomic_write_text, checkpoint_step, latest_chec
 from .cpu import keep_freed_memory
 from .data import IGNORE, Collator, RowDataset, build_datasets, mask_kind
 from .errors import UserError
+from .gather import without_tied_copies
 from .l2sp import PullToBase, diagonal_fisher, fisher_batches
 from .model import count_parameters, load_model, load_tokenizer
 from .preemption import Preempted, StopSignals
@@ -409,7 +410,7 @@ def save_model(accelerator, model, tokenizer, dest: Path, replace: bool = False)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        unwrapped.save_pretrained(tmp, state_dict=without_tied_copies(unwrapped, state), safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if dest.exists():
             if not replace:

@@ -1,0 +1,38 @@
+"""Whole weights out of a model that FSDP or DeepSpeed shards over ranks, for what needs them on one process: the
+saved final/ and the forgetting evaluation during training."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .model import load_model
+from .recipe import LoraSection, ModelSection
+
+SHARDED = ("FSDP", "DEEPSPEED")
+
+
+def without_tied_copies(model, state: dict) -> dict:
+    """The gathered state without the second copy of tied weights. save_pretrained finds tied weights by shared
+    storage, which gathered copies no longer have: a tied-embedding model would get an extra lm_head.weight in
+    final/. `model` is the unwrapped model; its tie map (target: source) names the copies to drop."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return {k: v for k, v in state.items() if not (k in tied and tied[k] in state)}
+
+
+@contextmanager
+def whole_model(accelerator, model, model_section: ModelSection, lora: LoraSection | None) -> Iterator:
+    """Collective. Yields, on the main process, a model that holds all the trained weights (None on the others): the
+    unwrapped model itself, or under FSDP/DeepSpeed a copy built from model.path with the gathered weights loaded, on
+    the main process's device, freed on exit (it costs one more copy of the model there while it lives)."""
+    if accelerator.distributed_type.name not in SHARDED:
+        yield accelerator.unwrap_model(model) if accelerator.is_main_process else None
+        return
+    state = accelerator.get_state_dict(model)  # every rank takes part; the main process gets the whole
+    if not accelerator.is_main_process:
+        yield None
+        return
+    copy = load_model(model_section, lora)
+    copy.load_state_dict(state)
+    del state
+    yield copy.to(accelerator.device)
