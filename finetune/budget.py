@@ -2,8 +2,8 @@
 and after the last, the forgetting budget (`eval.max_drop`, `eval.on_over_budget`) and the report at the end.
 
 Evaluation runs on the main process with the unwrapped model; the other ranks wait at a barrier. Under FSDP or
-DeepSpeed no single rank holds all the weights: the base is measured from model.path, and the tuned model from a copy
-that the ranks gather for the main process at each evaluation (gather.whole_model).
+DeepSpeed no single rank holds all the weights: the model is measured from a copy that the ranks gather for the main
+process at each evaluation (gather.whole_model).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import shutil
 
 from accelerate.utils import broadcast_object_list
 
-from .errors import UserError
 from .evaluate import ForgettingEval
 from .forgetting import choose_best, within_budget
-from .gather import SHARDED, whole_model
+from .gather import whole_model
 from .recipe import Recipe
 from .report import build_report, provenance, write_report
+
 
 class TrainingEval:
     """Created after `accelerator.prepare` and before a checkpoint is loaded, while the weights are the base's."""
@@ -27,13 +27,14 @@ class TrainingEval:
         self.recipe, self.run, self.accelerator = recipe, run, accelerator
         section = recipe.eval
         self.enabled = bool(section.tasks or section.target_tasks)
-        sharded = accelerator.distributed_type.name in SHARDED
         self.fe = None
-        if self.enabled and accelerator.is_main_process:
-            self.fe = ForgettingEval(section, recipe.model, tokenizer, curve_file=run.path / "forgetting" /
-                                     "curve.jsonl", resumed_step=resumed_step)
-            accelerator.print("measuring the base model on the original tasks (cached for later runs)")
-            self.fe.evaluate_base(None if sharded else accelerator.unwrap_model(model))
+        if self.enabled:
+            with self._whole(model) as base:
+                if accelerator.is_main_process:
+                    self.fe = ForgettingEval(section, recipe.model, tokenizer, curve_file=run.path / "forgetting" /
+                                             "curve.jsonl", resumed_step=resumed_step)
+                    accelerator.print("measuring the base model on the original tasks (cached for later runs)")
+                    self.fe.evaluate_base(base)
         accelerator.wait_for_everyone()
 
     def due(self, step: int, max_steps: int) -> bool:

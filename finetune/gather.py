@@ -22,9 +22,10 @@ def without_tied_copies(model, state: dict) -> dict:
 
 @contextmanager
 def whole_model(accelerator, model, model_section: ModelSection, lora: LoraSection | None) -> Iterator:
-    """Collective. Yields, on the main process, a model that holds all the trained weights (None on the others): the
+    """Collective. Yields, on the main process, a model that holds all the current weights (None on the others): the
     unwrapped model itself, or under FSDP/DeepSpeed a copy built from model.path with the gathered weights loaded, on
-    the main process's device, freed on exit (it costs one more copy of the model there while it lives)."""
+    the main process's device (one more copy of the model there while it lives). Models loaded inside, e.g. the base
+    for the drift, are whole ones too."""
     if accelerator.distributed_type.name not in SHARDED:
         yield accelerator.unwrap_model(model) if accelerator.is_main_process else None
         return
@@ -32,7 +33,26 @@ def whole_model(accelerator, model, model_section: ModelSection, lora: LoraSecti
     if not accelerator.is_main_process:
         yield None
         return
-    copy = load_model(model_section, lora)
-    copy.load_state_dict(state)
-    del state
-    yield copy.to(accelerator.device)
+    with _without_zero3_init(accelerator):
+        copy = load_model(model_section, lora)
+        copy.load_state_dict(state)
+        del state
+        yield copy.to(accelerator.device)
+
+
+@contextmanager
+def _without_zero3_init(accelerator) -> Iterator[None]:
+    """Under DeepSpeed ZeRO-3 transformers builds every model it loads partitioned over the ranks (zero.Init), a
+    collective: the main process, loading a model the other ranks never load, would wait for them forever (seen on 2
+    CPU ranks). accelerate's zero3_init_context_manager(enable=False) leaves transformers' ZeRO-3 flag on, so the
+    flag itself is lifted here, and set again as accelerate sets it."""
+    if accelerator.distributed_type.name != "DEEPSPEED":
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()

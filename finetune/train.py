@@ -254,6 +254,11 @@ def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
     # Both before a checkpoint is loaded, while the weights are still the pretrained ones: theta_base for the
     # pull toward the base, and the base model's scores on the original tasks.
     pull = None
+    if tr.l2sp and accelerator.distributed_type.name == "DEEPSPEED":
+        # accelerate steps DeepSpeed's engine inside backward(), before the pull could add its gradient, and ZeRO
+        # keeps gradients in its own partitions: the pull would silently do nothing.
+        raise TrainError("`train.l2sp` is not supported under DeepSpeed; use FSDP (launch/fsdp.yaml) or DDP, or set "
+                         "`train.l2sp: 0`.")
     if tr.l2sp:
         fisher = None
         if tr.l2sp_fisher is not None:

@@ -11,8 +11,9 @@ Accelerate upgrade that changes these branches fails here instead of quietly tes
 
     accelerate launch --config_file CONFIG tests/engine_worker.py RECIPE [overrides...]
 
-FINETUNE_TEST_KILL_AFTER_SAVE=N: rank 0 SIGKILLs itself right after its part of the Nth checkpoint write, before the
-checkpoint is complete (every rank's shard files are on disk; nothing is renamed into place).
+FINETUNE_TEST_KILL_AFTER_SAVE=N: every rank SIGKILLs itself right after its part of the Nth checkpoint write, before
+the checkpoint is complete (every rank's shard files are on disk; nothing is renamed into place), as when a node
+goes down. (Killing one rank alone makes torchrun wait 30 s for the other, stuck in a collective, before killing it.)
 """
 
 import os
@@ -79,7 +80,7 @@ if kill_after:
     def save_state_then_die(self, *args, **kwargs):
         result = save_state(self, *args, **kwargs)
         saves.append(1)
-        if len(saves) == kill_after and self.is_main_process:
+        if len(saves) == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
         return result
 

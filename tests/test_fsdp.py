@@ -2,6 +2,7 @@
 tests/engine_worker.py, which relabels the CPU launch as a GPU one and checks that FSDP2 was set up (DTensor
 parameters). Compared with one process and the same global batch, and with itself interrupted."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -71,7 +72,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES)
 def test_fsdp2_on_two_ranks_matches_one_process_with_the_same_global_batch(tmp_path, tiny_models, tied_llama, case):
-    arch, sections = CASES[case]
+    arch, sections = copy.deepcopy(CASES[case])
     model_dir = tied_llama if arch == "tied" else tiny_models[arch]
     if case == "full-llama-tied":
         sections["data"]["validation"] = [{"path": str(validation_file(tmp_path)), "format": "chat"}]
@@ -136,7 +137,7 @@ def test_fsdp2_lora_checkpoints_hold_the_adapter_and_a_killed_run_resumes_exactl
     assert sum(model.values()) == adapter
     assert 2 * adapter <= sum(checkpoint_tensors(checkpoint / "optimizer_0").values()) <= 2 * adapter + len(model)
 
-    # kill -9 of rank 0 while the step-6 checkpoint is being written: its shards are on disk, it is not complete.
+    # kill -9 of both ranks while the step-6 checkpoint is being written: its shards are on disk, it is not complete.
     proc = run_engine(FSDP, resumed, env={"FINETUNE_TEST_KILL_AFTER_SAVE": "2"})
     assert proc.returncode != 0
     checkpoints = runs / "resumed" / "checkpoints"
@@ -148,21 +149,21 @@ def test_fsdp2_lora_checkpoints_hold_the_adapter_and_a_killed_run_resumes_exactl
     assert [m["loss"] for m in metrics(runs / "straight")] == [m["loss"] for m in metrics(runs / "resumed")]
 
 
-def test_forgetting_is_measured_during_an_fsdp2_run_as_in_one_process(tmp_path, base_dir, tasks):  # noqa: F811
+def assert_forgetting_measured_as_in_one_process(tmp_path, base_dir, tasks, config: Path, seen: str):
+    """A run that forgets, measured every 2 updates on 2 ranks under `config` and on one process: the same curve."""
     data = write_jsonl(tmp_path / "conflict.jsonl",
                        [{"text": f"Q: what is {x}? A: two"} for x in "abcdefghijklmnop"])
     sections = dict(model={"cache_dir": str(tmp_path / "cache")},
                     data={"train": [{"path": str(data), "format": "text"}], "packing": False},
-                    train={"max_steps": 4, "lr": 3e-3, "max_grad_norm": None},
                     eval={"tasks": [str(tasks["original"])], "target_tasks": [str(tasks["conflict"])], "every": 2,
                           "max_drop": 0.05, "limit": 8})
-    train = sections.pop("train")
+    train = {"max_steps": 4, "lr": 3e-3}
     one = make_recipe(tmp_path, base_dir, "eval-one", **sections, train={**train, "batch_size": 8})
     two = make_recipe(tmp_path, base_dir, "eval-two", **sections, train={**train, "batch_size": 4})
     one_dir, _ = run(one)
-    proc = run_engine(FSDP, two)
+    proc = run_engine(config, two)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    assert FSDP_SEEN in proc.stdout
+    assert seen in proc.stdout
     two_dir = one_dir.parent / "eval-two"
     reports = [json.loads((d / "forgetting" / "report.json").read_text()) for d in (one_dir, two_dir)]
     assert [p["step"] for p in reports[1]["curve"]] == [0, 2, 4]
@@ -173,3 +174,7 @@ def test_forgetting_is_measured_during_an_fsdp2_run_as_in_one_process(tmp_path, 
         assert a["step"] == b["step"] and a["tasks"] == b["tasks"] and a["targets"] == b["targets"]
         assert abs(a["drift"]["kl"] - b["drift"]["kl"]) < 1e-5, (a["drift"], b["drift"])
     assert reports[1]["tasks"]["original"]["delta"] < 0  # the run forgot: equal curves of unchanged scores prove little
+
+
+def test_forgetting_is_measured_during_an_fsdp2_run_as_in_one_process(tmp_path, base_dir, tasks):  # noqa: F811
+    assert_forgetting_measured_as_in_one_process(tmp_path, base_dir, tasks, FSDP, FSDP_SEEN)
