@@ -255,8 +255,9 @@ def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
     # pull toward the base, and the base model's scores on the original tasks.
     pull = None
     if tr.l2sp and accelerator.distributed_type.name == "DEEPSPEED":
-        # accelerate steps DeepSpeed's engine inside backward(), before the pull could add its gradient, and ZeRO
-        # keeps gradients in its own partitions: the pull would silently do nothing.
+        # accelerate steps DeepSpeed's engine inside backward(), before the pull adds its gradient: the penalty
+        # logged is that of the weights after the update, and its gradient reaches the optimizer only if ZeRO's
+        # gradient hooks happen to carry .grad into the next update (ZeRO-2 on CPU did; nothing promises it).
         raise TrainError("`train.l2sp` is not supported under DeepSpeed; use FSDP (launch/fsdp.yaml) or DDP, or set "
                          "`train.l2sp: 0`.")
     if tr.l2sp:
