@@ -33,6 +33,11 @@ if state.distributed_type != DistributedType.MULTI_CPU or FSDP == DEEPSPEED:
 if FSDP:
     state.distributed_type = DistributedType.MULTI_GPU
 else:
+    import deepspeed.comm.torch  # noqa: F401 (the package's `torch` attribute is PyTorch itself: see sys.modules)
+
+    # DeepSpeed's CPU accelerator compiles a shared-memory all-reduce (C++) on first use: 4 minutes on this busy
+    # 2-core machine, once per machine. gloo alone carries the collectives, as NCCL does on GPUs.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     state.distributed_type = DistributedType.DEEPSPEED
     build = Accelerator.__init__
 
