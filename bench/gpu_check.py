@@ -1,8 +1,16 @@
-"""GPU check: train a recipe in bf16 for a fixed number of steps on one CUDA device and print tokens/s, peak GPU
-memory and MFU (model FLOPs utilisation) against the GPU's bf16 peak and a measured matmul peak.
+"""GPU check: everything only a GPU can show, in one script that runs in under 8 minutes on one GPU.
 
-    python bench/gpu_check.py                                # SmolLM2-135M-Instruct (offline GGUF), LoRA and full
-    python bench/gpu_check.py --recipe recipes/x.yaml --steps 30
+    python bench/gpu_check.py                        # SmolLM2-135M-Instruct (offline GGUF), writes bench/gpu_results.md
+    python bench/gpu_check.py --recipe recipes/x.yaml --steps 30 --out /tmp/gpu.md
+
+1. bf16 LoRA and full fine-tuning in this process: tokens/s, peak GPU memory, MFU against the GPU's data-sheet bf16
+   peak and a measured bf16 matmul peak.
+2. FSDP2 (launch/fsdp.yaml) and DeepSpeed ZeRO-3 (launch/deepspeed_zero3.yaml), 1 process each through
+   `accelerate launch -m finetune train`: an uninterrupted run, and a run killed with SIGKILL once its first checkpoint
+   is complete and then started again, which must resume from that checkpoint and end where the uninterrupted run
+   ended. The uninterrupted FSDP2 run also measures forgetting every 10 updates (the model gathered for evaluation)
+   and writes its forgetting report.
+3. The results as a markdown report (--out), each check marked pass or FAIL; the exit code is 1 if any check failed.
 
 Without CUDA it says so and exits 0.
 """
@@ -12,15 +20,22 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for the MFU denominators.
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+STEPS_LAUNCHED, SAVE_EVERY = 20, 10
 
 
 def measured_matmul_peak(n: int = 8192, repeats: int = 20) -> float:
@@ -52,7 +67,7 @@ def default_recipe(tmp: Path) -> Path:
     return recipe
 
 
-def run(recipe_path: Path, overrides: list[str], tmp: Path, label: str) -> dict:
+def in_process(recipe_path: Path, overrides: list[str], tmp: Path, label: str) -> dict:
     from accelerate.state import AcceleratorState, GradientState
 
     from finetune.checkpoint import open_run_dir
@@ -73,17 +88,93 @@ def run(recipe_path: Path, overrides: list[str], tmp: Path, label: str) -> dict:
     # matmuls (4N) but no weight gradients; the adapter adds 6 x its own size.
     flops_per_token = 6 * total if trainable == total else 4 * (total - trainable) + 6 * trainable
     return {"run": label, "tokens_per_s": tokens_per_s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "achieved": flops_per_token * tokens_per_s}
+            "achieved": flops_per_token * tokens_per_s, "loss": metrics[-1]["loss"]}
+
+
+def launch(config: str, recipe: Path, overrides: list[str], out: Path, kill_after_checkpoint: bool = False):
+    """`accelerate launch --config_file launch/CONFIG --num_processes 1 -m finetune train RECIPE ...`; with
+    kill_after_checkpoint, SIGKILL the whole launch as soon as its first checkpoint is complete. (rc, output)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / config),
+           "--num_processes", "1", "--main_process_port", str(port), "-m", "finetune", "train", str(recipe),
+           *overrides, f"output.dir={out}", f"output.save_every={SAVE_EVERY}", f"train.max_steps={STEPS_LAUNCHED}"]
+    log = out.with_suffix(".log")
+    with open(log, "a") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while proc.poll() is None:
+                # Complete means renamed into place (progress.json written last): what resume would trust.
+                if kill_after_checkpoint and (out / "checkpoints" / f"step-{SAVE_EVERY}" / "progress.json").is_file():
+                    os.killpg(proc.pid, signal.SIGKILL)
+                time.sleep(0.2)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    return proc.wait(), log.read_text()
+
+
+def final_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    final = run_dir / "final"
+    return {k: v.float() for f in sorted(final.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def kill_and_resume(config: str, recipe: Path, overrides: list[str], tmp: Path, label: str,
+                    extra_straight: list[str] = ()) -> dict:
+    straight, resumed = tmp / f"{label}-straight", tmp / f"{label}-resumed"
+    start = time.perf_counter()
+    rc_straight, out_straight = launch(config, recipe, overrides + list(extra_straight), straight)
+    rc_killed, _ = launch(config, recipe, overrides, resumed, kill_after_checkpoint=True)
+    rc_resumed, out_resumed = launch(config, recipe, overrides, resumed)
+    result = {"run": label, "straight_ok": rc_straight == 0, "killed": rc_killed != 0,
+              "resumed_from": next((line.split("resuming from ")[1] for line in out_resumed.splitlines()
+                                    if "resuming from " in line), None),
+              "resumed_ok": rc_resumed == 0, "seconds": time.perf_counter() - start, "tail": out_resumed[-2000:]}
+    if result["straight_ok"] and result["resumed_ok"]:
+        a, b = final_weights(straight), final_weights(resumed)
+        result["max_weight_diff"] = max((a[k] - b[k]).abs().max().item() for k in a) if a.keys() == b.keys() else None
+        losses = [[json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
+                  for d in (straight, resumed)]
+        result["last_loss"] = (losses[0][-1], losses[1][-1])
+    else:
+        result["tail"] = (out_straight if not result["straight_ok"] else out_resumed)[-2000:]
+    report = straight / "forgetting" / "report.json"
+    if report.is_file():
+        result["forgetting"] = json.loads(report.read_text())["verdict"]["text"]
+        result["curve_steps"] = [p["step"] for p in json.loads(report.read_text())["curve"]]
+    return result
+
+
+def checks(sharded: list[dict]) -> list[tuple[str, bool]]:
+    out = []
+    for r in sharded:
+        out.append((f"{r['run']}: uninterrupted run finished", r["straight_ok"]))
+        out.append((f"{r['run']}: SIGKILL after the first checkpoint stopped the run", r["killed"]))
+        out.append((f"{r['run']}: rerun resumed from checkpoint step-{SAVE_EVERY}",
+                    bool(r["resumed_from"]) and f"step-{SAVE_EVERY}" in r["resumed_from"] and r["resumed_ok"]))
+        # bf16 autocast on a GPU is not bit-reproducible across runs; the same weights to bf16 precision.
+        diff = r.get("max_weight_diff")
+        out.append((f"{r['run']}: resumed run ends where the uninterrupted one ends (max weight diff "
+                    f"{diff if diff is None else f'{diff:.2e}'})", diff is not None and diff < 1e-2))
+        if "curve_steps" in r:
+            out.append((f"{r['run']}: forgetting measured during training at steps {r['curve_steps']}",
+                        r["curve_steps"] == [0, SAVE_EVERY, STEPS_LAUNCHED]))
+    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", type=Path, help="recipe to train (default: SmolLM2-135M chat data)")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="updates of the in-process LoRA and full runs")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "gpu_results.md", help="markdown report")
     args = p.parse_args()
     if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device on this machine; nothing to measure.")
+        print("gpu_check: no CUDA device on this machine; nothing to measure (this check needs one GPU).")
         return 0
+    began = time.perf_counter()
     name = torch.cuda.get_device_name()
     spec_peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
     mm_peak = measured_matmul_peak()
@@ -91,15 +182,41 @@ def main() -> int:
         tmp = Path(tmp)
         recipe = args.recipe or default_recipe(tmp)
         steps = [f"train.max_steps={args.steps}", "train.mixed_precision=bf16"]
-        rows = [run(recipe, steps + ["lora.r=16"], tmp, "lora"), run(recipe, steps + ["lora=null"], tmp, "full")]
-    print(f"{name}: measured bf16 matmul peak {mm_peak / 1e12:.0f} TFLOP/s"
-          + (f", data-sheet peak {spec_peak / 1e12:.0f} TFLOP/s" if spec_peak else ""))
-    print("| run | tokens/s | peak GPU memory (GiB) | MFU vs measured matmul | MFU vs data sheet |")
-    print("|---|---|---|---|---|")
+        rows = [in_process(recipe, steps + ["lora.r=16"], tmp, "lora"),
+                in_process(recipe, steps + ["lora=null"], tmp, "full")]
+        torch.cuda.empty_cache()
+        evaluation = ["eval.tasks=[data/tasks/general_knowledge.yaml]", "eval.limit=20", f"eval.every={SAVE_EVERY}",
+                      "eval.apply_chat_template=true", f"model.cache_dir={tmp / 'cache'}"]
+        sharded = [kill_and_resume("fsdp.yaml", recipe, ["lora=null", "train.mixed_precision=bf16"], tmp,
+                                   "fsdp2-full", extra_straight=evaluation),
+                   kill_and_resume("deepspeed_zero3.yaml", recipe, ["lora=null"], tmp, "zero3-full")]
+    results = checks(sharded)
+    lines = [f"# GPU check, {date.today()}", "",
+             f"{name}, torch {torch.__version__}; measured bf16 matmul peak {mm_peak / 1e12:.0f} TFLOP/s"
+             + (f", data-sheet peak {spec_peak / 1e12:.0f} TFLOP/s" if spec_peak else "") + ".", "",
+             f"In-process bf16 runs, {args.steps} updates (`python bench/gpu_check.py`):", "",
+             "| run | tokens/s | peak GPU memory (GiB) | MFU vs measured matmul | MFU vs data sheet | last loss |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         sheet = f"{r['achieved'] / spec_peak:.1%}" if spec_peak else "n/a"
-        print(f"| {r['run']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {r['achieved'] / mm_peak:.1%} | {sheet} |")
-    return 0
+        lines.append(f"| {r['run']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {r['achieved'] / mm_peak:.1%} "
+                     f"| {sheet} | {r['loss']:.4f} |")
+    lines += ["", f"1-process launches, {STEPS_LAUNCHED} updates, a checkpoint every {SAVE_EVERY}:", "",
+              "| run | seconds (3 launches) | resumed from | last loss (uninterrupted, resumed) | forgetting |",
+              "|---|---|---|---|---|"]
+    for r in sharded:
+        losses = ", ".join(f"{x:.4f}" for x in r.get("last_loss", ()))
+        lines.append(f"| {r['run']} | {r['seconds']:.0f} | {r['resumed_from']} | {losses} | {r.get('forgetting', '')} |")
+    lines += ["", "Checks:", ""] + [f"- {'pass' if ok else 'FAIL'}: {what}" for what, ok in results]
+    failed = [r for r in sharded if not (r["straight_ok"] and r["resumed_ok"])]
+    for r in failed:
+        lines += ["", f"Output of {r['run']} (last lines):", "", "```", r["tail"], "```"]
+    lines += ["", f"Whole check: {time.perf_counter() - began:.0f} s."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    return 0 if all(ok for _, ok in results) else 1
 
 
 if __name__ == "__main__":

@@ -184,6 +184,8 @@ def _digest(path: Path) -> list:
 def save_checkpoint(accelerator, root: Path, progress: Progress, keep: int) -> Path:
     """Collective: every rank calls it. Returns the final folder. A failed write (disk full, permissions) removes
     its partial folder and raises CheckpointWriteError; earlier checkpoints are untouched."""
+    from .engine import save_state  # torch and accelerate only where a run saves (not for `finetune check`)
+
     tmp = root / f".tmp-step-{progress.step}"
     final = root / f"step-{progress.step}"
     try:
@@ -191,7 +193,7 @@ def save_checkpoint(accelerator, root: Path, progress: Progress, keep: int) -> P
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash: never trusted, safe to clear
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        save_state(accelerator, tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             files = {str(p.relative_to(tmp)): _digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -216,7 +218,9 @@ def save_checkpoint(accelerator, root: Path, progress: Progress, keep: int) -> P
 
 
 def load_checkpoint(accelerator, path: Path) -> Progress:
-    accelerator.load_state(str(path))
+    from .engine import load_state
+
+    load_state(accelerator, path)
     saved = json.loads((path / PROGRESS).read_text())
     return Progress(**{f.name: saved[f.name] for f in dataclasses.fields(Progress)})
 
@@ -284,12 +288,14 @@ def keep_adapter_only(accelerator) -> None:
 def save_model(accelerator, model, tokenizer, dest: Path, replace: bool = False) -> None:
     """Collective. A Hugging Face folder (adapter or full weights, tokenizer included), written aside and renamed
     into place when complete. An existing `dest` is replaced only when asked (best/), never for final/."""
+    from .gather import without_tied_copies
+
     tmp = dest.with_name(f".tmp-{dest.name}")
     state = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: every rank calls it
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        unwrapped.save_pretrained(tmp, state_dict=without_tied_copies(unwrapped, state), safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if dest.exists():
             if not replace:

@@ -154,9 +154,10 @@ def lora_layers(model) -> list[tuple[torch.nn.Module, str]]:
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights count once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    """(trainable, total) parameter counts; tied weights count once. Under DeepSpeed ZeRO-3 a rank holds an empty
+    placeholder for each parameter, and the parameter's size in `ds_numel`."""
+    sizes = [(p.requires_grad, getattr(p, "ds_numel", p.numel())) for p in model.parameters()]
+    return sum(n for trained, n in sizes if trained), sum(n for _, n in sizes)
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:

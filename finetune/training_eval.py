@@ -2,8 +2,8 @@
 and after the last, the forgetting budget (`eval.max_drop`, `eval.on_over_budget`) and the report at the end.
 
 Evaluation runs on the main process with the unwrapped model; the other ranks wait at a barrier. Under FSDP or
-DeepSpeed no single rank holds all the weights, so the base is measured from model.path and the tuned model from
-final/ once it is saved, and evaluation during training is refused.
+DeepSpeed no single rank holds all the weights: the model is measured from a copy that the ranks gather for the main
+process at each evaluation (gather.whole_model).
 """
 
 from __future__ import annotations
@@ -13,17 +13,12 @@ import shutil
 
 from accelerate.utils import broadcast_object_list
 
-from .engine import engine
-from .errors import UserError
-from .evaluate import ForgettingEval, evaluate_saved
+from .evaluate import ForgettingEval
 from .forgetting import FAIL, budget_status, choose_best
+from .gather import whole_model
 from .mitigations import describe
 from .recipe import Recipe
 from .report import build_report, provenance, write_report
-
-
-class BudgetError(UserError):
-    """An evaluation setting this launch cannot honour."""
 
 
 class TrainingEval:
@@ -33,18 +28,14 @@ class TrainingEval:
         self.recipe, self.run, self.accelerator = recipe, run, accelerator
         section = recipe.eval
         self.enabled = bool(section.tasks or section.target_tasks)
-        running = engine(accelerator)
-        self.sharded = running.sharded
-        if self.enabled and self.sharded and section.every:
-            raise BudgetError(f"eval.every={section.every} needs the whole model on one process, which "
-                              f"{running.name} does not give; set eval.every: 0 (the tuned model is then measured "
-                              "from final/ after training).")
         self.fe = None
-        if self.enabled and accelerator.is_main_process and not self.sharded:
-            self.fe = ForgettingEval(section, recipe.model, tokenizer, curve_file=run.path / "forgetting" /
-                                     "curve.jsonl", resumed_step=resumed_step)
-            accelerator.print("measuring the base model on the original tasks (cached for later runs)")
-            self.fe.evaluate_base(accelerator.unwrap_model(model))
+        if self.enabled:
+            with self._whole(model) as base:
+                if accelerator.is_main_process:
+                    self.fe = ForgettingEval(section, recipe.model, tokenizer, curve_file=run.path / "forgetting" /
+                                             "curve.jsonl", resumed_step=resumed_step)
+                    accelerator.print("measuring the base model on the original tasks (cached for later runs)")
+                    self.fe.evaluate_base(base)
         accelerator.wait_for_everyone()
 
     def due(self, step: int, max_steps: int) -> bool:
@@ -57,34 +48,34 @@ class TrainingEval:
         beyond the budget and beyond doubt; an INCONCLUSIVE step trains on)."""
         policy = self.recipe.eval.on_over_budget
         verdict = [False, False]  # over budget, new best within budget
-        if self.fe is not None:
-            point = self.fe.evaluate(self.accelerator.unwrap_model(model), step)
-            status = budget_status(self.fe.base.tasks, point.tasks, self.recipe.eval.max_drop)
-            verdict[0] = status == FAIL
-            best = choose_best(self.fe.base, self.fe.curve, self.recipe.eval.max_drop)
-            verdict[1] = policy != "continue" and best is point
-            self.accelerator.print(f"step {step}: forgetting verdict {status} (eval.max_drop="
-                                   f"{self.recipe.eval.max_drop})")
+        with self._whole(model) as whole:
+            if self.fe is not None:
+                point = self.fe.evaluate(whole, step)
+                status = budget_status(self.fe.base.tasks, point.tasks, self.recipe.eval.max_drop)
+                verdict[0] = status == FAIL
+                best = choose_best(self.fe.base, self.fe.curve, self.recipe.eval.max_drop)
+                verdict[1] = policy != "continue" and best is point
+                self.accelerator.print(f"step {step}: forgetting verdict {status} (eval.max_drop="
+                                       f"{self.recipe.eval.max_drop})")
         over, new_best = broadcast_object_list(verdict)
         if new_best:
             save(self.run.path / "best")  # collective: every rank takes part
         return over and policy == "stop"
 
     def finish(self, step: int, model, tokenizer) -> None:
-        """After final/ is saved: measure the last model, pick what final/ is, write forgetting/report.*."""
-        if self.enabled and self.accelerator.is_main_process:
-            if self.sharded:
-                evaluate_saved(self.recipe.model, self.run.final, self.recipe.eval, self.run.path / "forgetting",
-                               recipe=self.recipe, final_note=f"final/ after step {step}, the last",
-                               method=describe(self.recipe))
-            else:
-                self._report(step, model)
+        """Collective. After final/ is saved: measure the last model, pick what final/ is, write forgetting/report.*."""
+        if self.enabled:
+            with self._whole(model) as whole:
+                if self.fe is not None:
+                    self._report(step, whole)
         self.accelerator.wait_for_everyone()
+
+    def _whole(self, model):
+        return whole_model(self.accelerator, model, self.recipe.model, self.recipe.lora)
 
     def _report(self, step: int, model) -> None:
         fe, section = self.fe, self.recipe.eval
-        last = next((e for e in fe.curve if e.step == step), None) or fe.evaluate(
-            self.accelerator.unwrap_model(model), step)
+        last = next((e for e in fe.curve if e.step == step), None) or fe.evaluate(model, step)
         chosen, note = last, f"final/ is the model after step {step}, the last update"
         best = choose_best(fe.base, fe.curve, section.max_drop) if section.on_over_budget != "continue" else None
         if best is not None and best.step != step and (self.run.path / "best").is_dir():

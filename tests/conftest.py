@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 from accelerate.state import AcceleratorState, GradientState
@@ -17,7 +15,7 @@ from safetensors.torch import load_file
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from finetune.checkpoint import open_run_dir
 from finetune.model import load_tokenizer
@@ -287,26 +285,26 @@ ROOT = Path(__file__).resolve().parents[1]
 # port is taken, and turns `--main_process_port 0` into a port it binds, closes and hands on, which another launch
 # may take in between. Standalone, the rendezvous store binds port 0 itself and keeps it, and the ranks' process
 # group reuses that store (torch shares it with the workers), so no port number exists before it is bound.
-_STANDALONE_LAUNCH = """import sys
-from accelerate.commands.launch import launch_command, launch_command_parser
-args = launch_command_parser().parse_args(sys.argv[1:])
-args.standalone = True
-launch_command(args)
-"""
-
-
 def accelerate_launch(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `accelerate launch ARGS` (e.g. --config_file, the script and its arguments) from the repository root on
     this machine (one node), with no port to collide on, whatever other launches run at the same time. A launch that
     hangs is killed with all its ranks after `timeout` seconds and fails the test with its output."""
-    cmd = [sys.executable, "-c", _STANDALONE_LAUNCH, *args]
-    # A session of its own, so that a hung launch is killed with all its ranks and its output is still shown.
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"accelerate launch hung for {timeout} s:\n{out[-3000:]}\n{err[-6000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    from multiproc import finish, launch
+
+    return finish(launch(*args), timeout)
+
+
+@pytest.fixture(scope="session")
+def tied_llama(tmp_path_factory) -> Path:
+    """A tiny Llama whose output head is its input embedding (as SmolLM2's): one weight, saved once."""
+    tokenizer = make_tokenizer()
+    kwargs = dict(TINY_CONFIGS["llama"])
+    config = AutoConfig.for_model(kwargs.pop("model_type"), vocab_size=len(tokenizer), tie_word_embeddings=True,
+                                  eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **kwargs)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    out = tmp_path_factory.mktemp("tied") / "tiny-llama-tied"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    assert "lm_head.weight" not in load_file(out / "model.safetensors")
+    return out

@@ -7,6 +7,7 @@ import random
 
 import torch
 from datasets import concatenate_datasets
+from torch.distributed.tensor import DTensor
 
 from ..data import IGNORE, Collator, DataStats, encode_dataset
 from ..errors import UserError
@@ -29,6 +30,13 @@ def regularizer(recipe, ctx) -> PullToBase | None:
     tr = recipe.train
     if not tr.l2sp:
         return None
+    if ctx.engine.updates_in_backward:
+        # The penalty's gradient is added after backward(), which has already stepped this engine: the logged
+        # penalty would be that of the updated weights, and its gradient would reach the optimizer only if the engine
+        # happened to carry .grad into the next update (ZeRO-2 on CPU did; nothing promises it).
+        raise L2SPError("`train.l2sp` is not supported under DeepSpeed, which takes its optimizer step inside "
+                        "backward(), before the pull's gradient is added; use FSDP (launch/fsdp.yaml), DDP or one "
+                        "process, or set `train.l2sp: 0`.")
     fisher = None
     if tr.l2sp_fisher is not None:
         if ctx.engine.sharded:
@@ -74,7 +82,10 @@ class PullToBase:
             grads = torch.autograd.grad(self.lam * penalty, params)
         for p, g in zip(params, grads):
             p.grad = g if p.grad is None else p.grad.add_(g)
-        return self.lam * penalty.detach()
+        penalty = self.lam * penalty.detach()
+        # Under FSDP the weights are DTensor shards and the sum is this rank's part of it (a tiny Llama: 0.0295 logged
+        # against 0.0590); the gradient above is right either way. Collective: every rank applies the pull.
+        return penalty.full_tensor() if isinstance(penalty, DTensor) else penalty
 
 
 def lora_adapters(model) -> list[tuple]:
