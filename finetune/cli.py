@@ -171,9 +171,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"recommended run: {result['recommended'] or 'none within the forgetting budget'}")
             return 0
         if args.command == "merge":
-            from .model import merge_adapter
+            from .model import merge_adapter, quantized_base
 
-            print(f"merged model written to {merge_adapter(args.adapter, args.out)}")
+            out = merge_adapter(args.adapter, args.out)
+            print(f"merged model written to {out}")
+            quantized = quantized_base(args.adapter)
+            if quantized:
+                print(f"note: this adapter was trained on a {quantized['bits']}-bit ({quantized['type']}) base "
+                      "(QLoRA); it was merged into the unquantized base weights (float32), so the merged model is "
+                      "not exactly the one trained, whose base weights were their 4-bit rounding. Evaluate it "
+                      f"before use: finetune eval BASE {out}")
             return 0
         print(describe_keys())
         return 0
