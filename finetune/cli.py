@@ -22,6 +22,7 @@ EPILOG = """examples:
   finetune interpolate runs/tiny-full --alphas 0,0.5,1 --pick
   finetune sweep recipes/tiny-lora.yaml --grid train.lr=1e-3,3e-3 lora.r=4,16
   finetune merge runs/tiny-lora/final runs/tiny-lora-merged
+  finetune plan recipes/llama3.1-8b-lora-alpaca.yaml --launch-config launch/fsdp.yaml   # will it fit? (offline)
   finetune keys                                            # every recipe key, default and meaning
 """
 
@@ -77,6 +78,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--launch-config", help="accelerate config to launch each run with (default: one process)")
     s.add_argument("--print-commands", action="store_true",
                    help="print one command per run (to submit on a cluster) instead of running them")
+
+    pl = sub.add_parser("plan", help="memory per device and bytes sent per update, from the model's config alone "
+                                     "(no weights loaded): will the recipe fit?")
+    pl.add_argument("recipe")
+    pl.add_argument("overrides", nargs="*", help="section.key=value, e.g. lora=null")
+    pl.add_argument("--launch-config", type=Path, help="accelerate config the run will use (default: one device)")
+    pl.add_argument("--processes", type=int, help="number of processes (default: the launch config's)")
+    pl.add_argument("--gpu-memory", type=float, default=80.0, metavar="GiB",
+                    help="memory of one device for the verdict (default %(default)g)")
 
     sub.add_parser("keys", help="print every recipe key with its default and meaning")
     return p
@@ -146,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "eval":
             return _eval(args)
+        if args.command == "plan":
+            from .plan import plan, read_launch
+
+            recipe = load_recipe(args.recipe, args.overrides)
+            print(plan(recipe, read_launch(args.launch_config, args.processes), args.gpu_memory))
+            return 0
         if args.command == "report":
             from .report import compare_runs, summary_table
 
