@@ -3,12 +3,14 @@ its chat rows, batch 8 x 256 tokens, fp32, one thread) and this script prints, f
 
 - the peak of live tensor bytes, from torch's profiler (every CPU allocation and free from the first step on, plus
   the weights and buffers already there): what the plan counts;
-- the process's peak resident memory (ru_maxrss, as the benchmark reports it) and its resident memory just before
-  the model loaded (Python, torch, transformers, datasets, the tokenizer: the process baseline). RSS also holds what
-  the allocator keeps: glibc's heap high-water mark, which finetune keeps mapped on CPU (finetune/cpu.py).
+- the process's peak resident memory (ru_maxrss, as the benchmark reports it, from runs without the profiler) and
+  its resident memory just before the model loaded (Python, torch, transformers, datasets, the tokenizer: the
+  process baseline). RSS also holds what the allocator keeps: on CPU finetune keeps glibc's freed memory mapped
+  (finetune/cpu.py), so RSS is the heap's high-water mark, holes included; a third run returns freed memory
+  (FINETUNE_KEEP_FREED_MEMORY=0) to show that share.
 
-    python bench/plan_check.py                     # tiny and SmolLM2-135M, LoRA and full: about 10 minutes on 2 cores
-    python bench/plan_check.py --models tiny       # seconds
+    python bench/plan_check.py                     # tiny and SmolLM2-135M, LoRA and full: about 20 minutes on 2 cores
+    python bench/plan_check.py --models tiny       # a minute
     python bench/plan_check.py --models tiny --modes qlora --overrides model.gradient_checkpointing=true
 
 Every run is a process of its own, so its peak RSS is its own.
@@ -53,9 +55,10 @@ def peak_tensor_bytes(events, before: int) -> int:
     return before + peak
 
 
-def measure(recipe) -> dict:
-    """Train `recipe` in this process; the peak of live tensor bytes from the first step on, the RSS before the model
-    loaded, and the peak RSS."""
+def measure(recipe, profile: bool = True) -> dict:
+    """Train `recipe` in this process; the peak of live tensor bytes from the first step on (with `profile`), the RSS
+    before the model loaded, and the peak RSS. The profiler's own allocations interleave with training's and change
+    how the heap fragments, so RSS is measured in runs without it."""
     import torch
 
     import finetune.train
@@ -69,7 +72,7 @@ def measure(recipe) -> dict:
         return load(*args, **kwargs)
 
     def profiled_step(accelerator, model, *args, **kwargs):
-        if "profile" not in state:  # weights and buffers exist; gradients and AdamW's states not yet
+        if profile and "profile" not in state:  # weights and buffers exist; gradients and AdamW's states not yet
             unwrapped = accelerator.unwrap_model(model)
             state["before"] = sum(t.untyped_storage().nbytes() for t in
                                   {id(t): t for t in [*unwrapped.parameters(), *unwrapped.buffers()]}.values())
@@ -83,10 +86,11 @@ def measure(recipe) -> dict:
         finetune.train.train(recipe, open_run_dir(recipe, accept_changes=False))
     finally:
         finetune.train.train_step, finetune.train.load_model = step, load
-    state["profile"].stop()
-    return {"tensors": peak_tensor_bytes(state["profile"].profiler.kineto_results.events(), state["before"]),
-            "baseline_rss": state["baseline_rss"],
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    out = {"baseline_rss": state["baseline_rss"], "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if profile:
+        state["profile"].stop()
+        out["tensors"] = peak_tensor_bytes(state["profile"].profiler.kineto_results.events(), state["before"])
+    return out
 
 
 def planned(recipe) -> float:
@@ -113,9 +117,18 @@ def bench_recipe(model: str, mode: str, tmp: Path, overrides: list[str], steps: 
 def worker(c: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         recipe = bench_recipe(c["model"], c["mode"], Path(tmp), c["overrides"], c["steps"])
-        out = measure(recipe)
+        out = measure(recipe, c.get("profile", True))
         out["plan"] = planned(recipe)
     return out
+
+
+def spawn(c: dict, env: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(c)], capture_output=True, text=True,
+                          env=dict(throughput.ENV, OMP_NUM_THREADS="1", **env), cwd=ROOT)
+    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not result:
+        raise RuntimeError(f"{c['mode']} run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(result[-1][len("RESULT "):])
 
 
 def main() -> int:
@@ -129,24 +142,23 @@ def main() -> int:
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))))
         return 0
-    env = dict(throughput.ENV, OMP_NUM_THREADS="1")
     lines = ["| model | mode | plan GiB | tensors GiB (profiler) | plan error | RSS before the model GiB | "
-             "peak RSS GiB | plan + RSS before GiB | error vs peak RSS |", "|---" * 9 + "|"]
+             "peak RSS GiB | peak RSS, freed memory returned GiB | plan + RSS before GiB | error vs peak RSS |",
+             "|---" * 10 + "|"]
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in throughput.model_dirs(Path(tmp), args.models.split(",")).items():
             for mode in args.modes.split(","):
                 c = dict(model=model, mode=mode, overrides=args.overrides, steps=args.steps)
-                proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(c)], capture_output=True,
-                                      text=True, env=env, cwd=ROOT)
-                result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-                if proc.returncode or not result:
-                    raise RuntimeError(f"{name} {mode} failed:\n{proc.stderr[-3000:]}")
-                r = json.loads(result[-1][len("RESULT "):])
-                with_base = r["plan"] + r["baseline_rss"]
-                lines.append(f"| {name} | {mode} | {r['plan'] / GiB:.3f} | {r['tensors'] / GiB:.3f} | "
-                             f"{r['plan'] / r['tensors'] - 1:+.1%} | {r['baseline_rss'] / GiB:.2f} | "
-                             f"{r['peak_rss'] / GiB:.2f} | {with_base / GiB:.2f} | "
-                             f"{with_base / r['peak_rss'] - 1:+.1%} |")
+                # The profiler's run gives the tensors; two plain runs give RSS as the benchmark measures it, with
+                # finetune's kept-mapped heap (its CPU default) and with glibc's default of returning freed memory.
+                tensors = spawn(dict(c, profile=True), {})
+                rss = spawn(dict(c, profile=False), {})
+                returned = spawn(dict(c, profile=False), {"FINETUNE_KEEP_FREED_MEMORY": "0"})
+                with_base = rss["plan"] + rss["baseline_rss"]
+                lines.append(f"| {name} | {mode} | {rss['plan'] / GiB:.2f} | {tensors['tensors'] / GiB:.2f} | "
+                             f"{rss['plan'] / tensors['tensors'] - 1:+.1%} | {rss['baseline_rss'] / GiB:.2f} | "
+                             f"{rss['peak_rss'] / GiB:.2f} | {returned['peak_rss'] / GiB:.2f} | {with_base / GiB:.2f} | "
+                             f"{with_base / rss['peak_rss'] - 1:+.1%} |")
                 print(lines[-1], flush=True)
     print("\n".join(lines))
     return 0

@@ -114,7 +114,7 @@ def _config(section: ModelSection):
     shipped = CONFIGS / (section.path.replace("/", "--") + ".json")
     try:
         if path.suffix == ".gguf":
-            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name), f"{path} (GGUF metadata)"
+            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name), "GGUF metadata"
         if path.is_dir():
             return AutoConfig.from_pretrained(path, trust_remote_code=section.trust_remote_code), str(path)
         if shipped.is_file():
@@ -123,7 +123,8 @@ def _config(section: ModelSection):
                                            trust_remote_code=section.trust_remote_code), "hub config")
     except (OSError, ValueError) as e:
         shipped_ids = sorted(p.stem.replace("--", "/") for p in CONFIGS.glob("*.json"))
-        raise PlanError(f"no config for `model.path` {section.path} ({e}). finetune ships the configs of "
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PlanError(f"no config for `model.path` {section.path} ({reason}). finetune ships the configs of "
                         f"{', '.join(shipped_ids)}; for another model, point model.path at a folder holding its "
                         "config.json (the weights are not needed).") from None
 
@@ -142,6 +143,7 @@ def load_layout(section: ModelSection) -> Layout:
         one.layer_types = one.layer_types[:1]
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(one, trust_remote_code=section.trust_remote_code)
+    model.tie_weights()  # from_config leaves a tied head as a parameter of its own; from_pretrained ties it
     block_names = set(model._no_split_modules or ())
     block = next((m for m in model.modules() if type(m).__name__ in block_names), None)
     parts = [(name, [(n, m) for n, m in child.named_modules() if isinstance(m, torch.nn.Linear)])
@@ -169,7 +171,7 @@ def load_layout(section: ModelSection) -> Layout:
 def read_launch(path: Path | None, processes: int | None) -> Launch:
     if path is None:
         n = processes or 1
-        return Launch("one device" if n == 1 else "DDP", n, None, "none")
+        return Launch("one device" if n == 1 else "DDP", n, None, "no launch config")
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as e:
