@@ -1,7 +1,9 @@
 """GPU check: train a recipe in bf16 for a fixed number of steps on one CUDA device and print tokens/s, peak GPU
-memory and MFU (model FLOPs utilisation) against the GPU's bf16 peak and a measured matmul peak.
+memory beside `finetune plan`'s estimate, and MFU (model FLOPs utilisation) against the GPU's bf16 peak and a measured
+matmul peak. Runs LoRA, full fine-tuning and QLoRA (LoRA on the 4-bit base; needs bitsandbytes, else skipped with a
+note).
 
-    python bench/gpu_check.py                                # SmolLM2-135M-Instruct (offline GGUF), LoRA and full
+    python bench/gpu_check.py                                # SmolLM2-135M-Instruct (offline GGUF), LoRA, full, QLoRA
     python bench/gpu_check.py --recipe recipes/x.yaml --steps 30
 
 Without CUDA it says so and exits 0.
@@ -57,10 +59,13 @@ def run(recipe_path: Path, overrides: list[str], tmp: Path, label: str) -> dict:
 
     from finetune.checkpoint import open_run_dir
     from finetune.model import count_parameters
+    from finetune.plan import estimate, load_layout, read_launch
     from finetune.recipe import load_recipe
     from finetune.train import train
 
     recipe = load_recipe(recipe_path, overrides + [f"output.dir={tmp / label}", "output.save_every=0"])
+    planned = estimate(load_layout(recipe.model), recipe, read_launch(None, 1), "one device",
+                       recipe.model.gradient_checkpointing).peak
     torch.cuda.reset_peak_memory_stats()
     model = train(recipe, open_run_dir(recipe, accept_changes=False))
     AcceleratorState._reset_state(True)
@@ -73,7 +78,7 @@ def run(recipe_path: Path, overrides: list[str], tmp: Path, label: str) -> dict:
     # matmuls (4N) but no weight gradients; the adapter adds 6 x its own size.
     flops_per_token = 6 * total if trainable == total else 4 * (total - trainable) + 6 * trainable
     return {"run": label, "tokens_per_s": tokens_per_s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "achieved": flops_per_token * tokens_per_s}
+            "plan_gib": planned / 2**30, "achieved": flops_per_token * tokens_per_s}
 
 
 def main() -> int:
@@ -92,13 +97,20 @@ def main() -> int:
         recipe = args.recipe or default_recipe(tmp)
         steps = [f"train.max_steps={args.steps}", "train.mixed_precision=bf16"]
         rows = [run(recipe, steps + ["lora.r=16"], tmp, "lora"), run(recipe, steps + ["lora=null"], tmp, "full")]
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            # The 4-bit path (bitsandbytes' CUDA kernels), with the checkpointing QLoRA turns on by default.
+            rows.append(run(recipe, steps + ["lora.r=16", "model.quantization={bits: 4}"], tmp, "qlora"))
+        else:
+            print('gpu_check: bitsandbytes is not installed (pip install -e ".[qlora]"); QLoRA not run.')
     print(f"{name}: measured bf16 matmul peak {mm_peak / 1e12:.0f} TFLOP/s"
           + (f", data-sheet peak {spec_peak / 1e12:.0f} TFLOP/s" if spec_peak else ""))
-    print("| run | tokens/s | peak GPU memory (GiB) | MFU vs measured matmul | MFU vs data sheet |")
-    print("|---|---|---|---|---|")
+    print("| run | tokens/s | peak GPU memory (GiB) | finetune plan (GiB) | plan error | MFU vs measured matmul | "
+          "MFU vs data sheet |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         sheet = f"{r['achieved'] / spec_peak:.1%}" if spec_peak else "n/a"
-        print(f"| {r['run']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {r['achieved'] / mm_peak:.1%} | {sheet} |")
+        print(f"| {r['run']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {r['plan_gib']:.2f} | "
+              f"{r['plan_gib'] / r['peak_gib'] - 1:+.0%} | {r['achieved'] / mm_peak:.1%} | {sheet} |")
     return 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import logging
 import os
 import shutil
 import sys
@@ -109,8 +108,6 @@ def _quantization_config(q: QuantizationSection):
                              "4-bit weights are not sharded here. Launch with launch/single_device.yaml or "
                              "launch/multi_gpu_ddp.yaml (each GPU holds the whole 4-bit model; `finetune plan` says "
                              "whether it fits), or set `model.quantization: null`.")
-    # On CPU bitsandbytes offers a kernel from the hub (the `kernels` package); its own CPU kernels are used without.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
