@@ -77,6 +77,7 @@ def test_checkpointing_is_what_the_plan_says_it_saves(tmp_path):
     tiny = str(ROOT / "data" / "tiny-llama")
     peaks = {}
     for ckpt in (False, True):
+        (tmp_path / str(ckpt)).mkdir()
         r = plan_check.bench_recipe(tiny, "lora", tmp_path / str(ckpt), [f"model.gradient_checkpointing={ckpt}"], 2)
         peaks[ckpt] = plan_check.measure(r)["tensors"], plan_check.planned(r)
         AcceleratorState._reset_state(True)
