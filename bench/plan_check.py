@@ -156,7 +156,7 @@ def main() -> int:
                 tensors = spawn(dict(c, profile=True), {})
                 runs = [spawn(dict(c, profile=False), env) for env in ({}, glibc, apart)]
                 plan, base = runs[0]["plan"], runs[0]["baseline_rss"]
-                lines.append(f"| {name} | {mode} | {plan / GiB:.2f} | {tensors['tensors'] / GiB:.2f} | "
+                lines.append(f"| {name} | {mode} | {plan / GiB:.3f} | {tensors['tensors'] / GiB:.3f} | "
                              f"{plan / tensors['tensors'] - 1:+.1%} | {base / GiB:.2f} | {(plan + base) / GiB:.2f} | "
                              + " / ".join(f"{r['peak_rss'] / GiB:.2f}" for r in runs) + " | "
                              + " / ".join(f"{(plan + base) / r['peak_rss'] - 1:+.0%}" for r in runs) + " |")

@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "check":
             recipe = load_recipe(args.recipe, args.overrides)
-            print(f"{args.recipe}: ok ({'LoRA r=' + str(recipe.lora.r) if recipe.lora else 'full fine-tuning'}, "
+            method = ("QLoRA" if recipe.model.quantization else "LoRA") + f" r={recipe.lora.r}" if recipe.lora else \
+                "full fine-tuning"
+            print(f"{args.recipe}: ok ({method}, "
                   f"{len(recipe.data.train)} training dataset(s), output {recipe.output.dir})")
             return 0
         if args.command == "eval":

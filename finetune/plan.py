@@ -223,7 +223,6 @@ def estimate(layout: Layout, recipe: Recipe, launch: Launch, engine: str, checkp
     lora, quant = recipe.lora, recipe.model.quantization
     wb = BYTES[recipe.model.dtype]
     zero = engine.startswith("ZeRO")
-    sharded = engine in ("FSDP", "ZeRO-3")
     half = mixed in ("bf16", "fp16")
     autocast = half and not zero  # DeepSpeed casts the model itself instead
     adapted = [l for l in layout.linears if lora and _adapted(l.name, lora.target_modules)]
@@ -325,7 +324,7 @@ def estimate(layout: Layout, recipe: Recipe, launch: Launch, engine: str, checkp
 
     ring = (n - 1) / n
     k = recipe.train.grad_accum
-    everything = (layout.params if quant is None else frozen / 2 + trainable) * gather_b  # QLoRA: n/a below
+    everything = layout.params * gather_b  # what FSDP and ZeRO-3 gather (not offered with QLoRA)
     sent = {"one device": 0.0,
             "DDP": 2 * ring * trainable * gb,
             "FSDP": k * (2 if launch.reshard_after_forward or not own else 1) * ring * everything
