@@ -214,6 +214,29 @@ class Estimate:
     supported: bool = True
 
 
+def _layer_bytes_per_token(layout: Layout, lora, adapted: list[Linear], rb: int, ab: int, att_b: int,
+                           autocast: bool, half: bool) -> float:
+    """Bytes one decoder layer keeps for its backward, per token: `rb` is the residual stream's element size, `ab`
+    the matmul outputs', `att_b` attention's; `half`: bf16/fp16 compute (autocast, or DeepSpeed's cast model)."""
+    h, full = layout.hidden, lora is None
+    norm = (4 * h if rb < 4 else 0) + (h * rb if full else 0)  # float32 upcast; normalised input (weight's gradient)
+    per_layer = 2 * (h * rb + norm)
+    for group, input_b in (("attn_in", rb), ("attn_out", att_b), ("mlp_in", rb), ("mlp_out", ab)):
+        members = [l for l in layout.linears if l.group == group]
+        savers = len(members) if full else sum(l in adapted for l in members)
+        width = members[0].inp
+        if savers:  # under autocast each matmul saves its own bf16 copy of a float32 input; else they share it
+            per_layer += savers * width * 2 if autocast and input_b == 4 else width * input_b
+    per_layer += (2 * layout.q_width + 2 * layout.kv_width) * att_b + layout.heads * 4  # q, k, v, output, logsumexp
+    mlp_in = sum(l.out for l in layout.linears if l.group == "mlp_in")
+    per_layer += (mlp_in + (layout.intermediate if layout.gated else 0)) * ab
+    if lora:
+        per_layer += len(adapted) * lora.r * (2 if half else 4)  # lora_A's outputs
+        if lora.dropout:
+            per_layer += sum(l.inp * (rb + 1) for l in adapted)  # dropped copy and mask per adapted linear
+    return per_layer
+
+
 def estimate(layout: Layout, recipe: Recipe, launch: Launch, engine: str, checkpointing: bool) -> Estimate:
     """Memory per device and bytes sent per update under `engine` (the launch config's offload settings apply to its
     own engine); see the module's docstring for what counts."""
@@ -273,21 +296,7 @@ def estimate(layout: Layout, recipe: Recipe, launch: Launch, engine: str, checkp
     ab = 4 if quant is not None else (2 if half else wb)
     att_b = 2 if half else ab  # sdpa computes in bf16 under autocast
     full = lora is None
-    norm = (4 * h if rb < 4 else 0) + (h * rb if full else 0)  # float32 upcast; normalised input (weight's gradient)
-    per_layer = 2 * (h * rb + norm)
-    for group, input_b in (("attn_in", rb), ("attn_out", att_b), ("mlp_in", rb), ("mlp_out", ab)):
-        members = [l for l in layout.linears if l.group == group]
-        savers = len(members) if full else sum(l in adapted for l in members)
-        width = members[0].inp
-        if savers:  # under autocast each matmul saves its own bf16 copy of a float32 input; else they share it
-            per_layer += savers * width * 2 if autocast and input_b == 4 else width * input_b
-    per_layer += (2 * layout.q_width + 2 * layout.kv_width) * att_b + layout.heads * 4  # q, k, v, output, logsumexp
-    mlp_in = sum(l.out for l in layout.linears if l.group == "mlp_in")
-    per_layer += (mlp_in + (layout.intermediate if layout.gated else 0)) * ab
-    if lora:
-        per_layer += len(adapted) * lora.r * (2 if half else 4)  # lora_A's outputs
-        if lora.dropout:
-            per_layer += sum(l.inp * (rb + 1) for l in adapted)  # dropped copy and mask per adapted linear
+    per_layer = _layer_bytes_per_token(layout, lora, adapted, rb, ab, att_b, autocast, half)
     final = h * rb + (4 * h if rb < 4 else 0) + (2 * h * rb if full else 0)
     # Kept from the forward: every layer's activations, or with checkpointing only each layer's input.
     kept = T * ((L * h * rb if checkpointing else L * per_layer) + final)
