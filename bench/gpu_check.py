@@ -3,7 +3,8 @@
     python bench/gpu_check.py                        # SmolLM2-135M-Instruct (offline GGUF), writes bench/gpu_results.md
     python bench/gpu_check.py --recipe recipes/x.yaml --steps 30 --out /tmp/gpu.md
 
-1. bf16 LoRA and full fine-tuning in this process: tokens/s, peak GPU memory, MFU against the GPU's data-sheet bf16
+1. bf16 LoRA, full fine-tuning and QLoRA (LoRA on the 4-bit base; needs bitsandbytes, else left out with a note) in
+   this process: tokens/s, peak GPU memory beside `finetune plan`'s estimate, MFU against the GPU's data-sheet bf16
    peak and a measured bf16 matmul peak.
 2. FSDP2 (launch/fsdp.yaml) and DeepSpeed ZeRO-3 (launch/deepspeed_zero3.yaml), 1 process each through
    `accelerate launch -m finetune train`: an uninterrupted run, and a run killed with SIGKILL once its first checkpoint
@@ -72,10 +73,13 @@ def in_process(recipe_path: Path, overrides: list[str], tmp: Path, label: str) -
 
     from finetune.checkpoint import open_run_dir
     from finetune.model import count_parameters
+    from finetune.plan import estimate, load_layout, read_launch
     from finetune.recipe import load_recipe
     from finetune.train import train
 
     recipe = load_recipe(recipe_path, overrides + [f"output.dir={tmp / label}", "output.save_every=0"])
+    planned = estimate(load_layout(recipe.model), recipe, read_launch(None, 1), "one device",
+                       recipe.model.gradient_checkpointing).peak
     torch.cuda.reset_peak_memory_stats()
     model = train(recipe, open_run_dir(recipe, accept_changes=False))
     AcceleratorState._reset_state(True)
@@ -88,7 +92,8 @@ def in_process(recipe_path: Path, overrides: list[str], tmp: Path, label: str) -
     # matmuls (4N) but no weight gradients; the adapter adds 6 x its own size.
     flops_per_token = 6 * total if trainable == total else 4 * (total - trainable) + 6 * trainable
     return {"run": label, "tokens_per_s": tokens_per_s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "achieved": flops_per_token * tokens_per_s, "loss": metrics[-1]["loss"]}
+            "plan_gib": planned / 2**30, "achieved": flops_per_token * tokens_per_s,
+            "loss": metrics[-1]["loss"]}
 
 
 def launch(config: str, recipe: Path, overrides: list[str], out: Path, kill_after_checkpoint: bool = False):
@@ -184,6 +189,11 @@ def main() -> int:
         steps = [f"train.max_steps={args.steps}", "train.mixed_precision=bf16"]
         rows = [in_process(recipe, steps + ["lora.r=16"], tmp, "lora"),
                 in_process(recipe, steps + ["lora=null"], tmp, "full")]
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            # The 4-bit path (bitsandbytes' CUDA kernels), with the checkpointing QLoRA turns on by default.
+            rows.append(in_process(recipe, steps + ["lora.r=16", "model.quantization={bits: 4}"], tmp, "qlora"))
+        else:
+            print('gpu_check: bitsandbytes is not installed (pip install -e ".[qlora]"); QLoRA not run.')
         torch.cuda.empty_cache()
         evaluation = ["eval.tasks=[data/tasks/general_knowledge.yaml]", "eval.limit=20", f"eval.every={SAVE_EVERY}",
                       "eval.apply_chat_template=true", f"model.cache_dir={tmp / 'cache'}"]
@@ -195,12 +205,13 @@ def main() -> int:
              f"{name}, torch {torch.__version__}; measured bf16 matmul peak {mm_peak / 1e12:.0f} TFLOP/s"
              + (f", data-sheet peak {spec_peak / 1e12:.0f} TFLOP/s" if spec_peak else "") + ".", "",
              f"In-process bf16 runs, {args.steps} updates (`python bench/gpu_check.py`):", "",
-             "| run | tokens/s | peak GPU memory (GiB) | MFU vs measured matmul | MFU vs data sheet | last loss |",
-             "|---|---|---|---|---|---|"]
+             "| run | tokens/s | peak GPU memory (GiB) | finetune plan (GiB) | plan error | MFU vs measured matmul | "
+             "MFU vs data sheet | last loss |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sheet = f"{r['achieved'] / spec_peak:.1%}" if spec_peak else "n/a"
-        lines.append(f"| {r['run']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {r['achieved'] / mm_peak:.1%} "
-                     f"| {sheet} | {r['loss']:.4f} |")
+        lines.append(f"| {r['run']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {r['plan_gib']:.2f} | "
+                     f"{r['plan_gib'] / r['peak_gib'] - 1:+.0%} | {r['achieved'] / mm_peak:.1%} | {sheet} | "
+                     f"{r['loss']:.4f} |")
     lines += ["", f"1-process launches, {STEPS_LAUNCHED} updates, a checkpoint every {SAVE_EVERY}:", "",
               "| run | seconds (3 launches) | resumed from | last loss (uninterrupted, resumed) | forgetting |",
               "|---|---|---|---|---|"]

@@ -23,6 +23,7 @@ EPILOG = """examples:
   finetune interpolate runs/tiny-full --alphas 0,0.5,1 --pick
   finetune sweep recipes/tiny-lora.yaml --grid train.lr=1e-3,3e-3 lora.r=4,16
   finetune merge runs/tiny-lora/final runs/tiny-lora-merged
+  finetune plan recipes/llama3.1-8b-lora-alpaca.yaml --launch-config launch/fsdp.yaml   # will it fit? (offline)
   finetune keys                                            # every recipe key, default and meaning
 """
 
@@ -80,6 +81,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--launch-config", help="accelerate config to launch each run with (default: one process)")
     s.add_argument("--print-commands", action="store_true",
                    help="print one command per run (to submit on a cluster) instead of running them")
+
+    pl = sub.add_parser("plan", help="memory per device and bytes sent per update, from the model's config alone "
+                                     "(no weights loaded): will the recipe fit?")
+    pl.add_argument("recipe")
+    pl.add_argument("overrides", nargs="*", help="section.key=value, e.g. lora=null")
+    pl.add_argument("--launch-config", type=Path, help="accelerate config the run will use (default: one device)")
+    pl.add_argument("--processes", type=int, help="number of processes (default: the launch config's)")
+    pl.add_argument("--gpu-memory", type=float, default=80.0, metavar="GiB",
+                    help="memory of one device for the verdict (default %(default)g)")
 
     sub.add_parser("keys", help="print every recipe key with its default and meaning")
     return p
@@ -156,11 +166,19 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "check":
             recipe = load_recipe(args.recipe, args.overrides)
-            print(f"{args.recipe}: ok ({'LoRA r=' + str(recipe.lora.r) if recipe.lora else 'full fine-tuning'}, "
+            method = ("QLoRA" if recipe.model.quantization else "LoRA") + f" r={recipe.lora.r}" if recipe.lora else \
+                "full fine-tuning"
+            print(f"{args.recipe}: ok ({method}, "
                   f"{len(recipe.data.train)} training dataset(s), output {recipe.output.dir})")
             return 0
         if args.command == "eval":
             return _eval(args)
+        if args.command == "plan":
+            from .plan import plan, read_launch
+
+            recipe = load_recipe(args.recipe, args.overrides)
+            print(plan(recipe, read_launch(args.launch_config, args.processes), args.gpu_memory))
+            return 0
         if args.command == "report":
             from .report import compare_runs, summary_table
 
@@ -190,9 +208,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"recommended run: {result['recommended'] or 'none passes the forgetting budget'}")
             return 0
         if args.command == "merge":
-            from .model import merge_adapter
+            from .model import merge_adapter, quantized_base
 
-            print(f"merged model written to {merge_adapter(args.adapter, args.out)}")
+            out = merge_adapter(args.adapter, args.out)
+            print(f"merged model written to {out}")
+            quantized = quantized_base(args.adapter)
+            if quantized:
+                print(f"note: this adapter was trained on a {quantized['bits']}-bit ({quantized['type']}) base "
+                      "(QLoRA); it was merged into the unquantized base weights (float32), so the merged model is "
+                      "not exactly the one trained, whose base weights were their 4-bit rounding. Evaluate it "
+                      f"before use: finetune eval BASE {out}")
             return 0
         print(describe_keys())
         return 0

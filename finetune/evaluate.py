@@ -11,6 +11,7 @@ what the model answered, so a report can show what was forgotten.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import hashlib
@@ -225,7 +226,10 @@ def model_identity(section: ModelSection) -> dict:
         path = snapshot_download(path, revision=section.revision, local_files_only=True)
     files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(path).iterdir())
              if p.suffix in (".safetensors", ".bin", ".json")}
-    return {"path": str(Path(path).resolve()), "files": files, "dtype": section.dtype}
+    identity = {"path": str(Path(path).resolve()), "files": files, "dtype": section.dtype}
+    if section.quantization is not None:  # a 4-bit base scores differently; unquantized keys stay as they were
+        identity["quantization"] = dataclasses.asdict(section.quantization)
+    return identity
 
 
 def tokenizer_identity(tokenizer) -> str:

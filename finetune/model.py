@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -12,12 +13,13 @@ from pathlib import Path
 
 import peft
 import torch
+import yaml
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from . import attention
 from .errors import UserError
-from .recipe import LoraSection, ModelSection
+from .recipe import LoraSection, ModelSection, QuantizationSection
 
 
 class ModelError(UserError):
@@ -95,8 +97,26 @@ def load_tokenizer(section: ModelSection, chat_template: str | None = None):
     return tokenizer
 
 
+def _quantization_config(q: QuantizationSection):
+    """transformers' bitsandbytes settings for `model.quantization`; refuses what finetune cannot train."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError("`model.quantization` needs bitsandbytes: pip install -e \".[qlora]\" (or pip install "
+                         "bitsandbytes), or set `model.quantization: null`.")
+    for engine in ("FSDP", "DEEPSPEED"):
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true":
+            raise ModelError(f"`model.quantization` (QLoRA) runs on one device or under DDP, not under {engine}: the "
+                             "4-bit weights are not sharded here. Launch with launch/single_device.yaml or "
+                             "launch/multi_gpu_ddp.yaml (each GPU holds the whole 4-bit model; `finetune plan` says "
+                             "whether it fits), or set `model.quantization: null`.")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype))
+
+
 def load_model(section: ModelSection, lora: LoraSection | None):
-    """The model to train: LoRA-wrapped (only the adapter trainable) when `lora` is given, else all weights."""
+    """The model to train: LoRA-wrapped (only the adapter trainable) when `lora` is given, else all weights. With
+    `model.quantization` the base weights load in 4 bits (transformers puts them on the current device)."""
     if section.trust_remote_code:
         warnings.warn(f"model.trust_remote_code is on: Python code shipped with {section.path} will run on this "
                       "machine. Only do this for models you trust.", stacklevel=2)
@@ -112,6 +132,7 @@ def load_model(section: ModelSection, lora: LoraSection | None):
             attn_implementation=section.attn_implementation,
             # None lets transformers fall back to .bin files, which are pickles: loading one can run code.
             use_safetensors=None if section.allow_pickle else True,
+            quantization_config=_quantization_config(section.quantization) if section.quantization else None,
         )
     except OSError as e:
         if section.allow_pickle or not list(Path(path).glob("*.bin")):
@@ -124,6 +145,10 @@ def load_model(section: ModelSection, lora: LoraSection | None):
     if section.attn_implementation == "sdpa" and model._can_set_attn_implementation():
         # sdpa itself, plus one causal call per example for packed batches that say where examples end.
         model.set_attn_implementation(attention.register())
+    if section.quantization is not None and lora is not None:
+        # Freezes the base and casts what stays unquantized (embeddings, norms, head) to float32, for stable
+        # training; checkpointing is turned on below, by our own switch (non-reentrant).
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if section.gradient_checkpointing:
         # Non-reentrant: gradients reach the LoRA weights inside a recomputed block even when the block's
         # input needs no gradient, which the reentrant variant silently drops.
@@ -154,10 +179,22 @@ def lora_layers(model) -> list[tuple[torch.nn.Module, str]]:
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights count once. Under DeepSpeed ZeRO-3 a rank holds an empty
-    placeholder for each parameter, and the parameter's size in `ds_numel`."""
-    sizes = [(p.requires_grad, getattr(p, "ds_numel", p.numel())) for p in model.parameters()]
-    return sum(n for trained, n in sizes if trained), sum(n for _, n in sizes)
+    """(trainable, total) parameter counts; tied weights count once, a 4-bit weight as the weights it packs. Under
+    DeepSpeed ZeRO-3 a rank holds an empty placeholder for each parameter, and the parameter's size in `ds_numel`."""
+    params = list(model.parameters())
+    # bitsandbytes packs two 4-bit weights per byte; quant_state keeps the original shape.
+    sizes = [p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None
+             else getattr(p, "ds_numel", p.numel()) for p in params]
+    return sum(n for p, n in zip(params, sizes) if p.requires_grad), sum(sizes)
+
+
+def quantized_base(adapter_dir: str | Path) -> dict | None:
+    """The `model.quantization` a run's adapter was trained with (from the resolved recipe.yaml of the run that
+    holds it, read as data: its dataset paths may not resolve from here), or None."""
+    saved = Path(adapter_dir).parent / "recipe.yaml"
+    recipe = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else None
+    model = recipe.get("model") if isinstance(recipe, dict) else None
+    return model.get("quantization") if isinstance(model, dict) else None
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
@@ -167,7 +204,8 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
         raise FileExistsError(f"{out_dir} already exists and is not empty; merge writes only into a new or empty "
                               "folder, so nothing of yours is overwritten. Choose another output folder.")
     config = peft.PeftConfig.from_pretrained(adapter_dir)
-    # float32: added to bfloat16 weights, much of the adapter's small update would round away.
+    # float32: added to bfloat16 weights, much of the adapter's small update would round away. Never quantized, also
+    # for a QLoRA adapter: folded into 4-bit weights the update would be lost to their rounding.
     base = AutoModelForCausalLM.from_pretrained(
         config.base_model_name_or_path, revision=config.revision, dtype=torch.float32, use_safetensors=True
     )

@@ -48,6 +48,15 @@ def _nonneg(doc, default):
 
 
 @dataclass
+class QuantizationSection:
+    bits: Literal[4] = _f(4, "bits per base weight (bitsandbytes 4-bit: QLoRA)")
+    type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type: nf4 (normal float, QLoRA's) or fp4")
+    double_quant: bool = _f(True, "quantize the per-block scales too (about 0.4 bits per weight less)")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = _f(
+        "bfloat16", "dtype the 4-bit weights are dequantized to for each matmul")
+
+
+@dataclass
 class ModelSection:
     path: str = _f("", "hub id (org/name), local folder, or .gguf file")
     dtype: Literal["float32", "bfloat16", "float16"] = _f(
@@ -59,7 +68,10 @@ class ModelSection:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = _f(
         "sdpa", "attention kernel; packing keeps examples apart under each (sdpa: a causal call per example, no padding)"
     )
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward (non-reentrant) to save memory")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward (non-reentrant) to save memory; on "
+                                     "by default when model.quantization is set")
+    quantization: QuantizationSection | None = _f(
+        None, "load the base weights quantized (QLoRA: needs a lora section and bitsandbytes); null = as model.dtype")
     cache_dir: str = _f(
         "~/.cache/finetune", "where GGUF files are converted to safetensors once, and base evaluations are cached"
     )
@@ -380,6 +392,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     for keys, value in parse_overrides(list(overrides)):
         _apply_override(data, keys, value)
     recipe = _build(Recipe, data, "", src)
+    if recipe.model is not None and recipe.model.quantization is not None and \
+            "gradient_checkpointing" not in data["model"]:
+        recipe.model.gradient_checkpointing = True  # QLoRA's setting: its point is fitting a model that is tight
     _check(recipe, src, path.stem)
     return recipe
 
@@ -401,6 +416,14 @@ def _check(recipe: Recipe, src: str, stem: str) -> None:
     if recipe.train.l2sp_fisher and not fisher:
         raise RecipeError(f"{src}: `train.l2sp_fisher.datasets` is empty; list original-task data to measure the "
                           "Fisher on, or set `train.l2sp_fisher: null`.")
+    if recipe.model.quantization is not None:
+        if recipe.lora is None:
+            raise RecipeError(f"{src}: `model.quantization` loads the base weights in 4 bits, which cannot be trained "
+                              "(full fine-tuning updates them); QLoRA trains a LoRA adapter on top. Add a `lora` "
+                              "section (e.g. lora.r=16), or set `model.quantization: null` for full fine-tuning.")
+        if recipe.train.l2sp_fisher is not None:
+            raise RecipeError(f"{src}: `train.l2sp_fisher` needs gradients of the base weights, which are 4-bit "
+                              "(`model.quantization`); use plain `train.l2sp`, or set `model.quantization: null`.")
     if recipe.train.l2sp_fisher and not recipe.train.l2sp:
         raise RecipeError(f"{src}: `train.l2sp_fisher` weights the pull toward the base, which is off "
                           "(`train.l2sp: 0`); set `train.l2sp` above 0, e.g. train.l2sp=0.1.")
@@ -483,4 +506,7 @@ def _describe(cls, indent: str, lines: list[str]) -> None:
         inner = typing.get_args(hints[f.name])
         if typing.get_origin(hints[f.name]) is list and inner and dataclasses.is_dataclass(inner[0]):
             lines.append(f"{indent}  # each item:")
+            _describe(inner[0], indent + "    ", lines)
+        elif inner and dataclasses.is_dataclass(inner[0]):  # an optional section: its keys once it is set
+            lines.append(f"{indent}  # when set:")
             _describe(inner[0], indent + "    ", lines)

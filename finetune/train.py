@@ -59,6 +59,9 @@ def train_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad
                clips_inside: bool = False) -> StepResult:
     """One optimizer update over `grad_accum` micro-batches; the loss is the mean over every target token of the
     global batch, however it is split into micro-batches and processes."""
+    # from_pretrained returns a model in eval mode, and evaluations between steps leave it there: without this,
+    # dropout would be off and transformers would skip gradient checkpointing (it checkpoints only in training mode).
+    model.train()
     local_targets = sum((mb["labels"] != IGNORE).sum() for mb in micro_batches)
     global_targets = accelerator.reduce(local_targets, "sum")
     # DDP averages gradients over ranks and accelerate divides by grad_accum: undo both so that the
