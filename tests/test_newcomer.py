@@ -222,7 +222,7 @@ def test_accept_changes_with_more_steps_trains_a_finished_run_on_from_its_last_c
     sections = dict(output={"save_every": 3, "keep": 5}, train={"max_steps": 6, "warmup_steps": 2})
     path = make_recipe(tmp_path, tiny_model, "r", **sections)
     run_dir, _ = run(path)
-    first_final = weights(run_dir)
+    first_final, first_lrs = weights(run_dir), [m["lr"] for m in metrics(run_dir)]
     capsys.readouterr()
     assert cli_main(["train", str(path), "train.max_steps=10"]) == 2  # changed: refused, pointing at the flag
     assert "--accept-changes" in capsys.readouterr().err
@@ -237,7 +237,8 @@ def test_accept_changes_with_more_steps_trains_a_finished_run_on_from_its_last_c
     # The schedule is the longer run's from the resumed step on: the same learning rates as a 10-step run.
     straight, _ = run(make_recipe(tmp_path, tiny_model, "straight", output={"save_every": 0},
                                   train={"max_steps": 10, "warmup_steps": 2}))
-    assert [m["lr"] for m in metrics(run_dir)][4:] == pytest.approx([m["lr"] for m in metrics(straight)][4:])
+    assert [m["lr"] for m in metrics(run_dir)][3:] == pytest.approx([m["lr"] for m in metrics(straight)][3:])
+    assert metrics(run_dir)[3]["lr"] > first_lrs[3]  # stretched: above where the 6-step run had brought it
 
 
 # ---------------------------------------------------------------- sweep
