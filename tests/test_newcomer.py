@@ -284,3 +284,28 @@ def test_the_readme_and_help_sweep_examples_make_the_runs_they_describe(tmp_path
         recipes = {tuple(c.split()[4:-1]) for c in commands}
         assert len(commands) == len(recipes) == len(lrs) * (len(ranks) + 1), words  # LoRA ranks, and full
         assert sum("lora=null" in c for c in commands) == len(lrs)
+
+
+# ---------------------------------------------------------------- multi-process launches
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_launch_error_is_printed_once_by_the_main_process_without_a_traceback(tmp_path, tiny_model):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    recipe = make_recipe(tmp_path, tiny_model)
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(ROOT / "launch" / "fsdp.yaml"), "--num_processes", "2", "--main_process_port",
+                           str(port), "-m", "finetune", "train", str(recipe)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "launch/cpu_ddp.yaml" in ours[0], proc.stderr[-3000:]
+    assert f'File "{ROOT / "finetune"}' not in proc.stderr  # no traceback from finetune's own processes
+    # torchrun's summary of the failed launch names the same cause, not "To enable traceback see ...".
+    assert f"traceback : {ours[0]}" in proc.stderr
+    assert not (tmp_path / "runs" / "r").exists()  # refused before the run folder was written
