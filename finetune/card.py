@@ -13,10 +13,8 @@ import json
 import re
 from pathlib import Path
 
-from .checkpoint import RunDir, atomic_write_text, read_jsonl
+from .checkpoint import FINAL_INFO, RunDir, atomic_write_text, read_jsonl
 from .recipe import ModelSection, Recipe, dump_recipe
-
-INFO = "finetune.json"
 
 
 def base_name(section: ModelSection) -> str | None:
@@ -42,23 +40,13 @@ def _gguf_source(path: Path) -> str | None:
     return None
 
 
-def local_base(folder: Path) -> str | None:
-    """The base model's local folder recorded when `folder` (a final/) was saved, if it is still there."""
-    info = folder / INFO
-    if not info.is_file():
-        return None
-    path = json.loads(info.read_text(encoding="utf-8")).get("base_model_path")
-    return path if path and Path(path).is_dir() else None
-
-
 def make_portable(folder: Path, section: ModelSection) -> None:
     """Name the base by its hub name in adapter_config.json and keep the local path in finetune.json."""
     from .model import resolve_model_path
 
-    name = base_name(section)
-    local = resolve_model_path(section)
-    atomic_write_text(folder / INFO, json.dumps({"base_model": name, "base_model_path": local if Path(local).is_dir()
-                                                  else None, "model_path": section.path}, indent=1) + "\n")
+    name, local = base_name(section), resolve_model_path(section)
+    info = {"base_model": name, "base_model_path": local if Path(local).is_dir() else None, "model_path": section.path}
+    atomic_write_text(folder / FINAL_INFO, json.dumps(info, indent=1) + "\n")
     adapter = folder / "adapter_config.json"
     if name and adapter.is_file():
         config = json.loads(adapter.read_text(encoding="utf-8"))
@@ -121,14 +109,15 @@ def model_card(recipe: Recipe, run: RunDir) -> str:
               else "full fine-tuning of every weight")
     source = f" (loaded from `{recipe.model.path}`)" if name and name != recipe.model.path else ""
     base = f"**{name}**{source}" if name else f"`{recipe.model.path}` (a local model with no hub name)"
-    front = ["---", *([f"base_model: {name}"] if name else []), f"library_name: {'peft' if adapter else 'transformers'}",
-             "tags:", "- finetune", f"- {'lora' if lora else 'full-fine-tuning'}", "---", ""]
-    load = (["```python", "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
-             'model = AutoPeftModelForCausalLM.from_pretrained("final")  # loads the base named in adapter_config.json',
-             'tokenizer = AutoTokenizer.from_pretrained("final")', "```"] if adapter else
-            ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-             'model = AutoModelForCausalLM.from_pretrained("final")', 'tokenizer = AutoTokenizer.from_pretrained("final")',
-             "```"])
+    front = ["---", *([f"base_model: {name}"] if name else []),
+             f"library_name: {'peft' if adapter else 'transformers'}", "tags:", "- finetune",
+             f"- {'lora' if lora else 'full-fine-tuning'}", "---", ""]
+    auto = "AutoPeftModelForCausalLM" if adapter else "AutoModelForCausalLM"
+    load = ["```python", f"from {'peft' if adapter else 'transformers'} import {auto}",
+            "from transformers import AutoTokenizer", "",
+            f'model = {auto}.from_pretrained("final")' + ("  # on the base named in adapter_config.json" if adapter
+                                                          else ""),
+            'tokenizer = AutoTokenizer.from_pretrained("final")', "```"]
     return "\n".join([
         *front, f"# {run.path.name}", "",
         f"Fine-tuned from {base} with finetune {__version__}: {method}. Comparisons call it "
@@ -136,5 +125,6 @@ def model_card(recipe: Recipe, run: RunDir) -> str:
         "## Training", "", *_training(recipe, run),
         "## What it forgot", "", *_forgetting(run),
         "## Use", "", f"In a terminal: `finetune chat {run.path}`. In Python:", "", *load, "",
-        "## Recipe", "", "The resolved recipe (every default filled in); `finetune train` on it reproduces the run:", "",
+        "## Recipe", "", "The resolved recipe (every default filled in); `finetune train` on it reproduces the run:",
+        "",
         "```yaml", dump_recipe(recipe).rstrip(), "```", ""])

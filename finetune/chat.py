@@ -25,7 +25,7 @@ def _final(run: Path) -> Path:
 
 def load(run: Path, base: str | None):
     """(model, tokenizer, description) for a run folder, its final/, or any adapter or model folder."""
-    from .card import local_base
+    from .checkpoint import local_base
     from .evaluate import load_tuned
 
     folder = _final(run)

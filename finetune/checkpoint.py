@@ -28,6 +28,7 @@ from .errors import UserError
 from .recipe import Recipe, changed_keys, dump_recipe, recipe_to_dict
 
 PROGRESS = "progress.json"
+FINAL_INFO = "finetune.json"  # in final/: the base model's hub name and local path (card.py writes it)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -343,3 +344,13 @@ def save_model(accelerator, model, tokenizer, dest: Path, replace: bool = False)
             shutil.rmtree(dest)
         os.replace(tmp, dest)
     accelerator.wait_for_everyone()
+
+
+def local_base(folder: Path) -> str | None:
+    """The base model's local folder recorded in a saved final/ (FINAL_INFO), if it is still there: what finetune's
+    own commands load an adapter on before the hub name in adapter_config.json."""
+    info = folder / FINAL_INFO
+    if not info.is_file():
+        return None
+    path = json.loads(info.read_text(encoding="utf-8")).get("base_model_path")
+    return path if path and Path(path).is_dir() else None

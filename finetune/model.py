@@ -166,7 +166,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Fold a LoRA adapter into its base model and save a standalone model (safetensors) with its tokenizer."""
-    from .card import local_base
+    from .checkpoint import local_base
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if (adapter_dir / "final").is_dir():

@@ -1,13 +1,13 @@
 """Library output a finetune user cannot act on, silenced where it comes from; `finetune --verbose` keeps all of it.
 
-What a normal run would otherwise print, and where it comes from:
-  "Loading weights", "Writing model shards"     transformers' progress bars      -> transformers' own switch
-  transformers' advice and FutureWarnings       transformers logging, warnings    -> its verbosity; FutureWarning
-  "Generating train split", unlabelled counts   datasets' progress bars           -> datasets' switch (finetune's own
-                                                                                     tokenizing bar shows for large data)
-  "<task>: Custom kwargs can be passed ..."     lm-eval's loggers, once per task  -> lm_eval logger level
-  unlabelled "10/10" bars, "Tokenizing inputs"  lm-eval building requests         -> its module's tqdm, disabled
-  "fatal: not a git repository"                 lm-eval runs `git describe`       -> the same call, stderr dropped
+What a normal run would otherwise print, where it comes from, and the switch used:
+  "Loading weights", "Writing model shards"    transformers' progress bars     its progress-bar switch
+  transformers' advice, FutureWarnings         transformers logging, warnings  its verbosity; FutureWarning filter
+  "Generating train split"                     datasets' progress bars         datasets' switch (finetune's own
+                                                                               tokenizing bar shows for large data)
+  "<task>: Custom kwargs can be passed ..."    lm-eval's loggers, per task     the lm_eval logger's level
+  unlabelled "10/10" bars, "Tokenizing inputs" lm-eval building requests       its modules' tqdm, disabled
+  "fatal: not a git repository"                lm-eval runs `git describe`     the same call, stderr dropped
 Downloads keep their bars (they can take minutes), and so do lm-eval's labelled request bars on a terminal.
 """
 

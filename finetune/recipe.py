@@ -200,8 +200,8 @@ _DEFAULT_SECTIONS = ("data", "train", "eval", "output")
 
 # Keys whose change does not change the trained weights: a resumed run may differ in these.
 RESULT_NEUTRAL_KEYS = frozenset(
-    {"model.name", "output.save_every", "output.keep", "train.log_every", "train.trackers", "train.eval_every", "data.num_proc",
-     "model.cache_dir", "eval.tasks", "eval.target_tasks", "eval.limit", "eval.batch_size", "eval.drift_texts",
+    {"output.save_every", "output.keep", "train.log_every", "train.trackers", "train.eval_every", "data.num_proc",
+     "model.cache_dir", "model.name", "eval.tasks", "eval.target_tasks", "eval.limit", "eval.batch_size", "eval.drift_texts",
      "eval.drift_max_length", "eval.apply_chat_template"}
 )
 

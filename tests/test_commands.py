@@ -234,3 +234,15 @@ def test_a_gguf_file_names_the_hub_repository_it_records(tmp_path):
     assert base_name(ModelSection(path=str(path))) == "someorg/some-model"
     assert base_name(ModelSection(path=str(path), name="other/name")) == "other/name"
     assert base_name(ModelSection(path="org/hub-model")) == "org/hub-model"
+
+
+@pytest.mark.slow
+def test_the_model_card_takes_the_verdict_of_a_later_finetune_eval(tmp_path, tiny_model):
+    shutil.copytree(ROOT / "data" / "tasks", tmp_path / "tasks")
+    run_dir, _ = run(make_recipe(tmp_path, tiny_model, lora={"r": 4}))
+    card = run_dir / "final" / "README.md"
+    assert "No forgetting report" in card.read_text()
+    assert cli_main(["eval", str(tiny_model), str(run_dir), "--tasks", str(tmp_path / "tasks" / "general_knowledge.yaml"),
+                     "--limit", "4"]) == 0
+    verdict = json.loads((run_dir / "forgetting" / "report.json").read_text())["verdict"]["text"]
+    assert f"**{verdict}**" in card.read_text() and "No forgetting report" not in card.read_text()
