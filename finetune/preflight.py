@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
+import tempfile
 from pathlib import Path
 
 from . import hub
@@ -101,11 +101,15 @@ def _check_model_section(section: ModelSection) -> str:
 
 
 def _check_output(recipe: Recipe) -> str:
+    """The run folder, or the nearest folder above it that exists, takes a file (a probe, removed at once)."""
     out = Path(recipe.output.dir).expanduser().absolute()
     existing = next(p for p in (out, *out.parents) if p.exists())
-    if not os.access(existing, os.W_OK):
-        raise PreflightError(f"`output.dir` {recipe.output.dir}: {existing} cannot be written; set `output.dir` to a "
-                             "folder you can write to.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise PreflightError(f"cannot write to the output folder {recipe.output.dir}: {e.strerror or e} ({existing}). "
+                             "Set `output.dir` to a folder you can write to.") from None
     return ""
 
 

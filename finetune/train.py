@@ -25,6 +25,7 @@ from accelerate.utils import send_to_device, set_seed
 from transformers import get_scheduler
 
 from . import mitigations
+from .card import write_model_card
 from .checkpoint import (Progress, RunDir, atomic_write_text, checkpoint_step, keep_adapter_only, latest_checkpoint,
                          load_checkpoint, read_jsonl, save_checkpoint, save_model, write_recipe)
 from .cpu import keep_freed_memory
@@ -32,7 +33,6 @@ from .data import IGNORE, Collator, RowDataset, build_datasets, mask_kind
 from .engine import Engine, engine, make_accelerator
 from .errors import UserError
 from .loss import token_loss_sum
-from .card import write_model_card
 from .model import count_parameters, load_model, load_tokenizer
 from .preemption import Preempted, StopSignals
 from .progress import TrainingDisplay, summary
