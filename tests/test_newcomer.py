@@ -309,3 +309,8 @@ def test_a_launch_error_is_printed_once_by_the_main_process_without_a_traceback(
     # torchrun's summary of the failed launch names the same cause, not "To enable traceback see ...".
     assert f"traceback : {ours[0]}" in proc.stderr
     assert not (tmp_path / "runs" / "r").exists()  # refused before the run folder was written
+
+
+def test_debug_keeps_the_traceback(workdir):
+    proc = finetune("--debug", "check", "r.yaml", "model.path=data/tiny-lama", cwd=workdir)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "RecipeError" in proc.stderr
