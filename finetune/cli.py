@@ -170,12 +170,13 @@ def _train(args) -> int:
         print_main(f"{run.path} already holds a finished run ({run.final}); nothing to do. Use --new-run to train "
                    "again in a new folder, or raise train.max_steps with --accept-changes to train it on.")
         return 0
-    from .engine import check_launch
-    from .model import load_tokenizer
     from .preflight import check, check_tokens
 
-    print_main(run.note, *check(recipe), file=sys.stderr)
+    print_main(run.note, *check(recipe), file=sys.stderr)  # before torch is imported: a slip costs a second
     quiet.libraries()
+    from .engine import check_launch
+    from .model import load_tokenizer
+
     check_launch()
     # The first rows are encoded with the model's tokenizer before the model itself loads: a data mistake costs
     # seconds, not a model load.
