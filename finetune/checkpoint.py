@@ -28,6 +28,7 @@ from .errors import UserError
 from .recipe import Recipe, changed_keys, dump_recipe, recipe_to_dict
 
 PROGRESS = "progress.json"
+FINAL_INFO = "finetune.json"  # in final/: the base model's hub name and local path (card.py writes it)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -56,6 +57,8 @@ class RunDir:
     path: Path
     resume_from: Path | None  # the newest complete checkpoint, if any
     finished: bool  # final/ exists: nothing left to train
+    note: str = ""  # what opening the folder decided, for the user (a restart, an extension)
+    extending: bool = False  # a finished run trained on to a larger max_steps: final/ and the report are kept aside
 
     @property
     def checkpoints(self) -> Path:
@@ -70,6 +73,10 @@ class RunDir:
         return self.path / "final"
 
 
+# What may change when a finished run is trained on with --accept-changes: how long it trains.
+_EXTENDING_KEYS = {"train.max_steps", "train.epochs"}
+
+
 def next_free_dir(path: Path) -> Path:
     """`runs/x-2`, `runs/x-3`, ...: the first sibling that does not exist yet."""
     n = 2
@@ -79,33 +86,73 @@ def next_free_dir(path: Path) -> Path:
 
 
 def open_run_dir(recipe: Recipe, accept_changes: bool) -> RunDir:
-    """Decide whether this run starts, resumes or is refused. Reads only; the main process writes later."""
+    """Decide whether this run starts, resumes, is extended or is refused. Reads only; the main process writes later."""
+    from .recipe import describe_changes
+
     path = Path(recipe.output.dir)
     saved = path / "recipe.yaml"
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"`output.dir` {path} is a file, not a folder; set `output.dir` to a folder.")
     if not path.exists() or not any(path.iterdir()):
         return RunDir(path, None, False)
     if not saved.is_file():
         raise RunDirError(f"{path} exists and is not a finetune run folder (no recipe.yaml); nothing in it will be "
                           "touched. Set `output.dir` to a new folder.")
     old = yaml.safe_load(saved.read_text(encoding="utf-8"))
-    changed = changed_keys(old, recipe_to_dict(recipe))
-    if changed and not accept_changes:
-        from .recipe import flatten
-
-        before, after = flatten(old), flatten(recipe_to_dict(recipe))
-        listed = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
-        raise RunDirError(f"{path} holds a run made with a different recipe ({listed}). Pass --accept-changes to "
-                          "resume it with the new values, or --new-run to start over in a new folder.")
+    new = recipe_to_dict(recipe)
+    changed = changed_keys(old, new)
     run = RunDir(path, None, False)
     run.finished = (run.final / "config.json").is_file() or (run.final / "adapter_config.json").is_file()
     run.resume_from = latest_verified_checkpoint(run.checkpoints)
+    listed = "; ".join(describe_changes(old, new, changed))
+    if not changed:
+        return run
+    if not run.finished and run.resume_from is None:
+        # Nothing was kept that the new recipe would contradict: an attempt that failed before its first checkpoint
+        # (a bad column, a typo) starts again from step 0 whatever changed.
+        run.note = f"{path}: the earlier attempt left no checkpoint; starting over with the changed recipe ({listed})."
+        return run
+    if run.finished:
+        if not accept_changes or not set(changed) <= _EXTENDING_KEYS or not _longer(old, new):
+            raise RunDirError(
+                f"{path} holds a finished run made with a different recipe ({listed}). A finished run can only be "
+                "trained on for longer: raise train.max_steps and pass --accept-changes (it continues from the last "
+                "checkpoint). For other changes, use --new-run to train in a new folder.")
+        run.extending = True
+        start = f"from {run.resume_from}" if run.resume_from else "from the start (the run kept no checkpoint)"
+        until = (f"{new['train']['max_steps']} updates" if new["train"]["max_steps"] is not None
+                 else f"{new['train']['epochs']} epochs")
+        run.note = (f"{path}: training the finished run on to {until} {start}; its final/ and forgetting/ are kept "
+                    "as final.before-N/ and forgetting.before-N/.")
+        return run
+    if not accept_changes:
+        raise RunDirError(f"{path} holds a run made with a different recipe ({listed}). Pass --accept-changes to "
+                          "resume it with the new values, or --new-run to start over in a new folder.")
     return run
 
 
+def _longer(old: dict, new: dict) -> bool:
+    """The new recipe trains past where the old one ended (more updates, or more epochs when max_steps is null)."""
+    (o_steps, n_steps), (o_epochs, n_epochs) = ((old["train"].get(k), new["train"].get(k))
+                                                for k in ("max_steps", "epochs"))
+    if n_steps is not None:
+        return o_steps is not None and n_steps > o_steps
+    return o_steps is None and n_epochs > o_epochs
+
+
 def write_recipe(run: RunDir, recipe: Recipe) -> None:
-    """Write the resolved recipe; a previous one that differs is kept beside it, never overwritten."""
+    """Write the resolved recipe; a previous one that differs is kept beside it, never overwritten. A finished run
+    being extended has its final/ and forgetting/ kept aside first (final.before-N/), so the longer run's own can be
+    written where they belong."""
     try:
         run.path.mkdir(parents=True, exist_ok=True)
+        if run.extending and run.final.is_dir():
+            n = 1
+            while (run.path / f"final.before-{n}").exists():
+                n += 1
+            if (run.path / "forgetting").is_dir():
+                shutil.copytree(run.path / "forgetting", run.path / f"forgetting.before-{n}")
+            os.replace(run.final, run.path / f"final.before-{n}")
         _write_recipe(run, recipe)
     except OSError as e:
         raise RunDirError(f"cannot write to the output folder {run.path}: {e.strerror or e}. Set `output.dir` to a "
@@ -303,3 +350,13 @@ def save_model(accelerator, model, tokenizer, dest: Path, replace: bool = False)
             shutil.rmtree(dest)
         os.replace(tmp, dest)
     accelerator.wait_for_everyone()
+
+
+def local_base(folder: Path) -> str | None:
+    """The base model's local folder recorded in a saved final/ (FINAL_INFO), if it is still there: what finetune's
+    own commands load an adapter on before the hub name in adapter_config.json."""
+    info = folder / FINAL_INFO
+    if not info.is_file():
+        return None
+    path = json.loads(info.read_text(encoding="utf-8")).get("base_model_path")
+    return path if path and Path(path).is_dir() else None

@@ -1,30 +1,41 @@
-"""`finetune train|check|eval|report|interpolate|sweep|merge|keys`: parse the command line, call the stages, turn user
-mistakes into one paragraph and a non-zero exit code (`--debug` shows the traceback). Heavy libraries are imported
-only by the command that needs them, after its arguments are known to be good."""
+"""`finetune train|check|preview|chat|eval|report|interpolate|sweep|merge|plan|recipes|keys|env`: parse the command line,
+call the stages, turn user mistakes into one paragraph and a non-zero exit code (`--debug` shows the traceback).
+Heavy libraries are imported only by the command that needs them, after its arguments are known to be good."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from . import __version__, quiet
 from .errors import UserError
-from .recipe import describe_keys, load_recipe
+from .progress import main_process, print_main
+from .recipe import describe_keys, dump_recipe, load_recipe
 
 EXIT_USER_ERROR = 2
 
 EPILOG = """examples:
+  finetune recipes                                         # the shipped recipes, launch configs and task suites
+  finetune recipes copy tiny-lora                          # copy one (and the data it uses) here
+  finetune check recipes/tiny-lora.yaml --print            # validate, print the resolved recipe
+  finetune preview recipes/tiny-lora.yaml --rows 2         # the data as trained: trained tokens marked, packing
   finetune train recipes/tiny-lora.yaml
   finetune train recipes/tiny-lora.yaml train.lr=1e-4 lora.r=8 output.dir=runs/r8
   finetune train recipes/tiny-lora.yaml lora=null          # full fine-tuning
+  finetune train recipes/tiny-lora.yaml train.max_steps=60 --accept-changes   # train a finished run on
   accelerate launch --config_file launch/cpu_ddp.yaml -m finetune train recipes/tiny-lora.yaml
+  finetune chat runs/tiny-lora                             # talk to the fine-tuned model
   finetune eval data/tiny-llama runs/tiny-lora --tasks data/tasks/general_knowledge.yaml
+  finetune eval data/tiny-llama runs/tiny-lora --checkpoints   # and every checkpoint: the forgetting curve
   finetune report runs/tiny-lora runs/tiny-full --out runs/compare
   finetune interpolate runs/tiny-full --alphas 0,0.5,1 --pick
-  finetune sweep recipes/tiny-lora.yaml --grid train.lr=1e-3,3e-3 lora.r=4,16
-  finetune merge runs/tiny-lora/final runs/tiny-lora-merged
+  finetune sweep recipes/tiny-lora.yaml --grid train.lr=1e-3,3e-3 lora.r=4,16 lora=null --print-commands
+  finetune merge runs/tiny-lora runs/tiny-lora-merged      # fold the LoRA adapter into its base
   finetune plan recipes/llama3.1-8b-lora-alpaca.yaml --launch-config launch/fsdp.yaml   # will it fit? (offline)
   finetune keys                                            # every recipe key, default and meaning
+  finetune env                                             # versions and devices, for bug reports
 """
 
 
@@ -32,23 +43,43 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune", description="Fine-tune pretrained language models and measure "
                                 "what they forgot.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"finetune {__version__}")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--verbose", action="store_true",
+                   help="show the libraries' own output (progress bars, warnings, lm-eval's logs)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="fine-tune a model as a recipe says (resumes an existing run folder)")
     t.add_argument("recipe", help="recipe YAML file")
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4 lora=null")
     t.add_argument("--accept-changes", action="store_true",
-                   help="resume a run folder even though the recipe changed in keys that change the result")
+                   help="resume a run folder even though the recipe changed in keys that change the result; with a "
+                        "larger train.max_steps, train a finished run on from its last checkpoint")
     t.add_argument("--new-run", action="store_true",
                    help="if output.dir holds a run, start over in the next free folder (dir-2, dir-3, ...)")
 
-    c = sub.add_parser("check", help="validate a recipe without loading anything")
+    c = sub.add_parser("check", help="validate a recipe, the model path, the output folder and the data's first rows, "
+                                     "without loading the model")
     c.add_argument("recipe")
     c.add_argument("overrides", nargs="*")
+    c.add_argument("--print", action="store_true", help="print the resolved recipe (every default filled in)")
+
+    v = sub.add_parser("preview", help="show training examples as trained (trained tokens marked) and packing "
+                                       "statistics")
+    v.add_argument("recipe")
+    v.add_argument("overrides", nargs="*")
+    v.add_argument("--rows", type=int, default=3, help="examples to show (default %(default)s)")
+
+    h = sub.add_parser("chat", help="talk to a fine-tuned model (adapter or full) through its chat template; reads "
+                                    "one turn per line when stdin is not a terminal")
+    h.add_argument("run", type=Path, help="a run folder, its final/, or any adapter or model folder")
+    h.add_argument("--base", help="the base model for an adapter (default: the run's model.path)")
+    h.add_argument("--system", help="a system message to start the conversation with")
+    h.add_argument("--max-new-tokens", type=int, default=256, help="per reply (default %(default)s)")
+    h.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampled")
 
     m = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save a standalone model")
-    m.add_argument("adapter", help="a run's final/ folder (or any peft adapter folder)")
+    m.add_argument("adapter", help="a LoRA run folder or its final/ (or any peft adapter folder)")
     m.add_argument("out", help="new folder for the merged model (must not exist or be empty)")
 
     e = sub.add_parser("eval", help="measure what a saved model forgot against its base; writes a report")
@@ -75,9 +106,11 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="run a grid of recipe variants, then compare them on the learning-forgetting "
                                      "plane")
     s.add_argument("recipe")
-    s.add_argument("overrides", nargs="*", help="section.key=value applied to every run")
+    s.add_argument("overrides", nargs="*", help="section.key=value applied to every run (anywhere on the line)")
     s.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
-                   help="values to sweep, e.g. train.lr=1e-5,1e-4,1e-3 lora.r=8,64 lora=null")
+                   help="values to sweep, e.g. train.lr=1e-5,1e-4,1e-3 lora.r=8,64 lora=null: every combination "
+                        "is a run; lora=null adds full fine-tuning beside the LoRA variants (lora.* values apply to "
+                        "those only); a key with one value applies to every run")
     s.add_argument("--launch-config", help="accelerate config to launch each run with (default: one process)")
     s.add_argument("--print-commands", action="store_true",
                    help="print one command per run (to submit on a cluster) instead of running them")
@@ -92,6 +125,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="memory of one device for the verdict (default %(default)g)")
 
     sub.add_parser("keys", help="print every recipe key with its default and meaning")
+    rc = sub.add_parser("recipes", help="list the shipped recipes, launch configs and task suites; `recipes copy "
+                                        "NAME [DEST]` copies one with the data it uses")
+    rc.add_argument("action", nargs="*", metavar="copy NAME [DEST]")
+    sub.add_parser("env", help="versions, devices and accelerate config, for bug reports")
     return p
 
 
@@ -100,6 +137,7 @@ def _eval(args) -> int:
 
     from .checkpoint import next_free_dir
     from .evaluate import evaluate_saved
+    from .preflight import check_sources
     from .recipe import EvalSection, ModelSection
 
     tuned = Path(args.tuned)
@@ -114,6 +152,8 @@ def _eval(args) -> int:
               "eval.tasks.", file=sys.stderr)
         return EXIT_USER_ERROR
     base = dataclasses.replace(recipe.model, path=args.base) if recipe else ModelSection(path=args.base)
+    print_main(*check_sources(base, section), file=sys.stderr)
+    quiet.libraries()
     out = args.out or (tuned / "forgetting" if tuned.is_dir() and saved.is_file() else Path("forgetting"))
     if out.exists() and any(out.iterdir()):
         if args.out:
@@ -124,9 +164,7 @@ def _eval(args) -> int:
 
     if args.checkpoints:
         if recipe is None:
-            print(f"error: --checkpoints needs a run folder (one with recipe.yaml); {tuned} is not one.",
-                  file=sys.stderr)
-            return EXIT_USER_ERROR
+            raise UserError(f"--checkpoints needs a run folder (one with recipe.yaml); {tuned} is not one.")
         from .evaluate import evaluate_checkpoints
 
         report = evaluate_checkpoints(tuned, dataclasses.replace(recipe, model=base), section, out,
@@ -134,6 +172,11 @@ def _eval(args) -> int:
     else:
         report = evaluate_saved(base, tuned, section, out, recipe=recipe, method=describe(recipe) if recipe else None)
     print(f"{report['verdict']['text']}\nreport: {out / 'report.html'}")
+    if recipe is not None and out == tuned / "forgetting":
+        from .card import write_model_card
+        from .checkpoint import RunDir
+
+        write_model_card(recipe, RunDir(tuned, None, True))  # the run's card now carries this verdict
     return 0
 
 
@@ -144,86 +187,200 @@ def _train(args) -> int:
     if args.new_run and Path(recipe.output.dir).exists():
         recipe.output.dir = str(next_free_dir(Path(recipe.output.dir)))
     run = open_run_dir(recipe, args.accept_changes)
-    if run.finished:
-        print(f"{run.path} already holds a finished run ({run.final}); nothing to do. "
-              "Use --new-run to train again in a new folder.")
+    if run.finished and not run.extending:
+        print_main(f"{run.path} already holds a finished run ({run.final}); nothing to do. Use --new-run to train "
+                   "again in a new folder, or raise train.max_steps with --accept-changes to train it on.")
         return 0
+    from .preflight import check, check_tokens
+
+    print_main(run.note, *check(recipe), file=sys.stderr)  # before torch is imported: a slip costs a second
+    quiet.libraries()
+    from .engine import check_launch
+    from .model import load_tokenizer
+
+    check_launch()
+    # The first rows are encoded with the model's tokenizer before the model itself loads: a data mistake costs
+    # seconds, not a model load.
+    check_tokens(recipe, load_tokenizer(recipe.model, recipe.data.chat_template))
     from .preemption import EXIT_PREEMPTED, Preempted
     from .train import train  # heavy imports only once the recipe is known to be good
 
     try:
         train(recipe, run)
     except Preempted as stop:
-        print(stop, file=sys.stderr)
+        print_main(str(stop), file=sys.stderr)
         return EXIT_PREEMPTED
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if args.command == "train":
-            return _train(args)
-        if args.command == "check":
-            recipe = load_recipe(args.recipe, args.overrides)
-            method = ("QLoRA" if recipe.model.quantization else "LoRA") + f" r={recipe.lora.r}" if recipe.lora else \
-                "full fine-tuning"
-            print(f"{args.recipe}: ok ({method}, "
-                  f"{len(recipe.data.train)} training dataset(s), output {recipe.output.dir})")
-            return 0
-        if args.command == "eval":
-            return _eval(args)
-        if args.command == "plan":
-            from .plan import plan, read_launch
+def _check(args) -> int:
+    from .preflight import check, check_tokens, tokenizer_at_hand
 
-            recipe = load_recipe(args.recipe, args.overrides)
-            print(plan(recipe, read_launch(args.launch_config, args.processes), args.gpu_memory))
-            return 0
-        if args.command == "report":
-            from .report import compare_runs, summary_table
+    recipe = load_recipe(args.recipe, args.overrides)
+    notes = check(recipe)
+    quiet.libraries()
+    tokenizer, why_not = tokenizer_at_hand(recipe)
+    if tokenizer is not None:
+        check_tokens(recipe, tokenizer)
+    if args.print:
+        print(dump_recipe(recipe), end="")
+    for note in [*notes, why_not]:
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+    method = ("QLoRA" if recipe.model.quantization else "LoRA") + f" r={recipe.lora.r}" if recipe.lora else \
+        "full fine-tuning"
+    print(f"{args.recipe}: ok ({method}, {len(recipe.data.train)} training dataset(s), output {recipe.output.dir})",
+          file=sys.stderr if args.print else sys.stdout)
+    return 0
 
-            result = compare_runs(args.runs, args.out)
-            print(summary_table(result))
-            print()
-            for family, best in result["best_per_family"].items():
-                print(f"best run within budget, {family}: {best or 'none passes'}")
-            for note in result["notes"] + [c["text"] for c in result["method_comparison"]]:
-                print(note)
-            print(f"comparison of {len(args.runs)} runs: {args.out / 'compare.html'}")
-            return 0
-        if args.command == "interpolate":
-            from .mitigations.wise_ft import interpolate
 
-            alphas = [float(a) for a in args.alphas.split(",")]
-            result = interpolate(args.run, alphas, args.pick)
-            print(f"interpolation curve: {args.run / 'interpolation' / 'compare.html'}; best alpha within budget: "
-                  f"{Path(result['recommended']).name if result['recommended'] else 'none'}"
-                  + (f"; saved to {result['picked']}" if result.get("picked") else ""))
-            return 0
-        if args.command == "sweep":
-            from .sweep import sweep
+def _recipes(args) -> int:
+    from . import shipped
 
-            result = sweep(Path(args.recipe), args.grid, args.overrides, args.launch_config, args.print_commands)
-            if result is not None:
-                print(f"recommended run: {result['recommended'] or 'none passes the forgetting budget'}")
-            return 0
-        if args.command == "merge":
-            from .model import merge_adapter, quantized_base
-
-            out = merge_adapter(args.adapter, args.out)
-            print(f"merged model written to {out}")
-            quantized = quantized_base(args.adapter)
-            if quantized:
-                print(f"note: this adapter was trained on a {quantized['bits']}-bit ({quantized['type']}) base "
-                      "(QLoRA); it was merged into the unquantized base weights (float32), so the merged model is "
-                      "not exactly the one trained, whose base weights were their 4-bit rounding. Evaluate it "
-                      f"before use: finetune eval BASE {out}")
-            return 0
-        print(describe_keys())
+    if not args.action:
+        print(shipped.listing())
         return 0
+    if args.action[0] != "copy" or len(args.action) not in (2, 3):
+        raise UserError(f"`finetune recipes {' '.join(args.action)}`: use `finetune recipes` to list, or "
+                        "`finetune recipes copy NAME [DEST]` to copy one.")
+    written = shipped.copy(args.action[1], Path(args.action[2] if len(args.action) == 3 else "."))
+    print(f"copied {written[0]}" + (f" and {len(written) - 1} file(s) of data it uses" if len(written) > 1 else ""))
+    hint = shipped.model_hint(written[0]) if written[0].parent.name == "recipes" else ""
+    if hint:
+        print(hint)
+    return 0
+
+
+def _report(args) -> int:
+    from .report import compare_runs, summary_table
+
+    result = compare_runs(args.runs, args.out)
+    print(summary_table(result))
+    print()
+    for family, best in result["best_per_family"].items():
+        print(f"best run within budget, {family}: {best or 'none passes'}")
+    for note in result["notes"] + [c["text"] for c in result["method_comparison"]]:
+        print(note)
+    print(f"comparison of {len(args.runs)} runs: {args.out / 'compare.html'}")
+    return 0
+
+
+def _interpolate(args) -> int:
+    quiet.libraries()
+    from .mitigations.wise_ft import interpolate
+
+    alphas = [float(a) for a in args.alphas.split(",")]
+    result = interpolate(args.run, alphas, args.pick)
+    print(f"interpolation curve: {args.run / 'interpolation' / 'compare.html'}; best alpha within budget: "
+          f"{Path(result['recommended']).name if result['recommended'] else 'none'}"
+          + (f"; saved to {result['picked']}" if result.get("picked") else ""))
+    return 0
+
+
+def _sweep(args) -> int:
+    from .sweep import sweep
+
+    result = sweep(Path(args.recipe), args.grid, args.overrides, args.launch_config, args.print_commands)
+    if result is not None:
+        print(f"recommended run: {result['recommended'] or 'none passes the forgetting budget'}")
+    return 0
+
+
+def _merge(args) -> int:
+    quiet.libraries()
+    from .model import merge_adapter, quantized_base
+
+    out = merge_adapter(args.adapter, args.out)
+    print(f"merged model written to {out}")
+    quantized = quantized_base(args.adapter)
+    if quantized:
+        print(f"note: this adapter was trained on a {quantized['bits']}-bit ({quantized['type']}) base (QLoRA); it was "
+              "merged into the unquantized base weights (float32), so the merged model is not exactly the one "
+              f"trained, whose base weights were their 4-bit rounding. Evaluate it before use: finetune eval BASE {out}")
+    return 0
+
+
+def _plan(args) -> int:
+    from .plan import plan, read_launch
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(plan(recipe, read_launch(args.launch_config, args.processes), args.gpu_memory))
+    return 0
+
+
+def _preview(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    quiet.libraries()
+    from .preview import preview
+
+    print(preview(recipe, args.rows, color=sys.stdout.isatty()))
+    return 0
+
+
+def _chat(args) -> int:
+    quiet.libraries()
+    from .chat import chat
+
+    return chat(args.run, base=args.base, system=args.system, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature)
+
+
+def _keys(args) -> int:
+    print(describe_keys())
+    return 0
+
+
+def _env(args) -> int:
+    from .env import report
+
+    print(report())
+    return 0
+
+
+COMMANDS = {"train": _train, "check": _check, "preview": _preview, "chat": _chat, "eval": _eval, "report": _report,
+            "interpolate": _interpolate, "sweep": _sweep, "merge": _merge, "plan": _plan, "keys": _keys,
+            "recipes": _recipes, "env": _env}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # key=value after an option (--print, sweep's --grid): argparse only takes them before
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from . import hub
+
+    if args.verbose:
+        os.environ["FINETUNE_VERBOSE"] = "1"  # for the processes a sweep starts
+    quiet.configure(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
     except Exception as e:
-        if args.debug or not isinstance(e, (UserError, FileExistsError)):
+        if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if isinstance(e, (UserError, FileExistsError)):
+            message = str(e)
+        elif hub.is_network_error(e):
+            message = hub.describe_network_error(e)
+        else:
+            raise
+        # Every process of a launch meets the same mistake: the main one says it, once.
+        if main_process():
+            print(f"error: {message}", file=sys.stderr)
+            _tell_torchrun(message)
         return EXIT_USER_ERROR
 
+
+def _tell_torchrun(message: str) -> None:
+    """Under torchrun (accelerate launch), its summary of the failed launch shows this message as the root cause,
+    instead of a pointer to how to get a traceback."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        import json
+        import time
+
+        record = {"message": f"error: {message}", "extraInfo": {"py_callstack": f"error: {message}",
+                                                                "timestamp": str(int(time.time()))}}
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"message": record}, f)

@@ -21,6 +21,7 @@ from datasets import Dataset, concatenate_datasets, load_dataset
 
 from . import attention
 from .errors import UserError
+from .quiet import progress_bars
 from .recipe import LOCAL_BUILDERS, DataSection, DatasetSpec
 
 IGNORE = -100
@@ -218,9 +219,10 @@ def encode_dataset(spec: DatasetSpec, tokenizer, data: DataSection, stats: DataS
     encoder = make_encoder(tokenizer, spec.format, spec.columns, data.max_length, data.train_on)
     # The main process tokenizes alone (the other ranks wait, then read datasets' cache): every core is free.
     procs = data.num_proc or (len(os.sched_getaffinity(0)) if len(raw) > 10_000 else 1)
-    encoded = raw.map(encoder, batched=True, with_indices=True, remove_columns=raw.column_names,
-                      num_proc=procs if procs > 1 and len(raw) > 1000 else None,
-                      desc=f"tokenizing {Path(spec.path).name}")
+    with progress_bars(show=len(raw) > 10_000):  # a bar worth showing: tokenizing takes seconds or more
+        encoded = raw.map(encoder, batched=True, with_indices=True, remove_columns=raw.column_names,
+                          num_proc=procs if procs > 1 and len(raw) > 1000 else None,
+                          desc=f"tokenizing {Path(spec.path).name}")
     errors = [(r, e) for r, e in zip(encoded["row"], encoded["error"]) if e]
     if errors and data.on_bad_row == "fail":
         shown = "; ".join(f"row {r}: {e}" for r, e in errors[:3])

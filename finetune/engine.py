@@ -71,11 +71,34 @@ def make_accelerator(recipe, project_dir: str) -> Accelerator:
     # On CPU accelerate quietly turns FSDP and DeepSpeed launches into plain DDP; say so rather than train
     # with a memory layout the user did not ask for.
     name = engine(accelerator).name
-    for wanted, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED")):
-        if os.environ.get(flag, "false").lower() == "true" and name != wanted:
-            raise EngineError(f"the launch config asks for {wanted}, but accelerate set up {name} (it supports "
-                              f"{wanted} only on GPUs). On CPU use launch/cpu_ddp.yaml.")
+    for wanted in _asked_for():
+        if name != wanted:
+            raise EngineError(_unsupported(wanted, name))
     return accelerator
+
+
+def _asked_for() -> list[str]:
+    flags = (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED"))
+    return [wanted for wanted, flag in flags if os.environ.get(flag, "false").lower() == "true"]
+
+
+def _unsupported(wanted: str, name: str) -> str:
+    return (f"the launch config asks for {wanted}, but accelerate set up {name} (it supports {wanted} only on GPUs). "
+            "On CPU use launch/cpu_ddp.yaml.")
+
+
+def check_launch() -> None:
+    """Before anything loads: an FSDP or DeepSpeed launch on a machine without an accelerator is refused at once,
+    not after every process has set itself up (what make_accelerator would find out later)."""
+    from accelerate.state import PartialState
+
+    # A process state already set up as the engine asked (the tests' CPU workers relabel theirs) is taken as it is.
+    ready = getattr(PartialState._shared_state.get("distributed_type"), "name", None)
+    if not torch.accelerator.is_available():
+        for wanted in _asked_for():
+            if ready != wanted:
+                raise EngineError(_unsupported(wanted, "MULTI_CPU" if int(os.environ.get("WORLD_SIZE", "1")) > 1
+                                               else "NO"))
 
 
 # ---------------------------------------------------------------- saving a run's state, as each engine can

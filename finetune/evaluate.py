@@ -32,6 +32,7 @@ from .drift import NEW_TOKENS, PROMPTS, SAMPLING_SEED, AdapterDisabled, eval_mod
     sample_texts
 from .errors import UserError
 from .model import load_model, load_tokenizer, resolve_model_path
+from .quiet import silence_lm_eval
 from .recipe import EvalSection, ModelSection, Recipe
 from .records import Evaluation, TaskScore, from_dict, to_dict
 from .report import build_report, provenance, write_report
@@ -120,6 +121,7 @@ def _evaluate_loaded(model, tokenizer, loaded: dict[str, dict], *, batch_size: i
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    silence_lm_eval()
     if not loaded:
         return {}  # no tasks: the drift alone measures forgetting
     leaves = [task for _, tasks in loaded.values() for task in tasks.values()]

@@ -34,11 +34,7 @@ def resolve_model_path(section: ModelSection) -> str:
         return str(path.absolute())
     if path.suffix != ".gguf":
         return section.path
-    path = path.resolve()
-    stat = path.stat()
-    # A file edited or replaced in place gets a new key, so a stale conversion is never reused.
-    key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = Path(section.cache_dir).expanduser() / "gguf" / f"{path.stem}-{key}"
+    path, target = path.resolve(), converted_gguf(section)
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
         # Every process of a distributed launch gets here; one converts, the others wait and find it done.
@@ -46,6 +42,15 @@ def resolve_model_path(section: ModelSection) -> str:
             if not target.is_dir():
                 _convert_gguf(path, target)
     return str(target)
+
+
+def converted_gguf(section: ModelSection) -> Path:
+    """Where the GGUF file `model.path` is (or will be) converted to safetensors."""
+    path = Path(section.path).expanduser().resolve()
+    stat = path.stat()
+    # A file edited or replaced in place gets a new key, so a stale conversion is never reused.
+    key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return Path(section.cache_dir).expanduser() / "gguf" / f"{path.stem}-{key}"
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
@@ -191,7 +196,8 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 def quantized_base(adapter_dir: str | Path) -> dict | None:
     """The `model.quantization` a run's adapter was trained with (from the resolved recipe.yaml of the run that
     holds it, read as data: its dataset paths may not resolve from here), or None."""
-    saved = Path(adapter_dir).parent / "recipe.yaml"
+    folder = Path(adapter_dir)
+    saved = folder / "recipe.yaml" if (folder / "recipe.yaml").is_file() else folder.parent / "recipe.yaml"
     recipe = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else None
     model = recipe.get("model") if isinstance(recipe, dict) else None
     return model.get("quantization") if isinstance(model, dict) else None
@@ -199,20 +205,31 @@ def quantized_base(adapter_dir: str | Path) -> dict | None:
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Fold a LoRA adapter into its base model and save a standalone model (safetensors) with its tokenizer."""
+    from .checkpoint import local_base
+
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if (adapter_dir / "final").is_dir():
+        adapter_dir = adapter_dir / "final"  # a run folder: its final model
+    if not (adapter_dir / "adapter_config.json").is_file():
+        what = ("a full model (config.json, no adapter): it is standalone already, nothing to merge"
+                if (adapter_dir / "config.json").is_file() else "no LoRA adapter (adapter_config.json)")
+        raise ModelError(f"{adapter_dir} holds {what}. merge takes a LoRA run folder or its final/.")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not empty; merge writes only into a new or empty "
                               "folder, so nothing of yours is overwritten. Choose another output folder.")
     config = peft.PeftConfig.from_pretrained(adapter_dir)
     # float32: added to bfloat16 weights, much of the adapter's small update would round away. Never quantized, also
-    # for a QLoRA adapter: folded into 4-bit weights the update would be lost to their rounding.
+    # for a QLoRA adapter: folded into 4-bit weights the update would be lost to their rounding. The base's local copy
+    # (kept in finetune.json) comes first: the hub name in adapter_config.json may not be reachable from here.
     base = AutoModelForCausalLM.from_pretrained(
-        config.base_model_name_or_path, revision=config.revision, dtype=torch.float32, use_safetensors=True
+        local_base(adapter_dir) or config.base_model_name_or_path, revision=config.revision, dtype=torch.float32,
+        use_safetensors=True
     )
     merged = peft.PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(
-        adapter_dir if has_tokenizer else config.base_model_name_or_path, revision=config.revision
+        adapter_dir if has_tokenizer else local_base(adapter_dir) or config.base_model_name_or_path,
+        revision=config.revision
     )
 
     def write(folder: Path) -> None:

@@ -59,6 +59,8 @@ class QuantizationSection:
 @dataclass
 class ModelSection:
     path: str = _f("", "hub id (org/name), local folder, or .gguf file")
+    name: str | None = _f(None, "the hub id the model is known by, named as the base in a saved adapter and its model "
+                          "card; null = model.path when it is a hub id, else the source a GGUF file records")
     dtype: Literal["float32", "bfloat16", "float16"] = _f(
         "float32", "dtype the weights are loaded in; mixed precision is separate (train.mixed_precision)"
     )
@@ -215,7 +217,7 @@ _DEFAULT_SECTIONS = ("data", "train", "eval", "output")
 # Keys whose change does not change the trained weights: a resumed run may differ in these.
 RESULT_NEUTRAL_KEYS = frozenset(
     {"output.save_every", "output.keep", "train.log_every", "train.trackers", "train.eval_every", "data.num_proc",
-     "model.cache_dir", "eval.tasks", "eval.target_tasks", "eval.limit", "eval.batch_size", "eval.drift_texts",
+     "model.cache_dir", "model.name", "eval.tasks", "eval.target_tasks", "eval.limit", "eval.batch_size", "eval.drift_texts",
      "eval.drift_max_length", "eval.apply_chat_template"}
 )
 
@@ -261,7 +263,13 @@ def _convert(value: Any, tp, where: str, src: str):
         (inner,) = [a for a in args if a is not type(None)]
         return _convert(value, inner, where, src)
     if origin is Literal:
-        if value not in typing.get_args(tp):
+        choices = typing.get_args(tp)
+        if isinstance(value, bool):
+            # YAML 1.1 reads the words no/off/false and yes/on/true as booleans: `mixed_precision: no` arrives as
+            # False. Take the one choice that YAML would have read as this value.
+            words = [c for c in choices if isinstance(c, str) and yaml.safe_load(c) is value]
+            value = words[0] if len(words) == 1 else value
+        if value not in choices:
             raise bad
         return value
     if origin is list:
@@ -404,7 +412,8 @@ def _check(recipe: Recipe, src: str, stem: str) -> None:
         raise RecipeError(f"{src}: `model.path` is missing; give a hub id, a local folder or a .gguf file.")
     model_path = _expand(recipe.model.path)
     if (model_path.suffix == ".gguf" or _looks_local(recipe.model.path)) and not model_path.exists():
-        raise RecipeError(f"{src}: `model.path` {recipe.model.path} does not exist.")
+        raise RecipeError(f"{src}: `model.path` {recipe.model.path} does not exist{_near(model_path)} (paths are "
+                          f"relative to the folder you run from, {Path.cwd()}).")
     if not recipe.data.train:
         raise RecipeError(f"{src}: `data.train` is empty; list at least one dataset, e.g. "
                           "train: [{path: data/x.jsonl, format: chat}].")
@@ -434,8 +443,8 @@ def _check(recipe: Recipe, src: str, stem: str) -> None:
             if not spec.path:
                 raise RecipeError(f"{src}: `{key}` is missing.")
             if _looks_local(spec.path) and not _expand(spec.path).is_file():
-                raise RecipeError(f"{src}: `{key}`: file {spec.path} does not exist (paths are relative to the "
-                                  f"folder you run from, {Path.cwd()}).")
+                raise RecipeError(f"{src}: `{key}`: file {spec.path} does not exist{_near(_expand(spec.path))} "
+                                  f"(paths are relative to the folder you run from, {Path.cwd()}).")
             spec.path = str(_expand(spec.path)) if _looks_local(spec.path) else spec.path
     if recipe.data.validation and recipe.data.val_fraction:
         raise RecipeError(f"{src}: set either `data.validation` or `data.val_fraction`, not both.")
@@ -444,6 +453,11 @@ def _check(recipe: Recipe, src: str, stem: str) -> None:
                           f"({recipe.train.max_steps}).")
     if not recipe.output.dir:
         recipe.output.dir = str(Path("runs") / stem)
+    out = _expand(recipe.output.dir)
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise RecipeError(f"{src}: `output.dir` {recipe.output.dir} cannot be a run folder: {blocking} is a file. "
+                          "Set `output.dir` to a folder (new, or a run folder to resume).")
 
 
 def _expand(p: str) -> Path:
@@ -451,9 +465,20 @@ def _expand(p: str) -> Path:
 
 
 def _looks_local(p: str) -> bool:
-    """A path that can only mean a local file or folder (hub ids look like org/name)."""
+    """A path that can only mean a local file or folder. Hub ids look like org/name: a name with a second slash, or
+    whose first part is a folder here (`data/tiny-lama` beside `data/`), is a local path with a typo, not a hub id."""
+    parts = Path(p).parts
     return (p.startswith(("/", "./", "../", "~")) or p.lower().endswith(tuple(LOCAL_BUILDERS) + (".gguf",))
-            or _expand(p).exists())
+            or _expand(p).exists() or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir()))
+
+
+def _near(path: Path) -> str:
+    """"; did you mean data/tiny-llama?" when the folder holds a name close to the missing one."""
+    folder = path.parent
+    if not folder.is_dir():
+        return f" (no folder {folder})" if str(folder) not in ("", ".") else ""
+    close = difflib.get_close_matches(path.name, [c.name for c in folder.iterdir()], n=1, cutoff=0.6)
+    return f"; did you mean {folder / close[0]}?" if close else ""
 
 
 # ---------------------------------------------------------------- output
@@ -483,6 +508,29 @@ def changed_keys(old: dict, new: dict) -> list[str]:
     a, b = flatten(old), flatten(new)
     keys = sorted(set(a) | set(b))
     return [k for k in keys if a.get(k) != b.get(k) and k not in RESULT_NEUTRAL_KEYS]
+
+
+def describe_changes(old: dict, new: dict, keys: list[str]) -> list[str]:
+    """`data.train[0].columns: {} -> {'text': 'body'}` for each changed key: lists and mappings are followed down to
+    the values that differ, so a change inside one dataset is not shown as two whole lists."""
+    before, after = flatten(old), flatten(new)
+    lines: list[str] = []
+    for key in keys:
+        _diff(before.get(key), after.get(key), key, lines)
+    return lines
+
+
+def _diff(a, b, where: str, lines: list[str]) -> None:
+    if isinstance(a, dict) and isinstance(b, dict) and a and b:
+        for k in [*a, *(k for k in b if k not in a)]:
+            if a.get(k) != b.get(k):
+                _diff(a.get(k), b.get(k), f"{where}.{k}", lines)
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                _diff(x, y, f"{where}[{i}]", lines)
+    else:
+        lines.append(f"{where}: {a!r} -> {b!r}")
 
 
 def describe_keys() -> str:

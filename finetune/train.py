@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 from accelerate.utils import send_to_device, set_seed
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from . import mitigations
+from .card import write_model_card
 from .checkpoint import (Progress, RunDir, atomic_write_text, checkpoint_step, keep_adapter_only, latest_checkpoint,
                          load_checkpoint, read_jsonl, save_checkpoint, save_model, write_recipe)
 from .cpu import keep_freed_memory
@@ -35,6 +35,7 @@ from .errors import UserError
 from .loss import token_loss_sum
 from .model import count_parameters, load_model, load_tokenizer
 from .preemption import Preempted, StopSignals
+from .progress import TrainingDisplay, summary
 from .recipe import Recipe, flatten, recipe_to_dict
 from .training_eval import TrainingEval
 
@@ -246,6 +247,7 @@ def _set_up(recipe: Recipe, run: RunDir) -> Training:
 
 def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
     """Train as the recipe says, resuming from `run.resume_from`; returns the trained (unwrapped) model."""
+    started = time.monotonic()
     t = _set_up(recipe, run)
     progress = Progress()
     if run.resume_from is not None:
@@ -262,7 +264,9 @@ def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
         signals.restore()
     save_model(t.accelerator, t.model, t.tokenizer, run.final)
     t.evals.finish(last, t.model, t.tokenizer)
-    t.accelerator.print(f"done: {run.final}")
+    if t.accelerator.is_main_process:
+        write_model_card(recipe, run)  # after the report, whose verdict it carries
+    t.accelerator.print(summary(run, time.monotonic() - started))
     _end(t.accelerator)
     return t.accelerator.unwrap_model(t.model)
 
@@ -284,8 +288,7 @@ def _loop(t: Training, progress: Progress, signals: StopSignals) -> int:
     recipe, tr, accelerator = t.recipe, t.recipe.train, t.accelerator
     log = MetricsLog(accelerator, t.run.metrics, progress.step)
     batches = epoch_batches(accelerator, t.loader, tr.grad_accum, progress.epoch, progress.position)
-    bar = tqdm(total=t.max_steps, initial=progress.step, disable=not accelerator.is_main_process, desc="training",
-               unit="step")
+    bar = TrainingDisplay(accelerator.is_main_process, t.max_steps, progress.step)
     window = torch.zeros(3, device=accelerator.device)  # loss sum, target tokens, tokens since the last log
     clock, bad_in_row, step = time.perf_counter(), 0, progress.step
     for step in range(progress.step + 1, t.max_steps + 1):
@@ -313,9 +316,9 @@ def _loop(t: Training, progress: Progress, signals: StopSignals) -> int:
             elapsed, clock = time.perf_counter() - clock, time.perf_counter()
             record = _record(t, progress, result, accelerator.reduce(window, "sum").tolist(), elapsed)
             log.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.record(record)
             window.zero_()
-        bar.update(1)
+        bar.step()
         if t.evals.due(step, t.max_steps) and t.evals.check(
                 step, t.model, t.tokenizer,
                 save=lambda dest: save_model(accelerator, t.model, t.tokenizer, dest, True)):

@@ -1,0 +1,316 @@
+"""A newcomer's slips, each answered by one clear line and a non-zero exit, without a traceback (issue 16's table).
+
+Commands run as a user runs them (`python -m finetune ...` in a folder of their own), with the hub pointed at a
+closed local port and an empty cache: nothing here uses the network, and the outcome is the same with or without it.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+from conftest import make_recipe, metrics, run, weights, write_jsonl, write_recipe
+
+from finetune.cli import main as cli_main
+from finetune.recipe import describe_changes, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+UNREACHABLE = "http://127.0.0.1:9"  # the discard port: connections are refused at once
+
+
+def finetune(*args, cwd: Path, hub_cache: Path | None = None, **env) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    environ.update(HF_ENDPOINT=UNREACHABLE, **env)
+    if hub_cache is not None:
+        environ["HF_HUB_CACHE"] = str(hub_cache)
+    return subprocess.run([sys.executable, "-m", "finetune", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, env=environ)
+
+
+def one_error_line(proc: subprocess.CompletedProcess, *words: str) -> str:
+    """The run failed with exit code 2 and said so in one line with `error:`, with no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-4000:]
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+    return errors[0]
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_model):
+    """A user's folder: a local model and a chat dataset, named by relative paths."""
+    (tmp_path / "data").mkdir()
+    shutil.copytree(tiny_model, tmp_path / "data" / "tiny-llama")
+    shutil.copyfile(ROOT / "data" / "tiny-chat.jsonl", tmp_path / "data" / "chat.jsonl")
+    write_recipe(tmp_path / "r.yaml", {
+        "model": {"path": "data/tiny-llama"},
+        "data": {"train": [{"path": "data/chat.jsonl", "format": "chat"}], "max_length": 64},
+        "train": {"max_steps": 2, "batch_size": 4},
+        "lora": {"r": 4},
+        "output": {"dir": "runs/r", "save_every": 0},
+    })
+    return tmp_path
+
+
+# ---------------------------------------------------------------- the hub, unreachable
+
+
+@pytest.mark.slow
+def test_unreachable_hub_model_is_refused_at_once_naming_the_id_and_the_ways_out(workdir):
+    proc = finetune("train", "r.yaml", "model.path=HuggingFaceTB/SmolLM2-135M", cwd=workdir,
+                    hub_cache=workdir / "empty-cache")
+    one_error_line(proc, "HuggingFaceTB/SmolLM2-135M", "model.path", "local folder", "HF_HUB_OFFLINE=1", "cache")
+    assert "Retrying" not in proc.stderr
+    assert not (workdir / "runs" / "r").exists()  # refused before anything was written
+
+
+def test_offline_mode_without_the_model_cached_says_so(workdir):
+    proc = finetune("check", "r.yaml", "model.path=HuggingFaceTB/SmolLM2-135M", cwd=workdir,
+                    hub_cache=workdir / "empty-cache", HF_HUB_OFFLINE="1")
+    one_error_line(proc, "HuggingFaceTB/SmolLM2-135M", "not in the local cache", "HF_HUB_OFFLINE")
+
+
+def test_unreachable_hub_dataset_is_refused_naming_its_key(workdir):
+    proc = finetune("check", "r.yaml", "data.train=[{path: someorg/somedata, format: text}]", cwd=workdir,
+                    hub_cache=workdir / "empty-cache")
+    one_error_line(proc, "someorg/somedata", "data.train[0].path", "cannot reach")
+
+
+def _fake_hub_cache(root: Path, repo: str, model_dir: Path) -> Path:
+    """The layout huggingface_hub keeps a downloaded model in: refs/main names a snapshot folder."""
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / "abc"
+    shutil.copytree(model_dir, snapshot)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text("abc")
+    return snapshot
+
+
+@pytest.mark.slow
+def test_unreachable_hub_with_the_model_cached_trains_offline_and_names_the_hub_id_in_the_adapter(workdir):
+    cache = workdir / "hub-cache"
+    _fake_hub_cache(cache, "someorg/tiny-llama", workdir / "data" / "tiny-llama")
+    proc = finetune("train", "r.yaml", "model.path=someorg/tiny-llama", cwd=workdir, hub_cache=cache)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "cannot be reached" in proc.stderr and "cached copy of someorg/tiny-llama" in proc.stderr
+    config = json.loads((workdir / "runs" / "r" / "final" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "someorg/tiny-llama"  # portable: the hub id, not a cache path
+
+
+@pytest.mark.slow
+def test_eval_of_an_lm_eval_task_offline_is_one_line_naming_its_dataset(workdir):
+    model = workdir / "data" / "tiny-llama"
+    proc = finetune("eval", model, model, "--tasks", "hellaswag", "--limit", "2", cwd=workdir,
+                    hub_cache=workdir / "empty-cache", HF_DATASETS_CACHE=str(workdir / "empty-datasets"))
+    one_error_line(proc, "hellaswag", "HF_HUB_OFFLINE=1")
+    assert "Retrying" not in proc.stderr
+
+
+# ---------------------------------------------------------------- paths
+
+
+def test_a_mistyped_local_model_path_is_not_found_not_a_hub_lookup(workdir):
+    for command in ("check", "train"):
+        proc = finetune(command, "r.yaml", "model.path=data/tiny-lama", cwd=workdir, hub_cache=workdir / "c")
+        one_error_line(proc, "data/tiny-lama", "does not exist", "did you mean data/tiny-llama")
+
+
+def test_output_dir_that_is_a_file_is_refused_by_check_and_train(workdir):
+    (workdir / "notes.txt").write_text("mine")
+    for command in ("check", "train"):
+        proc = finetune(command, "r.yaml", "output.dir=notes.txt", cwd=workdir)
+        one_error_line(proc, "output.dir", "notes.txt", "is a file")
+    assert (workdir / "notes.txt").read_text() == "mine"
+
+
+def test_merge_takes_a_run_folder_and_refuses_a_full_fine_tune_in_one_line(tmp_path, tiny_model, capsys):
+    lora_run, _ = run(make_recipe(tmp_path, tiny_model, "lora", lora={"r": 4}))
+    assert cli_main(["merge", str(lora_run), str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    full_run, _ = run(make_recipe(tmp_path, tiny_model, "full"))
+    capsys.readouterr()
+    for folder in (full_run, full_run / "final"):
+        assert cli_main(["merge", str(folder), str(tmp_path / "m2")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and "full model" in err and "nothing to merge" in err
+    assert not (tmp_path / "m2").exists()
+
+
+# ---------------------------------------------------------------- YAML 1.1 booleans
+
+
+def test_yaml_words_that_mean_booleans_are_taken_as_the_word_they_were(tmp_path, tiny_model):
+    path = make_recipe(tmp_path, tiny_model)
+    text = path.read_text() + "\n"
+    data = yaml.safe_load(text)
+    data["train"]["mixed_precision"] = "no"
+    path.write_text(yaml.safe_dump(data).replace("mixed_precision: 'no'", "mixed_precision: no"))
+    assert "mixed_precision: no\n" in path.read_text()  # unquoted: YAML 1.1 reads it as false
+    assert load_recipe(path).train.mixed_precision == "no"
+    assert load_recipe(path, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_recipe(path, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+    from finetune.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="train.schedule"):  # no word of that key's choices is a boolean
+        load_recipe(path, ["train.schedule=yes"])
+
+
+# ---------------------------------------------------------------- data checked before the model loads
+
+
+def test_chat_format_on_text_rows_is_refused_before_loading_and_suggests_format_text(workdir):
+    write_jsonl(workdir / "data" / "notes.jsonl", [{"text": "a note"}, {"text": "another"}])
+    override = "data.train=[{path: data/notes.jsonl, format: chat}]"
+    for command in ("check", "train"):
+        proc = finetune(command, "r.yaml", override, cwd=workdir)
+        one_error_line(proc, "data/notes.jsonl", "messages", "format: text")
+    assert not (workdir / "runs" / "r").exists()  # train stopped before writing its run folder
+
+
+def test_prompts_longer_than_max_length_are_refused_before_loading(workdir):
+    proc = finetune("check", "r.yaml", "data.max_length=6", cwd=workdir)
+    one_error_line(proc, "row 0", "no target tokens within data.max_length=6", "Raise `data.max_length`")
+    proc = finetune("check", "r.yaml", "data.max_length=48", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_an_empty_data_file_and_missing_csv_columns_are_named(workdir):
+    (workdir / "data" / "empty.jsonl").write_text("")
+    proc = finetune("check", "r.yaml", "data.train=[{path: data/empty.jsonl, format: text}]", cwd=workdir)
+    one_error_line(proc, "data/empty.jsonl", "no rows")
+    (workdir / "data" / "qa.csv").write_text("question,answer\nhi,hello\n")
+    proc = finetune("check", "r.yaml", "data.train=[{path: data/qa.csv, format: instruction}]", cwd=workdir)
+    one_error_line(proc, "qa.csv", "instruction", "output", "['answer', 'question']", "columns: {instruction:")
+
+
+# ---------------------------------------------------------------- run folders
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_restarts_with_the_fixed_recipe(tmp_path, tiny_model, capsys):
+    rows = [{"body": f"row {i}"} for i in range(40)]
+    rows[30] = {"body": ""}  # beyond the rows checked before loading: found while tokenizing, after loading
+    write_jsonl(tmp_path / "notes.jsonl", rows)
+    path = make_recipe(tmp_path, tiny_model, data={"train": [{"path": str(tmp_path / "notes.jsonl"),
+                                                              "format": "text", "columns": {"text": "body"}}]})
+    assert cli_main(["train", str(path)]) == 2
+    run_dir = tmp_path / "runs" / "r"
+    assert (run_dir / "recipe.yaml").is_file()  # the failed attempt left its recipe
+    capsys.readouterr()
+    assert cli_main(["train", str(path), "data.on_bad_row=skip"]) == 0  # the fix is not "a different recipe"
+    assert "left no checkpoint; starting over" in capsys.readouterr().err
+    assert (run_dir / "final").is_dir() and (run_dir / "recipe.before-1.yaml").is_file()
+
+
+def test_a_refused_change_is_shown_per_key_path():
+    old = {"data": {"train": [{"path": "a.csv", "columns": {}}, {"path": "b.csv", "columns": {}}]},
+           "train": {"lr": 0.001}}
+    new = {"data": {"train": [{"path": "a.csv", "columns": {"text": "body"}}, {"path": "b.csv", "columns": {}}]},
+           "train": {"lr": 0.002}}
+    assert describe_changes(old, new, ["data.train", "train.lr"]) == [
+        "data.train[0].columns: {} -> {'text': 'body'}", "train.lr: 0.001 -> 0.002"]
+
+
+def test_accept_changes_with_more_steps_trains_a_finished_run_on_from_its_last_checkpoint(tmp_path, tiny_model,
+                                                                                          capsys):
+    sections = dict(output={"save_every": 3, "keep": 5}, train={"max_steps": 6, "warmup_steps": 2})
+    path = make_recipe(tmp_path, tiny_model, "r", **sections)
+    run_dir, _ = run(path)
+    first_final, first_lrs = weights(run_dir), [m["lr"] for m in metrics(run_dir)]
+    capsys.readouterr()
+    assert cli_main(["train", str(path), "train.max_steps=10"]) == 2  # changed: refused, pointing at the flag
+    assert "--accept-changes" in capsys.readouterr().err
+    assert cli_main(["train", str(path), "train.lr=0.01", "--accept-changes"]) == 2  # not a longer run: refused
+    assert "only be trained on for longer" in capsys.readouterr().err
+    assert cli_main(["train", str(path), "train.max_steps=10", "--accept-changes"]) == 0
+    assert "training the finished run on to 10 updates from" in capsys.readouterr().err
+    assert [m["step"] for m in metrics(run_dir)] == list(range(1, 11))
+    kept = load_file(run_dir / "final.before-1" / "model.safetensors")  # the first run's model, kept aside
+    assert kept.keys() == first_final.keys() and all(kept[k].equal(first_final[k]) for k in kept)
+    assert not all(kept[k].equal(weights(run_dir)[k]) for k in kept)
+    # The schedule is the longer run's from the resumed step on: the same learning rates as a 10-step run.
+    straight, _ = run(make_recipe(tmp_path, tiny_model, "straight", output={"save_every": 0},
+                                  train={"max_steps": 10, "warmup_steps": 2}))
+    assert [m["lr"] for m in metrics(run_dir)][3:] == pytest.approx([m["lr"] for m in metrics(straight)][3:])
+    assert metrics(run_dir)[3]["lr"] > first_lrs[3]  # stretched: above where the 6-step run had brought it
+
+
+# ---------------------------------------------------------------- sweep
+
+
+def _planned(capsys, *argv) -> list[str]:
+    capsys.readouterr()
+    assert cli_main(["sweep", *argv, "--print-commands"]) == 0
+    return [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+
+
+def test_sweep_lora_null_is_a_variant_of_its_own_and_lora_values_apply_to_lora_runs(tmp_path, tiny_model, capsys):
+    path = str(make_recipe(tmp_path, tiny_model, lora={"r": 4}))
+    commands = _planned(capsys, path, "--grid", "lora.r=8,64", "lora=null")
+    assert len(commands) == 3
+    assert sum("lora=null" in c for c in commands) == 1
+    assert {c.split("lora.r=")[1].split()[0] for c in commands if "lora.r=" in c} == {"8", "64"}
+    assert not any("lora=null" in c and "lora.r=" in c for c in commands)
+
+
+def test_sweep_takes_overrides_anywhere_and_prints_commands_without_eval_tasks(tmp_path, tiny_model, capsys):
+    path = str(make_recipe(tmp_path, tiny_model))  # no eval.tasks
+    commands = _planned(capsys, path, "train.seed=3", "--grid", "train.lr=1e-3,3e-3", "train.max_steps=7")
+    assert len(commands) == 2
+    assert all("train.seed=3" in c and "train.max_steps=7" in c for c in commands)
+    assert cli_main(["sweep", path, "--grid", "train.lr=1e-3,3e-3"]) == 2  # running one needs tasks to compare
+    assert "eval.tasks" in capsys.readouterr().err
+
+
+def test_the_readme_and_help_sweep_examples_make_the_runs_they_describe(tmp_path, tiny_model, capsys):
+    from finetune.cli import EPILOG
+
+    readme = (ROOT / "README.md").read_text()
+    examples = [line.split("finetune sweep ", 1)[1].split("`")[0].split("#")[0].split()
+                for line in (readme + EPILOG).splitlines() if "finetune sweep " in line and "--grid" in line]
+    assert len(examples) >= 2
+    path = str(make_recipe(tmp_path, tiny_model, lora={"r": 4}))
+    for words in examples:
+        grid = [w for w in words[words.index("--grid") + 1:] if "=" in w]
+        lrs = next(w for w in grid if w.startswith("train.lr=")).split("=")[1].split(",")
+        ranks = next(w for w in grid if w.startswith("lora.r=")).split("=")[1].split(",")
+        commands = _planned(capsys, path, "--grid", *grid)
+        recipes = {tuple(c.split()[4:-1]) for c in commands}
+        assert len(commands) == len(recipes) == len(lrs) * (len(ranks) + 1), words  # LoRA ranks, and full
+        assert sum("lora=null" in c for c in commands) == len(lrs)
+
+
+# ---------------------------------------------------------------- multi-process launches
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_launch_error_is_printed_once_by_the_main_process_without_a_traceback(tmp_path, tiny_model):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    recipe = make_recipe(tmp_path, tiny_model)
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(ROOT / "launch" / "fsdp.yaml"), "--num_processes", "2", "--main_process_port",
+                           str(port), "-m", "finetune", "train", str(recipe)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "launch/cpu_ddp.yaml" in ours[0], proc.stderr[-3000:]
+    assert f'File "{ROOT / "finetune"}' not in proc.stderr  # no traceback from finetune's own processes
+    # torchrun's summary of the failed launch names the same cause, not "To enable traceback see ...".
+    assert f"traceback : {ours[0]}" in proc.stderr
+    assert not (tmp_path / "runs" / "r").exists()  # refused before the run folder was written
+
+
+def test_debug_keeps_the_traceback(workdir):
+    proc = finetune("--debug", "check", "r.yaml", "model.path=data/tiny-lama", cwd=workdir)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "RecipeError" in proc.stderr
