@@ -8,6 +8,9 @@ What a normal run would otherwise print, where it comes from, and the switch use
   "<task>: Custom kwargs can be passed ..."    lm-eval's loggers, per task     the lm_eval logger's level
   unlabelled "10/10" bars, "Tokenizing inputs" lm-eval building requests       its modules' tqdm, disabled
   "fatal: not a git repository"                lm-eval runs `git describe`     the same call, stderr dropped
+  "Setting accelerator to CPU ..."             DeepSpeed, imported by every    a filter on its logger, set before
+                                               accelerate unwrap_model when    it is imported (its own set-up resets
+                                               installed                       the level, not the filter)
 Downloads keep their bars (they can take minutes), and so do lm-eval's labelled request bars on a terminal.
 """
 
@@ -37,6 +40,7 @@ def libraries() -> None:
     # Library deprecations speak to finetune's code, not to its user.
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
     import datasets
     import transformers
 

@@ -180,13 +180,14 @@ def test_a_normal_run_shows_no_library_noise_and_ends_with_a_summary(tmp_path, t
                        eval={"tasks": [str(tmp_path / "tasks" / "general_knowledge.yaml")], "limit": 4,
                              "drift_texts": [str(drift)]})
     noise = ("Loading weights", "Generating train split", "Custom kwargs can be passed", "fatal: not a git",
-             "FutureWarning", "Tokenizing inputs", "Writing model shards")
+             "FutureWarning", "Tokenizing inputs", "Writing model shards", "Setting accelerator to CPU")
     # Each with a datasets cache of its own: a dataset read before is not "generated" again.
     verbose = finetune("--verbose", "train", path, "output.dir=runs/verbose", cwd=tmp_path,
                        HF_DATASETS_CACHE=str(tmp_path / "datasets-verbose"))
     assert verbose.returncode == 0, verbose.stderr[-3000:]
-    assert all(n in verbose.stderr for n in ("Loading weights", "Generating train split", "Custom kwargs can be passed",
-                                             "fatal: not a git", "Tokenizing inputs"))
+    assert all(n in verbose.stderr + verbose.stdout for n in (
+        "Loading weights", "Generating train split", "Custom kwargs can be passed", "fatal: not a git",
+        "Tokenizing inputs", "Setting accelerator to CPU"))  # the last: DeepSpeed, installed for its tests
     quiet = finetune("train", path, cwd=tmp_path, HF_DATASETS_CACHE=str(tmp_path / "datasets-quiet"))
     assert quiet.returncode == 0, quiet.stderr[-3000:]
     assert not [n for n in noise if n in quiet.stderr + quiet.stdout], quiet.stderr
