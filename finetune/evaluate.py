@@ -19,6 +19,7 @@ import inspect
 import json
 import logging
 import random
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
@@ -356,6 +357,9 @@ class ForgettingEval:
                     for spec, score in fresh.items():
                         _write_json(paths[spec], to_dict(score))
                         scores[spec] = score
+                if to_sample:
+                    print(f"the base model writes its drift texts ({' and '.join(to_sample)}, "
+                          f"{sum(len(PROMPTS[k]) for k in to_sample)} in all; once, then cached)", file=sys.stderr)
                 for kind in to_sample:
                     _write_json(texts_paths[kind], kinds[kind](base, self.tokenizer, PROMPTS[kind],
                                                                new_tokens=NEW_TOKENS, seed=SAMPLING_SEED))
@@ -370,6 +374,9 @@ class ForgettingEval:
         """Scores and drift of the model after `step` updates; appended to `curve` (and to the curve file)."""
         if self.base is None:
             raise RuntimeError("evaluate_base() must run first: the drift is measured on the base's texts")
+        print(f"measuring the {'tuned' if step is None else f'step-{step}'} model on "
+              f"{len(self.section.tasks) + len(self.section.target_tasks)} task(s), and its drift from the base",
+              file=sys.stderr)
         scores = evaluate_tasks(model, self.tokenizer, self.section.tasks + self.section.target_tasks,
                                 batch_size=self.section.batch_size, limit=self.section.limit,
                                 chat=self.section.apply_chat_template)
