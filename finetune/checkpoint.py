@@ -332,10 +332,17 @@ def keep_adapter_only(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_trainable)
 
 
+def without_tied_copies(model, state: dict) -> dict:
+    """The gathered state without the second copy of tied weights. save_pretrained finds tied weights by shared
+    storage, which gathered copies no longer have: a tied-embedding model would get an extra lm_head.weight in
+    final/. `model` is the unwrapped model; its tie map (target: source) names the copies to drop."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return {k: v for k, v in state.items() if not (k in tied and tied[k] in state)}
+
+
 def save_model(accelerator, model, tokenizer, dest: Path, replace: bool = False) -> None:
     """Collective. A Hugging Face folder (adapter or full weights, tokenizer included), written aside and renamed
     into place when complete. An existing `dest` is replaced only when asked (best/), never for final/."""
-    from .gather import without_tied_copies
 
     tmp = dest.with_name(f".tmp-{dest.name}")
     state = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: every rank calls it

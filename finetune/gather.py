@@ -1,5 +1,5 @@
 """Whole weights out of a model that FSDP or DeepSpeed shards over ranks, for what needs them on one process: the
-saved final/ and the forgetting evaluation during training."""
+forgetting evaluation during training."""
 
 from __future__ import annotations
 
@@ -9,14 +9,6 @@ from contextlib import contextmanager
 from .engine import engine
 from .model import load_model
 from .recipe import LoraSection, ModelSection
-
-
-def without_tied_copies(model, state: dict) -> dict:
-    """The gathered state without the second copy of tied weights. save_pretrained finds tied weights by shared
-    storage, which gathered copies no longer have: a tied-embedding model would get an extra lm_head.weight in
-    final/. `model` is the unwrapped model; its tie map (target: source) names the copies to drop."""
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    return {k: v for k, v in state.items() if not (k in tied and tied[k] in state)}
 
 
 @contextmanager

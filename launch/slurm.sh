@@ -19,7 +19,8 @@ set -euo pipefail
 
 CONFIG=${ACCELERATE_CONFIG:-launch/multinode_ddp.yaml}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# awk reads the whole list: `head -n 1` may close the pipe before scontrol is done, and pipefail then kills the job.
+MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')
 MAIN_PORT=${MAIN_PORT:-29500}
 
 # SLURM sends SIGTERM (here 120 s before the time limit, or on preemption) to this batch shell: pass it to the
