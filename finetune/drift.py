@@ -25,6 +25,7 @@ import torch
 from .errors import UserError
 from .forgetting import bootstrap_ratio
 from .records import Drift
+from .sharing import Ranks
 
 PROMPTS = json.loads(Path(__file__).with_name("drift_prompts.json").read_text(encoding="utf-8"))
 NEW_TOKENS = 48  # sampled per prompt: long enough to leave the prompt's topic, short enough to stay coherent
@@ -70,41 +71,50 @@ def _next_token_log_probs(model, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.double(), dim=-1)
 
 
-def kl_drift(base_model, tuned_model, tokenizer, texts: list, *, max_length: int, special_tokens: bool = True) \
-        -> Drift:
+def kl_drift(base_model, tuned_model, tokenizer, texts: list, *, max_length: int, special_tokens: bool = True,
+             ranks: Ranks = Ranks()) -> Drift:
     """Mean per-token KL(P_base || P_tuned) over the measured tokens of `texts`, both perplexities, and a bootstrap
     interval over texts. Each text is a string, measured whole (every token but the first, which nothing predicts),
-    or [text, start]: only tokens that begin at or after character `start` are measured.
+    or [text, start]: only tokens that begin at or after character `start` are measured. With several `ranks`, each
+    measures its share of the texts; the sums run over all texts in their order, as in one process.
 
     One text per forward pass, no padding: identical weights see identical inputs and give bit-identical logits,
     so the KL is exactly 0.0 for a model compared with itself. Everything after the logits is float64."""
-    kl_per_text, tokens_per_text = [], []
-    nll_base = nll_tuned = 0.0
     with eval_mode(base_model), eval_mode(tuned_model):
-        for item in texts:
-            text, start = (item, 0) if isinstance(item, str) else item
-            enc = tokenizer(text, truncation=True, max_length=max_length, add_special_tokens=special_tokens,
-                            return_offsets_mapping=True)
-            measured = [t for t, (begin, _) in enumerate(enc["offset_mapping"]) if t > 0 and begin >= start]
-            if not measured:
-                continue  # nothing to predict
-            ids = torch.tensor(enc["input_ids"], device=_device(tuned_model))
-            rows = torch.tensor(measured, device=ids.device) - 1  # the prefix that predicts each measured token
-            base_lp = _next_token_log_probs(base_model, ids)[rows]
-            tuned_lp = _next_token_log_probs(tuned_model, ids)[rows]
-            # kl_div(input, target) = sum target_p * (log target_p - input): KL(base || tuned) per position.
-            kl_per_text.append(torch.nn.functional.kl_div(tuned_lp, base_lp, log_target=True, reduction="sum").item())
-            targets = ids[rows + 1, None]
-            nll_base -= base_lp.gather(1, targets).sum().item()
-            nll_tuned -= tuned_lp.gather(1, targets).sum().item()
-            tokens_per_text.append(len(measured))
+        measured = ranks.map(texts, lambda share: [_measure(base_model, tuned_model, tokenizer, item,
+                                                            max_length=max_length, special_tokens=special_tokens)
+                                                   for item in share], what="drift texts")
+    measured = [m for m in measured if m is not None]  # texts with nothing to predict
+    kl_per_text = [kl for kl, _, _, _ in measured]
+    tokens_per_text = [n for _, n, _, _ in measured]
     tokens = sum(tokens_per_text)
     if tokens == 0:
         raise DriftError("the drift texts hold no text of two tokens or more; give longer texts (eval.drift_texts).")
+    nll_base, nll_tuned = -sum(lp for _, _, lp, _ in measured), -sum(lp for _, _, _, lp in measured)
     ppl_base, ppl_tuned = math.exp(nll_base / tokens), math.exp(nll_tuned / tokens)
     return Drift(kl=sum(kl_per_text) / tokens, ci95=bootstrap_ratio(kl_per_text, tokens_per_text),
                  ppl_base=ppl_base, ppl_tuned=ppl_tuned, ppl_ratio=ppl_tuned / ppl_base, tokens=tokens,
                  texts=len(kl_per_text))
+
+
+def _measure(base_model, tuned_model, tokenizer, item, *, max_length: int, special_tokens: bool) \
+        -> tuple[float, int, float, float] | None:
+    """(KL summed over the text's measured tokens, their number, their log-likelihood under the base, under the
+    tuned model) for one drift text; None when it has no token to measure."""
+    text, start = (item, 0) if isinstance(item, str) else item
+    enc = tokenizer(text, truncation=True, max_length=max_length, add_special_tokens=special_tokens,
+                    return_offsets_mapping=True)
+    measured = [t for t, (begin, _) in enumerate(enc["offset_mapping"]) if t > 0 and begin >= start]
+    if not measured:
+        return None
+    ids = torch.tensor(enc["input_ids"], device=_device(tuned_model))
+    rows = torch.tensor(measured, device=ids.device) - 1  # the prefix that predicts each measured token
+    base_lp = _next_token_log_probs(base_model, ids)[rows]
+    tuned_lp = _next_token_log_probs(tuned_model, ids)[rows]
+    # kl_div(input, target) = sum target_p * (log target_p - input): KL(base || tuned) per position.
+    kl = torch.nn.functional.kl_div(tuned_lp, base_lp, log_target=True, reduction="sum").item()
+    targets = ids[rows + 1, None]
+    return kl, len(measured), base_lp.gather(1, targets).sum().item(), tuned_lp.gather(1, targets).sum().item()
 
 
 @torch.no_grad()

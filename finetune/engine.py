@@ -92,11 +92,12 @@ def check_launch() -> None:
     not after every process has set itself up (what make_accelerator would find out later)."""
     from accelerate.state import PartialState
 
-    # A process state already set up as the engine asked (the tests' CPU workers relabel theirs) is taken as it is.
+    # A process state already set up as a GPU launch leaves it (the tests' CPU workers relabel theirs: DEEPSPEED, or
+    # MULTI_GPU, which AcceleratorState then turns into FSDP) is taken as it is.
     ready = getattr(PartialState._shared_state.get("distributed_type"), "name", None)
     if not torch.accelerator.is_available():
         for wanted in _asked_for():
-            if ready != wanted:
+            if ready not in (wanted, "MULTI_GPU" if wanted == "FSDP" else wanted):
                 raise EngineError(_unsupported(wanted, "MULTI_CPU" if int(os.environ.get("WORLD_SIZE", "1")) > 1
                                                else "NO"))
 

@@ -1,9 +1,10 @@
 """Original-task evaluation: lm-evaluation-harness on in-memory models, the base model's results cached, and the
 measurements a run makes (the base before training, the tuned model after, optionally every `eval.every` updates).
 
-Evaluation runs on the main process only, on the unwrapped model: ranks do not share the work (lm-eval splits
-requests over ranks only for models it loads itself), so the other ranks wait at a barrier. That model must hold
-all its weights: under FSDP or DeepSpeed ZeRO-3, measure the saved final/ afterwards (`evaluate_saved`). Scoring is
+In a launch of several processes the ranks share the work: each measures with a whole model of its own (the
+unwrapped model under DDP, a gathered copy under FSDP and DeepSpeed: gather.whole_model) its share of every task's
+documents and of the drift texts (sharing.py), and every rank gets all the results, the same as one process's
+example by example. The main process alone reads and writes the base-result cache and the curve file. Scoring is
 lm-eval's; this module picks each task's headline metric (`headline_metric`), keeps every supported metric's
 per-example scores keyed by document (so base and tuned are compared example by example), the chance level, and
 what the model answered, so a report can show what was forgotten.
@@ -37,6 +38,7 @@ from .quiet import silence_lm_eval
 from .recipe import EvalSection, ModelSection, Recipe
 from .records import Evaluation, TaskScore, from_dict, to_dict
 from .report import build_report, provenance, write_report
+from .sharing import Ranks, as_one_process, shared_lm_class
 
 # Metrics whose per-example scores are 0 or 1, as the paired statistics need (forgetting.py).
 SUPPORTED_METRICS = ("acc", "acc_norm", "exact_match")
@@ -117,17 +119,17 @@ def _quiet(logger: logging.Logger) -> Iterator[None]:
 
 
 def _evaluate_loaded(model, tokenizer, loaded: dict[str, dict], *, batch_size: int, limit: int | None,
-                     chat: bool = False):
-    """One lm-eval pass over every spec's tasks (its set-up costs seconds, so one call, not one per task)."""
+                     chat: bool = False, ranks: Ranks = Ranks()):
+    """One lm-eval pass over every spec's tasks (its set-up costs seconds, so one call, not one per task). With
+    several `ranks`, each scores the requests of its share of the documents and every rank gets all the scores."""
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
     silence_lm_eval()
     if not loaded:
         return {}  # no tasks: the drift alone measures forgetting
     leaves = [task for _, tasks in loaded.values() for task in tasks.values()]
-    with eval_mode(model), _quiet(logging.getLogger("lm_eval.models.huggingface")):
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    with eval_mode(model), _quiet(logging.getLogger("lm_eval.models.huggingface")), as_one_process():
+        lm = shared_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, ranks=ranks)
         # Tasks go in as objects, with an empty index: lm-eval would otherwise re-scan its 15k configs per call.
         # Its bootstrap standard errors are skipped: the report's intervals are paired, over the same examples.
         # With `chat`, prompts go through the tokenizer's chat template (few-shot examples as earlier turns), as
@@ -210,10 +212,11 @@ def _score(name: str, tasks: dict, out: dict) -> TaskScore:
 
 @_preserved_rng()
 def evaluate_tasks(model, tokenizer, tasks: list[str], *, batch_size: int, limit: int | None,
-                   chat: bool = False) -> dict[str, TaskScore]:
-    """{spec: TaskScore} for lm-eval task names or task YAML files, scored by lm-eval on an in-memory model."""
+                   chat: bool = False, ranks: Ranks = Ranks()) -> dict[str, TaskScore]:
+    """{spec: TaskScore} for lm-eval task names or task YAML files, scored by lm-eval on an in-memory model (a whole
+    copy on each of `ranks`, which share the work)."""
     loaded = {spec: load_tasks(spec) for spec in tasks}
-    return _evaluate_loaded(model, tokenizer, loaded, batch_size=batch_size, limit=limit, chat=chat)
+    return _evaluate_loaded(model, tokenizer, loaded, batch_size=batch_size, limit=limit, chat=chat, ranks=ranks)
 
 
 # ---------------------------------------------------------------- caches
@@ -295,19 +298,22 @@ def _is_peft(model) -> bool:
 
 
 class ForgettingEval:
-    """Forgetting of one run, measured against its base model. Main process only; the calls, in order:
+    """Forgetting of one run, measured against its base model. The calls, in order:
 
         fe = ForgettingEval(recipe.eval, recipe.model, tokenizer, curve_file=run/"forgetting"/"curve.jsonl",
-                            resumed_step=progress["step"])
+                            resumed_step=progress["step"], ranks=Ranks.of(accelerator))
         fe.evaluate_base(model)          # before training; cached across runs of the same base, tasks and settings
         fe.evaluate(model, step)         # every eval.every updates, and after the last: appended to fe.curve
 
-    `model` is the unwrapped model being trained. A peft model is its own base with the adapter switched off;
-    for full fine-tuning the base is loaded again from model.path for the drift, then freed.
+    `model` is a whole model holding the weights to measure (the unwrapped model being trained, or a whole copy of
+    it). A peft model is its own base with the adapter switched off; for full fine-tuning the base is loaded again
+    from model.path for the drift, then freed. With several `ranks` every call is collective: each rank scores its
+    share of the documents and drift texts with its own whole model, every rank ends with the same results, and the
+    main process alone reads and writes the cache and the curve file.
     """
 
     def __init__(self, section: EvalSection, model_section: ModelSection, tokenizer, *,
-                 curve_file: Path | None = None, resumed_step: int = 0):
+                 curve_file: Path | None = None, resumed_step: int = 0, ranks: Ranks = Ranks()):
         both = set(section.tasks) & set(section.target_tasks)
         if both:
             raise EvalError(f"{sorted(both)} are listed in both eval.tasks and eval.target_tasks; a task measures "
@@ -320,13 +326,15 @@ class ForgettingEval:
         # chat template, "chat" (the base's replies in that template, sampled in evaluate_base).
         self.texts: dict[str, list] = {"text": read_texts(section.drift_texts)} if section.drift_texts else {}
         self.base: Evaluation | None = None
-        self.curve_file = curve_file
+        self.ranks = ranks
+        self.curve_file = curve_file if ranks.main else None
         self.curve: list[Evaluation] = []  # every tuned evaluation, in step order
-        if curve_file is not None and curve_file.is_file():
+        if self.curve_file is not None and curve_file.is_file():
             # Points past the checkpoint we resume from describe updates that are about to be redone.
             points = [from_dict(Evaluation, d) for d in read_jsonl(curve_file)]
             self.curve = [e for e in points if e.step <= resumed_step]
             atomic_write_text(curve_file, "".join(json.dumps(to_dict(e)) + "\n" for e in self.curve))
+        self.curve = ranks.from_main(self.curve)
 
     def _cache_path(self, kind: str, *parts) -> Path:
         key = hashlib.sha256(json.dumps([self.identity, *parts], sort_keys=True, default=str).encode())
@@ -341,49 +349,61 @@ class ForgettingEval:
         settings = {"lm_eval": version("lm_eval"), "limit": self.section.limit, "batch_size": self.section.batch_size,
                     "chat": self.section.apply_chat_template}
         loaded = {spec: load_tasks(spec) for spec in specs}
-        paths = {spec: self._cache_path("base_eval", settings, task_fingerprint(tasks, self.section.limit))
-                 for spec, (_, tasks) in loaded.items()}
-        scores = {spec: from_dict(TaskScore, _read_json(path)) for spec, path in paths.items() if path.is_file()}
-        missing = {spec: loaded[spec] for spec in specs if spec not in scores}
         kinds = {"text": sample_texts, **({"chat": sample_chat} if self.tokenizer.chat_template else {})}
-        texts_paths = {kind: self._cache_path("drift", kind, PROMPTS[kind], NEW_TOKENS, SAMPLING_SEED)
-                       for kind in kinds if kind not in self.texts}
-        to_sample = [kind for kind, path in texts_paths.items() if not path.is_file()]
+        # The main process alone reads the cache and decides what is missing, so that every rank takes the same
+        # branch below (on several machines, each would read its own disk).
+        scores, missing, texts_paths, to_sample = {}, [], {}, []
+        if self.ranks.main:
+            paths = {spec: self._cache_path("base_eval", settings, task_fingerprint(tasks, self.section.limit))
+                     for spec, (_, tasks) in loaded.items()}
+            scores = {spec: from_dict(TaskScore, _read_json(path)) for spec, path in paths.items() if path.is_file()}
+            missing = [spec for spec in specs if spec not in scores]
+            texts_paths = {kind: self._cache_path("drift", kind, PROMPTS[kind], NEW_TOKENS, SAMPLING_SEED)
+                           for kind in kinds if kind not in self.texts}
+            to_sample = [kind for kind, path in texts_paths.items() if not path.is_file()]
+        missing, to_sample = self.ranks.from_main((missing, to_sample))
         if missing or to_sample:
             with self._plain_base(model) as base:
                 if missing:
-                    fresh = _evaluate_loaded(base, self.tokenizer, missing, batch_size=self.section.batch_size,
-                                             limit=self.section.limit, chat=self.section.apply_chat_template)
+                    fresh = _evaluate_loaded(base, self.tokenizer, {spec: loaded[spec] for spec in missing},
+                                             batch_size=self.section.batch_size, limit=self.section.limit,
+                                             chat=self.section.apply_chat_template, ranks=self.ranks)
                     for spec, score in fresh.items():
-                        _write_json(paths[spec], to_dict(score))
+                        if self.ranks.main:
+                            _write_json(paths[spec], to_dict(score))
                         scores[spec] = score
-                if to_sample:
-                    print(f"the base model writes its drift texts ({' and '.join(to_sample)}, "
-                          f"{sum(len(PROMPTS[k]) for k in to_sample)} in all; once, then cached)", file=sys.stderr)
-                for kind in to_sample:
-                    _write_json(texts_paths[kind], kinds[kind](base, self.tokenizer, PROMPTS[kind],
-                                                               new_tokens=NEW_TOKENS, seed=SAMPLING_SEED))
+                # Sampled by one process: one seeded stream over the prompts, as the cached texts were drawn.
+                if self.ranks.main:
+                    if to_sample:
+                        print(f"the base model writes its drift texts ({' and '.join(to_sample)}, "
+                              f"{sum(len(PROMPTS[k]) for k in to_sample)} in all; once, then cached)", file=sys.stderr)
+                    for kind in to_sample:
+                        _write_json(texts_paths[kind], kinds[kind](base, self.tokenizer, PROMPTS[kind],
+                                                                   new_tokens=NEW_TOKENS, seed=SAMPLING_SEED))
         for kind, path in texts_paths.items():
             self.texts[kind] = _read_json(path)
+        scores, self.texts = self.ranks.from_main((scores, self.texts))
         self.base = Evaluation(step=0, tasks={s: scores[s] for s in self.section.tasks},
                                targets={s: scores[s] for s in self.section.target_tasks})
         return self.base
 
     @_preserved_rng()
     def evaluate(self, model, step: int | None) -> Evaluation:
-        """Scores and drift of the model after `step` updates; appended to `curve` (and to the curve file)."""
+        """Scores and drift of the model after `step` updates; appended to `curve` (and, by the main process, to the
+        curve file)."""
         if self.base is None:
             raise RuntimeError("evaluate_base() must run first: the drift is measured on the base's texts")
-        print(f"measuring the {'tuned' if step is None else f'step-{step}'} model on "
-              f"{len(self.section.tasks) + len(self.section.target_tasks)} task(s), and its drift from the base",
-              file=sys.stderr)
+        if self.ranks.main:
+            print(f"measuring the {'tuned' if step is None else f'step-{step}'} model on "
+                  f"{len(self.section.tasks) + len(self.section.target_tasks)} task(s), and its drift from the base",
+                  file=sys.stderr)
         scores = evaluate_tasks(model, self.tokenizer, self.section.tasks + self.section.target_tasks,
                                 batch_size=self.section.batch_size, limit=self.section.limit,
-                                chat=self.section.apply_chat_template)
+                                chat=self.section.apply_chat_template, ranks=self.ranks)
         base = self._base_beside(model)
         # Chat texts are rendered by the template, special tokens included; raw texts get the tokenizer's own.
         drift = {kind: kl_drift(base, model, self.tokenizer, texts, max_length=self.section.drift_max_length,
-                                special_tokens=kind != "chat") for kind, texts in self.texts.items()}
+                                special_tokens=kind != "chat", ranks=self.ranks) for kind, texts in self.texts.items()}
         point = Evaluation(step=step, tasks={s: scores[s] for s in self.section.tasks},
                            targets={s: scores[s] for s in self.section.target_tasks}, drift=drift)
         self.curve.append(point)

@@ -1,9 +1,10 @@
 """Forgetting measured while a run trains: the base before the first update, the model every `eval.every` updates
 and after the last, the forgetting budget (`eval.max_drop`, `eval.on_over_budget`) and the report at the end.
 
-Evaluation runs on the main process with the unwrapped model; the other ranks wait at a barrier. Under FSDP or
-DeepSpeed no single rank holds all the weights: the model is measured from a copy that the ranks gather for the main
-process at each evaluation (gather.whole_model).
+Every rank evaluates its share of the documents and drift texts (evaluate.ForgettingEval with the launch's ranks)
+and ends with the same results; the main process writes the curve and the report. Under DDP each rank measures its
+unwrapped model; under FSDP or DeepSpeed no single rank holds all the weights, so each measures a whole copy that the
+ranks gather at each evaluation (gather.whole_model).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .gather import whole_model
 from .mitigations import describe
 from .recipe import Recipe
 from .report import build_report, provenance, write_report
+from .sharing import Ranks
 
 
 class TrainingEval:
@@ -30,12 +32,11 @@ class TrainingEval:
         self.enabled = bool(section.tasks or section.target_tasks)
         self.fe = None
         if self.enabled:
+            self.fe = ForgettingEval(section, recipe.model, tokenizer, curve_file=run.path / "forgetting" /
+                                     "curve.jsonl", resumed_step=resumed_step, ranks=Ranks.of(accelerator))
             with self._whole(model) as base:
-                if accelerator.is_main_process:
-                    self.fe = ForgettingEval(section, recipe.model, tokenizer, curve_file=run.path / "forgetting" /
-                                             "curve.jsonl", resumed_step=resumed_step)
-                    accelerator.print("measuring the base model on the original tasks (cached for later runs)")
-                    self.fe.evaluate_base(base)
+                accelerator.print("measuring the base model on the original tasks (cached for later runs)")
+                self.fe.evaluate_base(base)
         accelerator.wait_for_everyone()
 
     def due(self, step: int, max_steps: int) -> bool:
@@ -49,14 +50,15 @@ class TrainingEval:
         policy = self.recipe.eval.on_over_budget
         verdict = [False, False]  # over budget, new best within budget
         with self._whole(model) as whole:
-            if self.fe is not None:
-                point = self.fe.evaluate(whole, step)
-                status = budget_status(self.fe.base.tasks, point.tasks, self.recipe.eval.max_drop)
-                verdict[0] = status == FAIL
-                best = choose_best(self.fe.base, self.fe.curve, self.recipe.eval.max_drop)
-                verdict[1] = policy != "continue" and best is point
-                self.accelerator.print(f"step {step}: forgetting verdict {status} (eval.max_drop="
-                                       f"{self.recipe.eval.max_drop})")
+            point = self.fe.evaluate(whole, step)
+        if self.accelerator.is_main_process:
+            status = budget_status(self.fe.base.tasks, point.tasks, self.recipe.eval.max_drop)
+            verdict[0] = status == FAIL
+            best = choose_best(self.fe.base, self.fe.curve, self.recipe.eval.max_drop)
+            verdict[1] = policy != "continue" and best is point
+            self.accelerator.print(f"step {step}: forgetting verdict {status} (eval.max_drop="
+                                   f"{self.recipe.eval.max_drop})")
+        # The main process decides, so that every rank takes the same branch (the ranks' results are the same).
         over, new_best = broadcast_object_list(verdict)
         if new_best:
             save(self.run.path / "best")  # collective: every rank takes part
@@ -65,17 +67,19 @@ class TrainingEval:
     def finish(self, step: int, model, tokenizer) -> None:
         """Collective. After final/ is saved: measure the last model, pick what final/ is, write forgetting/report.*."""
         if self.enabled:
-            with self._whole(model) as whole:
-                if self.fe is not None:
-                    self._report(step, whole)
+            last = next((e for e in self.fe.curve if e.step == step), None)
+            if last is None:
+                with self._whole(model) as whole:
+                    last = self.fe.evaluate(whole, step)
+            if self.accelerator.is_main_process:
+                self._report(step, last)
         self.accelerator.wait_for_everyone()
 
     def _whole(self, model):
         return whole_model(self.accelerator, model, self.recipe.model, self.recipe.lora)
 
-    def _report(self, step: int, model) -> None:
+    def _report(self, step: int, last) -> None:
         fe, section = self.fe, self.recipe.eval
-        last = next((e for e in fe.curve if e.step == step), None) or fe.evaluate(model, step)
         chosen, note = last, f"final/ is the model after step {step}, the last update"
         best = choose_best(fe.base, fe.curve, section.max_drop) if section.on_over_budget != "continue" else None
         if best is not None and best.step != step and (self.run.path / "best").is_dir():

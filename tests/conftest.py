@@ -267,6 +267,31 @@ def base_dir(tmp_path_factory) -> Path:
     return folder
 
 
+def write_generation_task(folder: Path) -> Path:
+    """The original task answered by generation: greedy, the first word of the reply scored by exact match."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(folder / "gen.jsonl", [{"item": r["item"], "answer": ANSWERS[r["label"]]} for r in task_rows(0)])
+    path = folder / "gen.yaml"
+    path.write_text(f"""task: gen
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {data}}}
+test_split: test
+output_type: generate_until
+doc_to_text: "Q: what is {{{{item}}}}? A:"
+doc_to_target: answer
+generation_kwargs: {{until: ["\\n", "Q:"], max_gen_toks: 6, do_sample: false}}
+filter_list:
+  - name: first_word
+    filter:
+      - {{function: regex, regex_pattern: "[a-z]+", group_select: 0, fallback: "[no answer]"}}
+      - {{function: take_first}}
+metric_list:
+  - {{metric: exact_match, aggregation: mean, higher_is_better: true, ignore_case: true}}
+""", encoding="utf-8")
+    return path
+
+
 def conflicting_recipe(tmp_path, base_dir, tasks, **eval_section):
     data = write_jsonl(tmp_path / "conflict.jsonl", [{"text": t} for t in texts(1)])
     return make_recipe(

@@ -1,6 +1,7 @@
 """Started by `accelerate launch` in the distributed tests: trains a recipe like `finetune train`, then every rank
 saves the weights it ended with, so the test can check that all ranks agree."""
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -10,6 +11,10 @@ from safetensors.torch import save_file
 from finetune.checkpoint import open_run_dir
 from finetune.recipe import load_recipe
 from finetune.train import train
+
+# What each rank evaluated (finetune/sharing.py's debug lines), for the tests to check that the ranks shared the work.
+logging.getLogger("finetune.sharing").setLevel(logging.DEBUG)
+logging.getLogger("finetune.sharing").addHandler(logging.StreamHandler(sys.stdout))
 
 recipe = load_recipe(sys.argv[1], sys.argv[2:])
 model = train(recipe, open_run_dir(recipe, accept_changes=False))

@@ -16,12 +16,17 @@ the checkpoint is complete (every rank's shard files are on disk; nothing is ren
 goes down. (Killing one rank alone makes torchrun wait 30 s for the other, stuck in a collective, before killing it.)
 """
 
+import logging
 import os
 import signal
 import sys
 
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType
+
+# What each rank evaluated (finetune/sharing.py's debug lines), for the tests to check that the ranks shared the work.
+logging.getLogger("finetune.sharing").setLevel(logging.DEBUG)
+logging.getLogger("finetune.sharing").addHandler(logging.StreamHandler(sys.stdout))
 
 FSDP = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 DEEPSPEED = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from conftest import assert_close, make_recipe, metrics, run, weights, write_jso
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 ENGINE_WORKER = ROOT / "tests" / "engine_worker.py"
+DIST_WORKER = ROOT / "tests" / "dist_worker.py"
 TIMEOUT_S = 300
 FSDP_SEEN = "engine-check: FSDP fsdp_version=2 all parameters DTensor=True"  # tests/engine_worker.py's line
 
@@ -71,12 +73,36 @@ def finish(proc: subprocess.Popen, timeout: float = TIMEOUT_S) -> subprocess.Com
 
 
 def run_engine(config: Path, recipe: Path, *overrides: str, env: dict | None = None,
-               num_processes: int = 2) -> subprocess.CompletedProcess:
+               num_processes: int = 2, worker: Path = ENGINE_WORKER) -> subprocess.CompletedProcess:
     """`finetune train RECIPE` on 2 CPU processes under the FSDP or DeepSpeed config, through tests/engine_worker.py
-    (which asserts that accelerate really set that engine up)."""
-    proc = accelerate_launch(config, str(ENGINE_WORKER), str(recipe), *overrides, env=env,
+    (which asserts that accelerate really set that engine up); under DDP (launch/cpu_ddp.yaml) through
+    worker=DIST_WORKER."""
+    proc = accelerate_launch(config, str(worker), str(recipe), *overrides, env=env,
                              num_processes=num_processes, mixed_precision="no")
     return finish(proc)
+
+
+# finetune/sharing.py's debug line, which the workers print: what one rank evaluated of what all ranks did.
+SHARE = re.compile(r"^rank (\d+) of (\d+): (\d+) of (\d+) ([\w ]+?)(?: \((\d+) of (\d+) documents\))?$", re.M)
+
+
+def shares(output: str, world: int = 2) -> list[dict]:
+    """Each piece of work the ranks shared, in order (lm-eval's requests of one evaluation, one kind of drift texts):
+    {"what", "total", "documents", "ranks": [(items, documents) each rank took]}, checked whole: every rank logged
+    the same pieces, in the same order, and their shares add up to all of it."""
+    by_rank: dict[int, list] = {}
+    for rank, of, n, total, what, docs, all_docs in SHARE.findall(output):
+        assert int(of) == world, (rank, of)
+        by_rank.setdefault(int(rank), []).append((what, int(total), int(all_docs or total), int(n), int(docs or n)))
+    assert sorted(by_rank) == list(range(world)), sorted(by_rank)
+    pieces = []
+    for lines in zip(*(by_rank[r] for r in range(world)), strict=True):
+        what, total, documents = lines[0][:3]
+        assert all(line[:3] == (what, total, documents) for line in lines), lines
+        ranks = [line[3:] for line in lines]
+        assert sum(n for n, _ in ranks) == total and sum(d for _, d in ranks) == documents, lines
+        pieces.append({"what": what, "total": total, "documents": documents, "ranks": ranks})
+    return pieces
 
 
 # ---------------------------------------------------------------- comparing a launched run with one process
@@ -107,8 +133,10 @@ def assert_same_run(one_dir: Path, two_dir: Path, keys=("loss", "grad_norm")):
     assert_close(weights(one_dir), weights(two_dir), atol=1e-5)
 
 
-def assert_forgetting_measured_as_in_one_process(tmp_path, base_dir, tasks, config: Path, seen: str):
-    """A run that forgets, measured every 2 updates on 2 ranks under `config` and on one process: the same curve."""
+def assert_forgetting_measured_as_in_one_process(tmp_path, base_dir, tasks, config: Path, seen: str,
+                                                 worker: Path = ENGINE_WORKER):
+    """A run that forgets, measured every 2 updates on 2 ranks under `config` and on one process: the same curve,
+    each rank having scored half of the documents and drift texts."""
     data = write_jsonl(tmp_path / "conflict.jsonl",
                        [{"text": f"Q: what is {x}? A: two"} for x in "abcdefghijklmnop"])
     sections = dict(model={"cache_dir": str(tmp_path / "cache")},
@@ -119,10 +147,17 @@ def assert_forgetting_measured_as_in_one_process(tmp_path, base_dir, tasks, conf
     one = make_recipe(tmp_path, base_dir, "eval-one", **sections, train={**train, "batch_size": 8})
     two = make_recipe(tmp_path, base_dir, "eval-two", **sections, train={**train, "batch_size": 4})
     one_dir, _ = run(one)
-    proc = run_engine(config, two)
+    proc = run_engine(config, two, worker=worker)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert seen in proc.stdout
     two_dir = one_dir.parent / "eval-two"
+    # The base's scores and texts come from the cache the one-process run wrote; steps 2 and 4 are shared: each
+    # rank scored the requests of 8 of the 16 documents (8 per task) and half of each kind of drift text.
+    pieces = shares(proc.stdout)
+    assert [p["what"] for p in pieces] == ["loglikelihood requests", "drift texts", "drift texts"] * 2, pieces
+    for piece in pieces:
+        assert piece["documents"] == (16 if piece["what"] == "loglikelihood requests" else 100), piece
+        assert [d for _, d in piece["ranks"]] == [piece["documents"] // 2] * 2, piece
     reports = [json.loads((d / "forgetting" / "report.json").read_text()) for d in (one_dir, two_dir)]
     assert [p["step"] for p in reports[1]["curve"]] == [0, 2, 4]
     # Example by example, from the curve each run kept (step 2 mid-run, step 4 the last).

@@ -8,6 +8,7 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 from conftest import accelerate_launch, assert_close, make_recipe, metrics, run, weights
+from multiproc import DIST_WORKER, assert_forgetting_measured_as_in_one_process
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,3 +95,10 @@ def test_fsdp_on_cpu_is_refused_not_silently_turned_into_ddp(tmp_path, tiny_mode
     assert proc.returncode != 0
     assert "launch/cpu_ddp.yaml" in proc.stderr and "supports" in proc.stderr
     assert not (tmp_path / "runs" / "r" / "final").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_forgetting_is_measured_during_a_ddp_run_as_in_one_process(tmp_path, base_dir, tasks):
+    assert_forgetting_measured_as_in_one_process(tmp_path, base_dir, tasks, LAUNCH / "cpu_ddp.yaml",
+                                                 "on 2 process(es)", worker=DIST_WORKER)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ANSWERS, ITEMS, fit, task_rows, texts, write_jsonl, write_task
+from conftest import ANSWERS, ITEMS, fit, task_rows, texts, write_generation_task, write_jsonl, write_task
 from transformers import AutoModelForCausalLM
 
 import finetune.evaluate as evaluate
@@ -286,30 +286,6 @@ def test_acc_and_acc_norm_are_both_kept_and_match_lm_eval_on_a_mid_range_base(se
         chosen = max(range(4), key=lambda i: sample["filtered_resps"][i][0])
         assert ours.answers[key] == options[chosen]
         assert (ours.examples[key] == 1.0) == (options[chosen] == ours.expected[key])
-
-
-def write_generation_task(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    data = write_jsonl(folder / "gen.jsonl", [{"item": r["item"], "answer": ANSWERS[r["label"]]} for r in task_rows(0)])
-    path = folder / "gen.yaml"
-    path.write_text(f"""task: gen
-dataset_path: json
-dataset_kwargs:
-  data_files: {{test: {data}}}
-test_split: test
-output_type: generate_until
-doc_to_text: "Q: what is {{{{item}}}}? A:"
-doc_to_target: answer
-generation_kwargs: {{until: ["\\n", "Q:"], max_gen_toks: 6, do_sample: false}}
-filter_list:
-  - name: first_word
-    filter:
-      - {{function: regex, regex_pattern: "[a-z]+", group_select: 0, fallback: "[no answer]"}}
-      - {{function: take_first}}
-metric_list:
-  - {{metric: exact_match, aggregation: mean, higher_is_better: true, ignore_case: true}}
-""", encoding="utf-8")
-    return path
 
 
 def test_a_generation_task_with_filters_matches_lm_eval(section, tmp_path):

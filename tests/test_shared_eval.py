@@ -1,0 +1,48 @@
+"""Evaluation shared by the ranks of a launch (finetune/sharing.py): on the same weights, 2 ranks measure exactly what
+one process measures, example by example, and each scores its share of the documents and drift texts. (The runs that
+train and measure on 2 ranks are in test_distributed.py and test_fsdp.py.)"""
+
+import json
+
+import pytest
+from conftest import ROOT, accelerate_launch, write_generation_task, write_task
+from multiproc import LAUNCH, shares
+from shared_eval_worker import measure
+
+from finetune.sharing import Ranks
+
+WORKER = ROOT / "tests" / "shared_eval_worker.py"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_ranks_measure_exactly_what_one_process_measures(tmp_path, base_dir, tiny_models, tasks):
+    # A 2-shot task with randomly drawn shots: lm-eval's own rank split draws them per rank, in another order.
+    fewshot = write_task(tmp_path / "tasks", "twoshot", 0)
+    fewshot.write_text(fewshot.read_text() + "num_fewshot: 2\nfewshot_split: test\n")
+    spec = {"base": str(base_dir), "tuned": str(tiny_models["llama"]), "limit": 7,  # 4 documents and 3 per task
+            "tasks": [str(tasks["original"]), str(fewshot), str(write_generation_task(tmp_path / "gen"))]}
+    one = measure({**spec, "cache": str(tmp_path / "cache-one")}, Ranks())
+    two_spec = tmp_path / "two.json"
+    two_spec.write_text(json.dumps({**spec, "cache": str(tmp_path / "cache-two"), "out": str(tmp_path / "two")}))
+    proc = accelerate_launch("--config_file", str(LAUNCH / "cpu_ddp.yaml"), str(WORKER), str(two_spec))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+
+    for rank in (0, 1):  # every rank ends with what one process measures: scores, answers, texts and drift
+        two = json.loads((tmp_path / f"two.rank{rank}.json").read_text())
+        assert two["texts"] == one["texts"]
+        for point in ("base", "tuned"):
+            assert two[point]["tasks"] == one[point]["tasks"], point
+        assert two["tuned"]["drift"] == one["tuned"]["drift"]  # float for float: per-text sums in text order
+    assert one["tuned"]["drift"]["chat"]["kl"] > 0 and one["tuned"]["drift"]["text"]["kl"] > 0
+    # The base's results cached by 2 ranks are the ones one process caches, under the same keys.
+    cached = [{p.relative_to(tmp_path / f"cache-{n}"): p.read_text() for p in (tmp_path / f"cache-{n}").rglob("*.json")}
+              for n in ("one", "two")]
+    assert cached[0] == cached[1] and len(cached[0]) == 5  # 3 tasks, 2 kinds of drift text
+
+    # Shared: the base's and the tuned model's requests (3 tasks of 7 documents: 11 and 10 documents per rank),
+    # then the tuned model's drift texts of each kind, 50 each.
+    pieces = shares(proc.stdout)
+    assert [(p["what"], p["documents"], p["ranks"]) for p in pieces] == \
+        [("loglikelihood requests", 14, [(28, 7), (28, 7)]), ("generate_until requests", 7, [(4, 4), (3, 3)])] * 2 \
+        + [("drift texts", 100, [(50, 50), (50, 50)])] * 2, pieces
