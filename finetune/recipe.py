@@ -498,3 +498,6 @@ def _describe(cls, indent: str, lines: list[str]) -> None:
         if typing.get_origin(hints[f.name]) is list and inner and dataclasses.is_dataclass(inner[0]):
             lines.append(f"{indent}  # each item:")
             _describe(inner[0], indent + "    ", lines)
+        elif len(inner) == 2 and type(None) in inner and dataclasses.is_dataclass(inner[0]):
+            lines.append(f"{indent}  # when set:")  # an optional section (data.replay, train.kl_to_base, ...)
+            _describe(inner[0], indent + "    ", lines)

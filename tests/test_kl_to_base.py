@@ -19,7 +19,7 @@ from test_mitigation import original_drop
 from finetune.engine import Engine, engine
 from finetune.mitigations import Context, kl_to_base
 from finetune.model import load_model, load_tokenizer
-from finetune.recipe import RecipeError, load_recipe
+from finetune.recipe import RecipeError, describe_keys, load_recipe
 from finetune.report import compare_runs
 
 TOPICS = ["the cat", "paris", "counting", "the park", "the alphabet", "a question"]
@@ -57,6 +57,7 @@ def set_up(recipe):
 def test_the_recipe_switch_is_validated_and_names_the_run(tmp_path, tiny_model, general):
     recipe = make_recipe(tmp_path, tiny_model)
     assert load_recipe(recipe).train.kl_to_base is None
+    assert "rows_per_step: 4  # rows of that data per optimizer update" in describe_keys()
     section = load_recipe(recipe, [kl_override(general, weight=0.5, rows=2)]).train.kl_to_base
     assert (section.weight, section.rows_per_step, section.datasets[0].format) == (0.5, 2, "chat")
     for override, message in [
@@ -202,6 +203,12 @@ def test_a_resumed_run_draws_the_same_prompts_as_an_uninterrupted_one(tmp_path, 
     run(resumed.parent.parent / "resumed.yaml", kl_override(general))
     assert [m["kl_to_base"] for m in metrics(resumed)] == [m["kl_to_base"] for m in metrics(straight)]
     assert_close(weights(straight), weights(resumed), atol=0)
+
+    # Turned on for the rest of a run that trained without it (--accept-changes): its prompts start from the first.
+    switched, _ = run(make_recipe(tmp_path, tiny_model, "switched", **sections))
+    shutil.rmtree(switched / "final")
+    run(switched.parent.parent / "switched.yaml", kl_override(general), accept_changes=True)
+    assert ["kl_to_base" in m for m in metrics(switched)] == [False] * 3 + [True] * 3
 
 
 CASES = {"full": ({}, {"batch_size": 2}), "lora-accumulated": ({"lora": {"r": 4}}, {"batch_size": 1, "grad_accum": 2})}

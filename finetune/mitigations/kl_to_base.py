@@ -26,8 +26,10 @@ sum is divided by the global count of KL positions: the same penalty and gradien
 
 from __future__ import annotations
 
+import json
 import random
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,7 @@ from ..errors import UserError
 from ..model import load_model
 
 BUCKET = 2**24  # gradient elements per all-reduce: 64 MB of float32
+STATE_FILE = "kl_to_base.json"  # in each checkpoint: the prompt stream's position
 
 
 class KLToBaseError(UserError):
@@ -67,8 +70,7 @@ def regularizer(recipe, ctx) -> KLToBase | None:
         raise KLToBaseError("no row of `train.kl_to_base.datasets` is left after skipping bad rows; fix the data or "
                             "list other datasets.")
     stream = PromptStream(examples, section.rows_per_step, recipe.train.seed)
-    # Saved in every checkpoint with the scheduler and RNG, so a resumed run draws the rows it would have drawn.
-    ctx.accelerator.register_for_checkpointing(stream)
+    _checkpoint_with(ctx.accelerator, stream)
     collate = Collator(ctx.tokenizer.pad_token_id, mask_kind(ctx.model.config._attn_implementation,
                                                              recipe.data.packing, compiled=recipe.train.compile))
     base = None
@@ -78,10 +80,31 @@ def regularizer(recipe, ctx) -> KLToBase | None:
     return KLToBase(ctx.model, ctx.accelerator, stream, collate, section.weight, base)
 
 
+def _checkpoint_with(accelerator, stream: PromptStream) -> None:
+    """The stream's position goes into every checkpoint (a file of its own), so a resumed run draws the rows it would
+    have drawn. Through save/load hooks, not `register_for_checkpointing`: accelerate refuses a checkpoint whose
+    count of registered objects differs, which would break resuming with --accept-changes after turning the switch
+    on or off."""
+
+    def save(models, weights, output_dir):
+        if accelerator.is_main_process:
+            (Path(output_dir) / STATE_FILE).write_text(json.dumps(stream.state_dict()), encoding="utf-8")
+
+    def load(models, input_dir):
+        saved = Path(input_dir) / STATE_FILE
+        if saved.is_file():
+            stream.load_state_dict(json.loads(saved.read_text(encoding="utf-8")))
+        else:
+            accelerator.print(f"{input_dir} was saved without train.kl_to_base: its prompts start from the first")
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
 class PromptStream:
     """The KL rows of each update: the data in a seeded order, epoch after epoch, `rows` per update whatever the
     number of ranks that share them. Its own generator (not the global one dropout draws from), and its position is
-    its whole state, saved in checkpoints by accelerate."""
+    its whole state."""
 
     def __init__(self, examples, rows: int, seed: int):
         self.examples = examples.with_format(None)
