@@ -106,6 +106,15 @@ class FisherSection:
 
 
 @dataclass
+class KLToBaseSection:
+    weight: float = _pos("strength: adds weight * KL(base || tuned), the mean over the KL positions of each update's "
+                         "rows, to the loss", 1.0)
+    datasets: list[DatasetSpec] = _f([], "general prompts (any format; chat rows in the chat template) on whose target "
+                                         "tokens the tuned model's next-token distributions are kept near the base's")
+    rows_per_step: int = _pos("rows of that data per optimizer update, over all processes together", 4)
+
+
+@dataclass
 class DataSection:
     train: list[DatasetSpec] = _f([], "datasets to train on, mixed by weight")
     validation: list[DatasetSpec] = _f([], "datasets for validation loss; empty = hold out val_fraction of train")
@@ -147,6 +156,9 @@ class TrainSection:
     l2sp_fisher: FisherSection | None = _f(
         None, "EWC: weight the pull per weight by the base model's diagonal Fisher on this data (normalised to mean "
         "1, so l2sp keeps its scale); null = every weight alike")
+    kl_to_base: KLToBaseSection | None = _f(
+        None, "stay close to the base model's predictions on general prompts (Learning without Forgetting); with "
+        "LoRA the base is the same model with the adapter off, full fine-tuning keeps a frozen copy; null = off")
     compile: bool = _f(False, "torch.compile the model (dynamic shapes): fuses the small ops between matmuls; the "
                        "first steps compile (seconds for a tiny model, minutes for 135M on 2 CPU cores)")
     max_nonfinite_in_row: int = _nonneg(
@@ -436,8 +448,14 @@ def _check(recipe: Recipe, src: str, stem: str) -> None:
     if recipe.train.l2sp_fisher and not recipe.train.l2sp:
         raise RecipeError(f"{src}: `train.l2sp_fisher` weights the pull toward the base, which is off "
                           "(`train.l2sp: 0`); set `train.l2sp` above 0, e.g. train.l2sp=0.1.")
+    kl = recipe.train.kl_to_base.datasets if recipe.train.kl_to_base else []
+    if recipe.train.kl_to_base and not kl:
+        raise RecipeError(f"{src}: `train.kl_to_base.datasets` is empty; list general prompts to keep the base's "
+                          "predictions on (e.g. data/general/self_replay.jsonl, format chat), or set "
+                          "`train.kl_to_base: null`.")
     for group, specs in (("data.train", recipe.data.train), ("data.validation", recipe.data.validation),
-                         ("data.replay.datasets", replay), ("train.l2sp_fisher.datasets", fisher)):
+                         ("data.replay.datasets", replay), ("train.l2sp_fisher.datasets", fisher),
+                         ("train.kl_to_base.datasets", kl)):
         for i, spec in enumerate(specs):
             key = f"{group}[{i}].path"
             if not spec.path:
