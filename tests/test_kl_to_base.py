@@ -10,10 +10,8 @@ import warnings
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import assert_close, make_recipe, metrics, run, weights, write_jsonl
-from test_budget import conflicting_recipe
+from conftest import assert_close, conflicting_recipe, make_recipe, metrics, run, texts, weights, write_jsonl
 from test_distributed import launch
-from test_evaluate import base_dir, tasks, texts  # noqa: F401 (fixtures)
 from test_mitigation import original_drop
 
 from finetune.engine import Engine, engine
