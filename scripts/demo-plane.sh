@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # After scripts/demo.sh: the demo's LoRA run again with each way of forgetting less, then every run on one
-# learning-forgetting plane (README, "Limiting forgetting"). About 13 minutes on 2 CPU cores; finished runs are reused.
+# learning-forgetting plane (README, "Limiting forgetting"). About 25 minutes on 2 CPU cores; finished runs are reused.
 #
 #   bash scripts/demo-plane.sh
 set -euo pipefail
@@ -18,8 +18,11 @@ finetune train recipes/demo-lora.yaml output.dir=runs/demo-lora-l2sp-0.1 train.l
 echo "== EWC: the same pull, weighted by the base model's Fisher on the general rows"
 finetune train recipes/demo-lora.yaml output.dir=runs/demo-lora-ewc train.l2sp=0.1 \
   'train.l2sp_fisher={datasets: [{path: data/general/self_replay.jsonl, format: chat}], rows: 64}'
+echo "== KL to the base: stay close to the base's next-token predictions on 4 general chat rows per update"
+finetune train recipes/demo-lora.yaml output.dir=runs/demo-lora-kl \
+  'train.kl_to_base={weight: 1, datasets: [{path: data/general/self_replay.jsonl, format: chat}], rows_per_step: 4}'
 echo "== WiSE-FT: the LoRA run's adapter scaled by alpha"
 [ -d runs/demo-lora/interpolation/alpha-0.5 ] || finetune interpolate runs/demo-lora --alphas 0.25,0.5
 echo
-finetune report runs/demo-lora runs/demo-full runs/demo-lora-replay runs/demo-lora-l2sp runs/demo-lora-l2sp-0.1 runs/demo-lora-ewc \
+finetune report runs/demo-lora runs/demo-full runs/demo-lora-replay runs/demo-lora-l2sp runs/demo-lora-l2sp-0.1 runs/demo-lora-ewc runs/demo-lora-kl \
   runs/demo-lora/interpolation/alpha-* --out runs/demo-plane

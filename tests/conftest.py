@@ -319,6 +319,18 @@ def accelerate_launch(*args: str, timeout: int = 300) -> subprocess.CompletedPro
     return finish(launch(*args), timeout)
 
 
+def ddp_launch(config: str, recipe: Path, *overrides: str, num_processes: int | None = None) -> subprocess.CompletedProcess:
+    """`finetune train RECIPE OVERRIDES` through tests/dist_worker.py under launch/CONFIG."""
+    args = ["--config_file", str(ROOT / "launch" / config)] + (["--num_processes", str(num_processes)] if num_processes else [])
+    return accelerate_launch(*args, str(ROOT / "tests" / "dist_worker.py"), str(recipe), *overrides)
+
+
+def original_drop(run_dir) -> float:
+    """How much a run lost on the task named `original` (conflicting_recipe's), from its report."""
+    report = json.loads((run_dir / "forgetting" / "report.json").read_text())
+    return -report["tasks"]["original"]["delta"]
+
+
 @pytest.fixture(scope="session")
 def tied_llama(tmp_path_factory) -> Path:
     """A tiny Llama whose output head is its input embedding (as SmolLM2's): one weight, saved once."""

@@ -1,23 +1,18 @@
 """Two ranks through `accelerate launch --config_file launch/cpu_ddp.yaml` against one rank with the same global batch."""
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
-from conftest import accelerate_launch, assert_close, make_recipe, metrics, run, weights
+from conftest import assert_close, make_recipe, metrics, run, weights
+from conftest import ddp_launch as launch
 from multiproc import DIST_WORKER, assert_forgetting_measured_as_in_one_process
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
-
-
-def launch(config: str, recipe: Path, *overrides: str, num_processes: int | None = None) -> subprocess.CompletedProcess:
-    args = ["--config_file", str(LAUNCH / config)] + (["--num_processes", str(num_processes)] if num_processes else [])
-    return accelerate_launch(*args, str(ROOT / "tests" / "dist_worker.py"), str(recipe), *overrides)
 
 
 def test_every_launch_config_parses_with_accelerate_and_names_a_valid_type():

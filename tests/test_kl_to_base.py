@@ -10,9 +10,9 @@ import warnings
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import assert_close, conflicting_recipe, make_recipe, metrics, run, texts, weights, write_jsonl
-from test_distributed import launch
-from test_mitigation import original_drop
+from conftest import (assert_close, conflicting_recipe, make_recipe, metrics, original_drop, run, texts, weights,
+                      write_jsonl)
+from conftest import ddp_launch as launch
 
 from finetune.engine import Engine, engine
 from finetune.mitigations import Context, kl_to_base
@@ -172,7 +172,7 @@ def test_under_lora_no_second_copy_of_the_weights_is_held(tmp_path, tiny_model, 
 
 
 def drift(run_dir) -> float:
-    return json.loads((run_dir / "forgetting" / "report.json").read_text())["drift"]["kl"]
+    return json.loads((run_dir / "forgetting" / "report.json").read_text())["drift"]["text"]["kl"]
 
 
 def test_kl_to_the_base_reduces_the_drop_and_the_drift(tmp_path, base_dir, tasks):
@@ -187,7 +187,7 @@ def test_kl_to_the_base_reduces_the_drop_and_the_drift(tmp_path, base_dir, tasks
     # A trade, not a freeze: the new task, which contradicts the original one here, is still partly learned.
     report = json.loads((kept / "forgetting" / "report.json").read_text())
     assert report["targets"]["conflict"]["delta"] > 0.2
-    assert compare_runs([kept], tmp_path / "cmp")["runs"][0]["method"].endswith(", KL to base 1")
+    assert compare_runs([kept], tmp_path / "cmp")["runs"][0]["label"].endswith(", KL to base 1")
 
 
 # ---------------------------------------------------------------- the same run however it is split

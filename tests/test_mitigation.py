@@ -4,14 +4,9 @@ run without them."""
 import json
 
 import torch
-from conftest import conflicting_recipe, run, texts, write_jsonl
+from conftest import conflicting_recipe, original_drop, run, texts, write_jsonl
 from finetune.report import compare_runs
 from safetensors.torch import load_file
-
-
-def original_drop(run_dir) -> float:
-    report = json.loads((run_dir / "forgetting" / "report.json").read_text())
-    return -report["tasks"]["original"]["delta"]
 
 
 def distance_from_base(run_dir, base) -> float:
