@@ -41,6 +41,7 @@ def libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
+    logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed shared tensor" not in record.msg)
     import datasets
     import transformers
 

@@ -197,6 +197,18 @@ def test_a_normal_run_shows_no_library_noise_and_ends_with_a_summary(tmp_path, t
     assert "done: 4 updates in" in quiet.stdout and f"report:  {run_dir / 'forgetting' / 'report.html'}" in quiet.stdout
 
 
+@pytest.mark.parametrize("verbose", [True, False])
+def test_saving_a_tied_embedding_model_says_nothing_unless_verbose(verbose):
+    # accelerate's save_state of a full fine-tune of a tied model (the demo's SmolLM2) warns on every checkpoint.
+    code = ("from finetune import quiet; quiet.configure(%s); quiet.libraries()\n"
+            "import torch; from accelerate import PartialState; PartialState(cpu=True)\n"
+            "from accelerate.utils.other import clean_state_dict_for_safetensors as clean\n"
+            "t = torch.zeros(2); assert list(clean({'a': t, 'b': t})) == ['a']" % verbose)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert ("Removed shared tensor {'b'}" in done.stderr) == verbose, done.stderr
+
+
 @pytest.mark.slow
 def test_final_names_its_hub_base_keeps_the_local_path_and_carries_a_model_card(tmp_path, tiny_model, capsys):
     shutil.copytree(ROOT / "data" / "tasks", tmp_path / "tasks")
