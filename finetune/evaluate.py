@@ -361,6 +361,8 @@ class ForgettingEval:
             texts_paths = {kind: self._cache_path("drift", kind, PROMPTS[kind], NEW_TOKENS, SAMPLING_SEED)
                            for kind in kinds if kind not in self.texts}
             to_sample = [kind for kind, path in texts_paths.items() if not path.is_file()]
+            print(f"measuring the base model on {len(missing)} task(s) (once; cached for later runs)" if missing else
+                  f"the base model's scores: from the cache ({self.cache_dir})", file=sys.stderr)
         missing, to_sample = self.ranks.from_main((missing, to_sample))
         if missing or to_sample:
             with self._plain_base(model) as base:

@@ -35,7 +35,6 @@ class TrainingEval:
             self.fe = ForgettingEval(section, recipe.model, tokenizer, curve_file=run.path / "forgetting" /
                                      "curve.jsonl", resumed_step=resumed_step, ranks=Ranks.of(accelerator))
             with self._whole(model) as base:
-                accelerator.print("measuring the base model on the original tasks (cached for later runs)")
                 self.fe.evaluate_base(base)
         accelerator.wait_for_everyone()
 
