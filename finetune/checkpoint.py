@@ -123,7 +123,7 @@ def open_run_dir(recipe: Recipe, accept_changes: bool) -> RunDir:
         until = (f"{new['train']['max_steps']} updates" if new["train"]["max_steps"] is not None
                  else f"{new['train']['epochs']} epochs")
         run.note = (f"{path}: training the finished run on to {until} {start}; its final/ and forgetting/ are kept "
-                    "as final.before-N/ and forgetting.before-N/.")
+                    "as final.before-N/ and forgetting.before-N/ (a last/ as last.before-N/).")
         return run
     if not accept_changes:
         raise RunDirError(f"{path} holds a run made with a different recipe ({listed}). Pass --accept-changes to "
@@ -142,16 +142,19 @@ def _longer(old: dict, new: dict) -> bool:
 
 def write_recipe(run: RunDir, recipe: Recipe) -> None:
     """Write the resolved recipe; a previous one that differs is kept beside it, never overwritten. A finished run
-    being extended has its final/ and forgetting/ kept aside first (final.before-N/), so the longer run's own can be
-    written where they belong."""
+    being extended has its final/, forgetting/ and last/ kept aside first (final.before-N/ etc., one free N for all),
+    so the longer run's own can be written where they belong."""
     try:
         run.path.mkdir(parents=True, exist_ok=True)
         if run.extending and run.final.is_dir():
+            kept = ("final", "forgetting", "last")  # last/: the last model when keep_best made final/ the best one
             n = 1
-            while (run.path / f"final.before-{n}").exists():
+            while any((run.path / f"{name}.before-{n}").exists() for name in kept):
                 n += 1
             if (run.path / "forgetting").is_dir():
                 shutil.copytree(run.path / "forgetting", run.path / f"forgetting.before-{n}")
+            if (run.path / "last").is_dir():
+                os.replace(run.path / "last", run.path / f"last.before-{n}")
             os.replace(run.final, run.path / f"final.before-{n}")
         _write_recipe(run, recipe)
     except OSError as e:

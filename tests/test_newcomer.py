@@ -16,6 +16,8 @@ import yaml
 from safetensors.torch import load_file
 from conftest import make_recipe, metrics, run, weights, write_jsonl, write_recipe
 
+from finetune.checkpoint import RunDir
+from finetune.checkpoint import write_recipe as write_run_recipe
 from finetune.cli import main as cli_main
 from finetune.recipe import describe_changes, load_recipe
 
@@ -239,6 +241,22 @@ def test_accept_changes_with_more_steps_trains_a_finished_run_on_from_its_last_c
                                   train={"max_steps": 10, "warmup_steps": 2}))
     assert [m["lr"] for m in metrics(run_dir)][3:] == pytest.approx([m["lr"] for m in metrics(straight)][3:])
     assert metrics(run_dir)[3]["lr"] > first_lrs[3]  # stretched: above where the 6-step run had brought it
+
+
+def test_extending_a_finished_run_keeps_last_aside_too_under_one_free_n(tmp_path, tiny_model):
+    # keep_best left last/ beside final/, and an earlier extension left forgetting.before-1/ alone: the longer run's
+    # report must find final/ and last/ free, and nothing kept may be overwritten.
+    recipe = load_recipe(make_recipe(tmp_path, tiny_model))
+    run_dir = Path(recipe.output.dir)
+    for name in ("final", "last", "forgetting", "forgetting.before-1"):
+        (run_dir / name).mkdir(parents=True)
+        (run_dir / name / "marker").write_text(name)
+    write_run_recipe(RunDir(run_dir, None, finished=True, extending=True), recipe)
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "final.before-2", "forgetting", "forgetting.before-1", "forgetting.before-2", "last.before-2", "recipe.yaml"]
+    for name in ("final", "last", "forgetting"):
+        assert (run_dir / f"{name}.before-2" / "marker").read_text() == name
+    assert (run_dir / "forgetting.before-1" / "marker").read_text() == "forgetting.before-1"
 
 
 # ---------------------------------------------------------------- sweep
