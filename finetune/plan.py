@@ -169,6 +169,8 @@ def load_layout(section: ModelSection) -> Layout:
 
 
 def read_launch(path: Path | None, processes: int | None) -> Launch:
+    if processes is not None and processes < 1:
+        raise PlanError(f"--processes is the number of processes, 1 or more, not {processes}.")
     if path is None:
         n = processes or 1
         return Launch("one device" if n == 1 else "DDP", n, None, "no launch config")
@@ -363,7 +365,8 @@ def plan(recipe: Recipe, launch: Launch, memory_gib: float, recipe_path: str = "
     """The plan as Markdown: what is trained, the table per engine, and the verdict for the launch config's engine."""
     layout = load_layout(recipe.model)
     checkpointing = recipe.model.gradient_checkpointing or launch.activation_checkpointing
-    engines = ("one device",) if launch.processes == 1 else ENGINES
+    # One process: one column, the launch config's engine (a 1-process FSDP or ZeRO-3 run is a real case).
+    engines = (launch.engine,) if launch.processes == 1 else ENGINES
     on = {e: estimate(layout, recipe, launch, e, checkpointing) for e in engines}
     off = {e: estimate(layout, recipe, launch, e, not checkpointing) for e in engines}
     mixed = recipe.train.mixed_precision or launch.mixed_precision or "no"

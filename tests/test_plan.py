@@ -153,6 +153,25 @@ def test_verdicts_fit_and_do_not_fit_with_what_would_help(capsys):
     assert "verdict: not supported: finetune runs QLoRA on one device or under DDP" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("config, engine", [("fsdp.yaml", "FSDP"), ("deepspeed_zero3.yaml", "ZeRO-3"),
+                                            ("multi_gpu_ddp.yaml", "DDP")])
+def test_a_one_process_launch_config_gets_one_column_for_its_own_engine(capsys, config, engine):
+    # A 1-process FSDP2 or ZeRO-3 run is a real case (bench/gpu_check.py runs one).
+    assert cli.main(["plan", "recipes/llama3.1-8b-lora-alpaca.yaml", "--launch-config", f"launch/{config}",
+                     "--processes", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"| per device, GiB | {engine} |" in out.splitlines()
+    assert "verdict: fits. On one device" in out
+
+
+def test_processes_below_one_are_refused():
+    for n in (0, -2):
+        with pytest.raises(PlanError, match=f"1 or more, not {n}"):
+            read_launch(ROOT / "launch" / "fsdp.yaml", n)
+        with pytest.raises(PlanError, match=f"1 or more, not {n}"):
+            read_launch(None, n)
+
+
 def test_unknown_models_and_launch_configs_are_refused_with_what_to_do(tmp_path):
     with pytest.raises(PlanError, match=r"no config for `model\.path` someone/unknown-7b.*ships the configs of.*"
                                         r"meta-llama/Llama-3\.1-8B-Instruct"):
