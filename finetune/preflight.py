@@ -31,6 +31,8 @@ def datasets_of(recipe: Recipe) -> list[tuple[str, DatasetSpec]]:
         groups.append(("data.replay.datasets", recipe.data.replay.datasets))
     if recipe.train.l2sp_fisher:
         groups.append(("train.l2sp_fisher.datasets", recipe.train.l2sp_fisher.datasets))
+    if recipe.train.kl_to_base:
+        groups.append(("train.kl_to_base.datasets", recipe.train.kl_to_base.datasets))
     return [(f"{group}[{i}]", spec) for group, specs in groups for i, spec in enumerate(specs)]
 
 

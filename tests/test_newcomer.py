@@ -192,6 +192,16 @@ def test_an_empty_data_file_and_missing_csv_columns_are_named(workdir):
     one_error_line(proc, "qa.csv", "instruction", "output", "['answer', 'question']", "columns: {instruction:")
 
 
+def test_the_kl_to_base_prompts_are_checked_like_any_dataset(workdir):
+    write_jsonl(workdir / "data" / "notes.jsonl", [{"text": "a note"}, {"text": "another"}])
+    proc = finetune("check", "r.yaml", "train.kl_to_base={datasets: [{path: data/notes.jsonl, format: chat}]}",
+                    cwd=workdir)
+    one_error_line(proc, "train.kl_to_base.datasets[0]", "data/notes.jsonl", "messages", "format: text")
+    proc = finetune("check", "r.yaml", "train.kl_to_base={datasets: [{path: someorg/somedata, format: text}]}",
+                    cwd=workdir, hub_cache=workdir / "empty-cache")
+    one_error_line(proc, "someorg/somedata", "train.kl_to_base.datasets[0].path", "cannot reach")
+
+
 # ---------------------------------------------------------------- run folders
 
 
