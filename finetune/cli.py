@@ -365,16 +365,18 @@ def main(argv: list[str] | None = None) -> int:
             message = hub.describe_network_error(e)
         else:
             raise
-        # Every process of a launch meets the same mistake: the main one says it, once.
+        # Every process of a launch meets the same mistake: the main one says it, once. Each process writes its own
+        # torchrun error file, so that a mistake met on another rank only (a file missing on another node, a hub
+        # request that timed out there) is still named in torchrun's summary of the failed launch.
         if main_process():
             print(f"error: {message}", file=sys.stderr)
-            _tell_torchrun(message)
+        _tell_torchrun(message)
         return EXIT_USER_ERROR
 
 
 def _tell_torchrun(message: str) -> None:
-    """Under torchrun (accelerate launch), its summary of the failed launch shows this message as the root cause,
-    instead of a pointer to how to get a traceback."""
+    """Under torchrun (accelerate launch), its summary of the failed launch shows this message for this rank (the
+    first rank to fail as the root cause), instead of a pointer to how to get a traceback."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
         import json

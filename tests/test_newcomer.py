@@ -339,6 +339,19 @@ def test_a_launch_error_is_printed_once_by_the_main_process_without_a_traceback(
     assert not (tmp_path / "runs" / "r").exists()  # refused before the run folder was written
 
 
+def test_a_mistake_met_on_another_rank_only_reaches_torchruns_summary_without_a_second_console_line(
+        tmp_path, tiny_model, monkeypatch, capsys):
+    # E.g. output.dir or a data file that exists on node 0 but not on this node: this rank alone fails.
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli_main(["check", str(make_recipe(tmp_path, tiny_model)), f"output.dir={tmp_path / 'notes.txt'}"]) == 2
+    assert "error:" not in capsys.readouterr().err  # rank 0 says it on the console when it fails alike
+    message = json.loads(error_file.read_text())["message"]["message"]
+    assert message.startswith("error: ") and "notes.txt" in message
+
+
 def test_debug_keeps_the_traceback(workdir):
     proc = finetune("--debug", "check", "r.yaml", "model.path=data/tiny-lama", cwd=workdir)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "RecipeError" in proc.stderr
