@@ -99,12 +99,13 @@ def _training(recipe: Recipe, run: RunDir) -> list[str]:
 
 def model_card(recipe: Recipe, run: RunDir) -> str:
     from . import __version__
-    from .mitigations import method_label
+    from .mitigations import method_kind, method_label
 
     name = base_name(recipe.model)
     adapter = (run.final / "adapter_config.json").is_file()
     lora = recipe.lora
-    method = (f"a LoRA adapter (r {lora.r}, alpha {lora.alpha:g}, modules {', '.join(lora.target_modules)}"
+    kind = method_kind(recipe).split()[0]  # QLoRA, LoRA or full
+    method = (f"a {kind} adapter (r {lora.r}, alpha {lora.alpha:g}, modules {', '.join(lora.target_modules)}"
               f"{', DoRA' if lora.use_dora else ''}{', rsLoRA' if lora.use_rslora else ''})" if lora
               else "full fine-tuning of every weight")
     source = f" (loaded from `{recipe.model.path}`)" if name and name != recipe.model.path else ""

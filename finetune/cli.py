@@ -227,8 +227,9 @@ def _check(args) -> int:
     for note in [*notes, why_not]:
         if note:
             print(f"note: {note}", file=sys.stderr)
-    method = ("QLoRA" if recipe.model.quantization else "LoRA") + f" r={recipe.lora.r}" if recipe.lora else \
-        "full fine-tuning"
+    from .mitigations import method_kind  # torch is loaded by now (the tokenizer check)
+
+    method = method_kind(recipe).replace("full", "full fine-tuning")
     print(f"{args.recipe}: ok ({method}, {len(recipe.data.train)} training dataset(s), output {recipe.output.dir})",
           file=sys.stderr if args.print else sys.stdout)
     return 0

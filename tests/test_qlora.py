@@ -12,7 +12,10 @@ from conftest import make_recipe, metrics, run
 from transformers import AutoModelForCausalLM
 
 from finetune import cli
+from finetune.card import model_card
+from finetune.checkpoint import RunDir
 from finetune.evaluate import load_tuned
+from finetune.mitigations import describe, method_label
 from finetune.model import ModelError, count_parameters, load_model, load_tokenizer
 from finetune.recipe import LoraSection, ModelSection, QuantizationSection, RecipeError, load_recipe
 
@@ -49,6 +52,22 @@ def test_quantization_needs_lora_and_turns_checkpointing_on(tmp_path, tiny_model
     fisher = f"train.l2sp_fisher={{datasets: [{{path: {tmp_path / 'chat.jsonl'}, format: chat}}]}}"
     with pytest.raises(RecipeError, match=r"`train\.l2sp_fisher` needs gradients of the base weights"):
         load_recipe(path, ["train.l2sp=0.1", fisher])
+
+
+def test_qlora_is_named_qlora_by_reports_the_model_card_and_check(tmp_path, tiny_model, capsys):
+    path = make_recipe(tmp_path, tiny_model, model={"quantization": QUANT}, lora={"r": 4})
+    qlora, lora = load_recipe(path), load_recipe(path, ["model.quantization=null"])
+    # Reports group runs by family: a QLoRA run is not drawn on the curve of LoRA runs at the same rank.
+    assert describe(qlora)["family"] == "QLoRA r=4" and describe(lora)["family"] == "LoRA r=4"
+    assert method_label(qlora) == "QLoRA r=4, lr 0.003"
+    run_dir = tmp_path / "runs" / "r"
+    (run_dir / "final").mkdir(parents=True)
+    (run_dir / "final" / "adapter_config.json").write_text("{}")
+    card = model_card(qlora, RunDir(run_dir, None, finished=True))
+    assert "a QLoRA adapter (r 4" in card and "Comparisons call it `QLoRA r=4, lr 0.003`" in card
+    assert "a LoRA adapter (r 4" in model_card(lora, RunDir(run_dir, None, finished=True))
+    assert cli.main(["check", str(path)]) == 0
+    assert "ok (QLoRA r=4," in capsys.readouterr().out
 
 
 def test_quantized_loading_is_refused_where_it_cannot_run(tiny_model, monkeypatch):

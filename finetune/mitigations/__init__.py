@@ -48,11 +48,19 @@ def _modules() -> list:
     return [importlib.import_module(f"{__name__}.{name}") for name in found]
 
 
+def method_kind(recipe) -> str:
+    """The method a run trains with, as reports, model cards and `finetune check` name it: "QLoRA r=16" (LoRA on a
+    quantized base), "LoRA r=16" or "full"."""
+    if recipe.lora is None:
+        return "full"
+    return f"{'QLoRA' if recipe.model.quantization else 'LoRA'} r={recipe.lora.r}"
+
+
 def describe(recipe) -> dict:
     """How reports name and group a run: `family` is the method and every mitigation it uses (runs of one family
     differ only in learning rate or seed, and a comparison draws them as one curve, in `order`, each point tagged
     `tag`); `label` adds the rate."""
-    kind = f"LoRA r={recipe.lora.r}" if recipe.lora else "full"
+    kind = method_kind(recipe)
     extras = [text for m in _modules() if hasattr(m, "label") and (text := m.label(recipe))]
     return {"label": ", ".join([kind, f"lr {recipe.train.lr:g}", *extras]), "family": ", ".join([kind, *extras]),
             "lr": recipe.train.lr, "seed": recipe.train.seed, "tag": f"{recipe.train.lr:g}", "order": recipe.train.lr}
