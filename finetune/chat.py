@@ -7,12 +7,13 @@ a model can be tried from a script (`printf 'hi\\nand you?\\n' | finetune chat r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from .errors import UserError
-from .recipe import ModelSection, load_recipe
+from .recipe import ModelSection, saved_model_section
 
 
 class ChatError(UserError):
@@ -33,15 +34,15 @@ def load(run: Path, base: str | None):
     if not adapter.is_file() and not (folder / "config.json").is_file():
         raise ChatError(f"{folder} holds no model: neither a LoRA adapter (adapter_config.json) nor a full model "
                         "(config.json). Give a run folder whose training finished, or its final/.")
-    saved = run / "recipe.yaml"
-    recipe = load_recipe(saved) if saved.is_file() else None
+    # The run's model section as data: chatting needs the model, not the training data to exist from here.
+    saved, local = saved_model_section(run / "recipe.yaml"), local_base(folder)
     if base:
         section = ModelSection(path=base)
-    elif recipe is not None:
-        section = recipe.model
+    elif saved is not None:
+        section = dataclasses.replace(saved, path=local) if local else saved  # the folder it was trained from
     else:
         named = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"] if adapter.is_file() else ""
-        section = ModelSection(path=local_base(folder) or named or str(folder))
+        section = ModelSection(path=local or named or str(folder))
     model, is_adapter = load_tuned(section, folder)
     from transformers import AutoTokenizer
 

@@ -419,6 +419,14 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return recipe
 
 
+def saved_model_section(path: Path) -> ModelSection | None:
+    """The `model` section of a run's saved recipe.yaml, read as data (typed, defaults filled in) and not checked
+    against the current folder: commands that use a finished run need its model, not its training data's paths."""
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    model = data.get("model") if isinstance(data, dict) else None
+    return _build(ModelSection, model, "model", str(path)) if isinstance(model, dict) else None
+
+
 def _check(recipe: Recipe, src: str, stem: str) -> None:
     if recipe.model is None or not recipe.model.path:
         raise RecipeError(f"{src}: `model.path` is missing; give a hub id, a local folder or a .gguf file.")

@@ -151,6 +151,25 @@ def test_chat_loads_an_adapter_on_its_base(tmp_path, tiny_model):
         assert torch.allclose(model(input_ids=ids).logits, trained.eval()(input_ids=ids).logits, atol=1e-6)
 
 
+def test_chat_on_a_run_folder_needs_its_model_not_its_data_and_takes_the_base_it_was_trained_from(
+        tmp_path, tiny_model, monkeypatch):
+    import torch
+
+    from finetune.chat import load
+
+    shutil.copytree(tiny_model, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    run_dir, trained = _memorised_run(tmp_path, tiny_model, "lora", lora={"r": 4}, model={"path": "base"})
+    (tmp_path / "chat.jsonl").unlink()  # the training data has moved on since
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # `base`, relative in recipe.yaml, is not here; finetune.json's path is
+    model, _, what = load(run_dir, None)
+    assert "LoRA adapter" in what
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, trained.eval()(input_ids=ids).logits, atol=1e-6)
+
+
 # ---------------------------------------------------------------- what a run shows
 
 
