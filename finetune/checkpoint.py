@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, print_main
 from .recipe import Recipe, changed_keys, dump_recipe, recipe_to_dict
 
 PROGRESS = "progress.json"
@@ -204,7 +204,7 @@ def latest_verified_checkpoint(root: Path) -> Path | None:
     for path in reversed(complete_checkpoints(root)):
         if verify(path):
             return path
-        print(f"warning: {path} does not match its recorded checksums; not resuming from it", file=sys.stderr)
+        print_main(f"warning: {path} does not match its recorded checksums; not resuming from it", file=sys.stderr)
     return None
 
 

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, quiet
-from .errors import UserError
-from .progress import main_process, print_main
+from .errors import UserError, main_process, print_main
 from .recipe import describe_keys, dump_recipe, load_recipe
 
 EXIT_USER_ERROR = 2

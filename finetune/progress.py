@@ -98,18 +98,3 @@ def summary(run: RunDir, seconds: float) -> str:
     if report.is_file():
         lines.append(f"  report:  {report}")
     return "\n".join(lines)
-
-
-def main_process() -> bool:
-    """Rank 0 of a launch (torchrun and accelerate set RANK), or a process launched alone."""
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
-
-
-def print_main(*lines: str, file=None) -> None:
-    """Print on the main process only: a launch of N processes says a thing once, not N times."""
-    if main_process():
-        for line in lines:
-            if line:
-                print(line, file=file or sys.stdout, flush=True)

@@ -266,7 +266,8 @@ def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
     t.evals.finish(last, t.model, t.tokenizer)
     if t.accelerator.is_main_process:
         write_model_card(recipe, run)  # after the report, whose verdict it carries
-    t.accelerator.print(summary(run, time.monotonic() - started))
+    if t.accelerator.is_main_process:  # the summary reads all of metrics.jsonl: only where it is shown
+        print(summary(run, time.monotonic() - started))
     _end(t.accelerator)
     return t.accelerator.unwrap_model(t.model)
 

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from conftest import assert_close, make_recipe, metrics, run, weights
 
 import finetune.train
+from finetune.checkpoint import latest_verified_checkpoint
 from finetune.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +114,17 @@ def test_a_corrupted_checkpoint_fails_its_checksum_and_the_previous_one_is_used(
     assert f"{straight / 'checkpoints' / 'step-4'} does not match its recorded checksums" in err
     assert f"resuming from {straight / 'checkpoints' / 'step-2'} (step 2 of 6)" in out
     assert_close(weights(straight), expected, atol=0)
+
+
+def test_a_corrupted_checkpoint_is_reported_by_the_main_process_only(tmp_path, monkeypatch, capsys):
+    step = tmp_path / "checkpoints" / "step-2"
+    step.mkdir(parents=True)
+    (step / "model.safetensors").write_bytes(b"weights")
+    (step / "progress.json").write_text(json.dumps({"files": {"model.safetensors": [7, "0" * 64]}}))
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert latest_verified_checkpoint(tmp_path / "checkpoints") is None
+        assert ("does not match its recorded checksums" in capsys.readouterr().err) == said
 
 
 @pytest.mark.slow
