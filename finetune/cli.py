@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="resume a run folder even though the recipe changed in keys that change the result; with a "
                         "larger train.max_steps, train a finished run on from its last checkpoint")
     t.add_argument("--new-run", action="store_true",
-                   help="if output.dir holds a run, start over in the next free folder (dir-2, dir-3, ...)")
+                   help="if output.dir holds a run, start over in the next free folder (dir-2, dir-3, ...); "
+                        "a single process only: under a launch, set output.dir instead")
 
     c = sub.add_parser("check", help="validate a recipe, the model path, the output folder and the data's first rows, "
                                      "without loading the model")
@@ -180,9 +181,17 @@ def _eval(args) -> int:
 
 
 def _train(args) -> int:
-    from .checkpoint import next_free_dir, open_run_dir
+    from .checkpoint import RunDirError, next_free_dir, open_run_dir
 
     recipe = load_recipe(args.recipe, args.overrides)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.new_run and processes > 1:
+        # Each process would choose the next free folder by itself, before any of them can agree with the others: one
+        # that looks after rank 0 has created dir-2 would take dir-3, and the ranks would train in different folders.
+        out = Path(recipe.output.dir)
+        raise RunDirError(f"--new-run works in a single process; in a launch of {processes} processes each would "
+                          "choose its own free folder. Name the new folder instead: "
+                          f"output.dir={next_free_dir(out) if out.exists() else out}")
     if args.new_run and Path(recipe.output.dir).exists():
         recipe.output.dir = str(next_free_dir(Path(recipe.output.dir)))
     run = open_run_dir(recipe, args.accept_changes)

@@ -228,6 +228,17 @@ def test_existing_run_is_resumed_refused_or_moved_never_overwritten(tmp_path, ti
     assert (other / "precious.txt").read_text() == "mine"
 
 
+def test_new_run_is_refused_under_a_launch_naming_the_folder_to_set(tmp_path, tiny_model, monkeypatch, capsys):
+    # Each rank would choose its own next free folder; a slow one could take r-3 after rank 0 created r-2.
+    path = make_recipe(tmp_path, tiny_model, "r")
+    run_dir, _ = run(path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    capsys.readouterr()
+    assert cli_main(["train", str(path), "train.lr=1e-2", "--new-run"]) == 2
+    assert f"output.dir={run_dir.parent / 'r-2'}" in capsys.readouterr().err
+    assert not (run_dir.parent / "r-2").exists()
+
+
 def test_refusal_names_the_changed_keys(tmp_path, tiny_model, capsys):
     path = make_recipe(tmp_path, tiny_model, output={"save_every": 2}, train={"max_steps": 4})
     run_dir, _ = run(path)
