@@ -71,13 +71,15 @@ def make_accelerator(recipe, project_dir: str) -> Accelerator:
     # On CPU accelerate quietly turns FSDP and DeepSpeed launches into plain DDP; say so rather than train
     # with a memory layout the user did not ask for.
     name = engine(accelerator).name
-    for wanted in _asked_for():
+    for wanted in asked_for():
         if name != wanted:
             raise EngineError(_unsupported(wanted, name))
     return accelerator
 
 
-def _asked_for() -> list[str]:
+def asked_for() -> list[str]:
+    """The sharded engines the launch config asks for ("FSDP", "DEEPSPEED"), from accelerate's environment: known
+    before the Accelerator exists, and whether or not accelerate can set them up here."""
     flags = (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED"))
     return [wanted for wanted, flag in flags if os.environ.get(flag, "false").lower() == "true"]
 
@@ -96,7 +98,7 @@ def check_launch() -> None:
     # MULTI_GPU, which AcceleratorState then turns into FSDP) is taken as it is.
     ready = getattr(PartialState._shared_state.get("distributed_type"), "name", None)
     if not torch.accelerator.is_available():
-        for wanted in _asked_for():
+        for wanted in asked_for():
             if ready not in (wanted, "MULTI_GPU" if wanted == "FSDP" else wanted):
                 raise EngineError(_unsupported(wanted, "MULTI_CPU" if int(os.environ.get("WORLD_SIZE", "1")) > 1
                                                else "NO"))

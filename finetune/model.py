@@ -107,12 +107,13 @@ def _quantization_config(q: QuantizationSection):
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelError("`model.quantization` needs bitsandbytes: pip install -e \".[qlora]\" (or pip install "
                          "bitsandbytes), or set `model.quantization: null`.")
-    for engine in ("FSDP", "DEEPSPEED"):
-        if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true":
-            raise ModelError(f"`model.quantization` (QLoRA) runs on one device or under DDP, not under {engine}: the "
-                             "4-bit weights are not sharded here. Launch with launch/single_device.yaml or "
-                             "launch/multi_gpu_ddp.yaml (each GPU holds the whole 4-bit model; `finetune plan` says "
-                             "whether it fits), or set `model.quantization: null`.")
+    from .engine import asked_for
+
+    if sharded := asked_for():
+        raise ModelError(f"`model.quantization` (QLoRA) runs on one device or under DDP, not under {sharded[0]}: the "
+                         "4-bit weights are not sharded here. Launch with launch/single_device.yaml or "
+                         "launch/multi_gpu_ddp.yaml (each GPU holds the whole 4-bit model; `finetune plan` says "
+                         "whether it fits), or set `model.quantization: null`.")
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
