@@ -48,11 +48,16 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
     22% of positions not targets: 6% less time a step)."""
     labels = batch.pop("labels")
     keep = labels != IGNORE  # [batch, T]
+    return _SumCrossEntropy.apply(logits_at(model, batch, keep), labels[keep])
+
+
+def logits_at(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
+    """[kept positions, vocab]: the model's logits where `keep` ([batch, T]) is true, with the output head run on
+    those positions only. Also for the KL to the base (mitigations/kl_to_base.py)."""
     head = getattr(model, "module", model).get_output_embeddings()  # .module: the model DDP/FSDP/DeepSpeed wrap
-    # [batch, T, hidden] -> [targets, hidden] on the way into the head, inside the model's own forward.
+    # [batch, T, hidden] -> [kept, hidden] on the way into the head, inside the model's own forward.
     hook = head.register_forward_pre_hook(lambda module, args: (args[0][keep], *args[1:]))
     try:
-        logits = model(**batch).logits  # [targets, vocab]
+        return model(**batch).logits
     finally:
         hook.remove()
-    return _SumCrossEntropy.apply(logits, labels[keep])

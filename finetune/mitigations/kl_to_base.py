@@ -38,6 +38,7 @@ from datasets import concatenate_datasets
 
 from ..data import IGNORE, Collator, DataStats, encode_dataset, mask_kind
 from ..errors import UserError
+from ..loss import logits_at
 from ..model import load_model
 
 BUCKET = 2**24  # gradient elements per all-reduce: 64 MB of float32
@@ -178,15 +179,15 @@ class KLToBase:
         with torch.no_grad():
             base = _log_probs(self._base_logits(batch, keep))  # [positions, vocab]
         # The tuned model in the mode the loop keeps it in: dropout and activation checkpointing as for the task loss.
-        tuned = _log_probs(_logits_at(self.model, batch, keep))
+        tuned = _log_probs(logits_at(self.model, batch, keep))
         return F.kl_div(tuned, base, reduction="sum", log_target=True), keep.sum()
 
     def _base_logits(self, batch: dict, keep: torch.Tensor) -> torch.Tensor:
         if self.base is not None:
             with self.accelerator.autocast():  # the precision the tuned forward runs in: identical at step 0
-                return _logits_at(self.base, batch, keep)
+                return logits_at(self.base, batch, keep)
         with _eval_mode(self.model), self.model.disable_adapter():  # the base's own predictions, no dropout
-            return _logits_at(self.model, batch, keep)
+            return logits_at(self.model, batch, keep)
 
 
 @contextmanager
@@ -200,16 +201,6 @@ def _eval_mode(model):
     finally:
         for m, training in modes:
             m.training = training
-
-
-def _logits_at(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
-    """[positions, vocab]: the output head run on the kept positions only, as for the task loss (loss.py)."""
-    head = model.get_output_embeddings()
-    hook = head.register_forward_pre_hook(lambda module, args: (args[0][keep], *args[1:]))
-    try:
-        return model(**batch).logits
-    finally:
-        hook.remove()
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
