@@ -39,13 +39,16 @@ class DriftError(UserError):
 
 @contextmanager
 def eval_mode(model: torch.nn.Module):
-    """Dropout off for the duration (identical weights must give identical logits), then the caller's mode back."""
-    was_training = model.training
+    """Dropout off for the duration (identical weights must give identical logits), then each module's own mode back:
+    `model.train(was_training)` would set them all alike, and a model is not always in one mode (from_pretrained
+    leaves the base's modules in eval mode, peft adds its layers in training mode)."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 class AdapterDisabled(torch.nn.Module):

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import random
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,6 +36,7 @@ from accelerate.utils import send_to_device
 from datasets import concatenate_datasets
 
 from ..data import IGNORE, Collator, DataStats, encode_dataset, mask_kind
+from ..drift import eval_mode
 from ..errors import UserError
 from ..loss import logits_at
 from ..model import load_model
@@ -186,21 +186,8 @@ class KLToBase:
         if self.base is not None:
             with self.accelerator.autocast():  # the precision the tuned forward runs in: identical at step 0
                 return logits_at(self.base, batch, keep)
-        with _eval_mode(self.model), self.model.disable_adapter():  # the base's own predictions, no dropout
+        with eval_mode(self.model), self.model.disable_adapter():  # the base's own predictions, no dropout
             return logits_at(self.model, batch, keep)
-
-
-@contextmanager
-def _eval_mode(model):
-    """Every module in eval mode for the duration, then each one's own mode back: `model.train()` would set them all,
-    and the loop's model is not uniformly in one mode (from_pretrained leaves the base's modules in eval mode)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
