@@ -361,7 +361,7 @@ def usable_bytes(memory_gib: float) -> float:
     return (memory_gib * (1 - ALLOCATOR_SHARE) - CONTEXT_GIB) * GiB
 
 
-def plan(recipe: Recipe, launch: Launch, memory_gib: float, recipe_path: str = "") -> str:
+def plan(recipe: Recipe, launch: Launch, memory_gib: float) -> str:
     """The plan as Markdown: what is trained, the table per engine, and the verdict for the launch config's engine."""
     layout = load_layout(recipe.model)
     checkpointing = recipe.model.gradient_checkpointing or launch.activation_checkpointing
