@@ -1,9 +1,17 @@
 """The run folder: start, resume or refuse; atomic checkpoints that resume trusts only when complete.
 
-    runs/x/recipe.yaml            resolved recipe
+    runs/x/recipe.yaml            resolved recipe (one it replaced is kept as recipe.before-N.yaml)
     runs/x/metrics.jsonl          one line per logged step
     runs/x/checkpoints/step-N/    accelerate state (model or adapter, optimizer, scheduler, RNG) + progress.json
-    runs/x/final/                 Hugging Face folder
+    runs/x/final/                 Hugging Face folder, with README.md (the model card) and finetune.json (the base's
+                                  local path, card.py)
+    runs/x/forgetting/            the forgetting report (report.md, report.html, report.json)
+    runs/x/best/                  while training, unless eval.on_over_budget is continue: the best model within
+                                  the budget so far; at the end it becomes final/, and the last model moves to last/
+    runs/x/last/                  the last model, when final/ is the best one
+    runs/x/final.before-N/        a finished run trained on for longer: its final/, forgetting/ and last/ kept aside
+    runs/x/forgetting.before-N/   (one N for the three)
+    runs/x/last.before-N/
 
 A checkpoint is written into `checkpoints/.tmp-step-N/`, flushed to disk, and renamed into place only after every
 rank has finished writing and `progress.json` lists every file with its size and SHA-256. Resume takes the newest
