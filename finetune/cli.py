@@ -27,9 +27,9 @@ EPILOG = """examples:
   accelerate launch --config_file launch/cpu_ddp.yaml -m finetune train recipes/tiny-lora.yaml
   finetune chat runs/tiny-lora                             # talk to the fine-tuned model
   finetune eval data/tiny-llama runs/tiny-lora --tasks data/tasks/general_knowledge.yaml
-  finetune eval data/tiny-llama runs/tiny-lora --checkpoints   # and every checkpoint: the forgetting curve
-  finetune report runs/tiny-lora runs/tiny-full --out runs/compare
-  finetune interpolate runs/tiny-full --alphas 0,0.5,1 --pick
+  finetune eval data/tiny-llama runs/tiny-lora --tasks data/tasks/general_knowledge.yaml --checkpoints   # the curve
+  finetune report runs/demo-lora runs/demo-full --out runs/compare   # runs with a forgetting report
+  finetune interpolate runs/demo-full --alphas 0,0.5,1 --pick        # a run whose recipe lists eval.tasks
   finetune sweep recipes/tiny-lora.yaml --grid train.lr=1e-3,3e-3 lora.r=4,16 lora=null --print-commands
   finetune merge runs/tiny-lora runs/tiny-lora-merged      # fold the LoRA adapter into its base
   finetune plan recipes/llama3.1-8b-lora-alpaca.yaml --launch-config launch/fsdp.yaml   # will it fit? (offline)
@@ -90,8 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="examples per task (default: all)")
     e.add_argument("--checkpoints", action="store_true",
                    help="also measure every checkpoint a finished run kept: the learning-forgetting curve over steps")
-    e.add_argument("--out", type=Path, help="new report folder (default: TUNED/forgetting, or the next free "
-                                             "forgetting-2, -3, ... beside it)")
+    e.add_argument("--out", type=Path, help="new report folder (default: TUNED/forgetting for a run folder, "
+                                             "./forgetting for any other folder; the next free forgetting-2, -3, "
+                                             "... beside it when that one holds files)")
 
     r = sub.add_parser("report", help="compare runs: one table and the learning-forgetting plane")
     r.add_argument("runs", nargs="+", type=Path, help="run folders that hold forgetting/report.json")
