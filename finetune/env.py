@@ -9,7 +9,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 PACKAGES = ("finetune", "torch", "transformers", "accelerate", "peft", "datasets", "lm_eval", "tokenizers",
-            "safetensors", "huggingface_hub", "gguf", "trl", "deepspeed")
+            "safetensors", "huggingface_hub", "gguf", "trl", "deepspeed", "bitsandbytes")
 VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_DATASETS_CACHE", "CUDA_VISIBLE_DEVICES",
              "OMP_NUM_THREADS", "FINETUNE_KEEP_FREED_MEMORY", "ACCELERATE_CONFIG_FILE")
 
