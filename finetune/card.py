@@ -59,7 +59,14 @@ def write_model_card(recipe: Recipe, run: RunDir) -> None:
     if not run.final.is_dir():
         return
     make_portable(run.final, recipe.model)
-    atomic_write_text(run.final / "README.md", model_card(recipe, run))
+    refresh_model_card(recipe, run)
+
+
+def refresh_model_card(recipe: Recipe, run: RunDir) -> None:
+    """final/README.md only (a later `finetune eval` brings a new verdict): the rest of final/ stays as training
+    wrote it, and nothing resolves the base model again (a GGUF base would be converted anew)."""
+    if run.final.is_dir():
+        atomic_write_text(run.final / "README.md", model_card(recipe, run))
 
 
 def _forgetting(run: RunDir) -> list[str]:

@@ -174,10 +174,10 @@ def _eval(args) -> int:
         report = evaluate_saved(base, tuned, section, out, recipe=recipe, method=describe(recipe) if recipe else None)
     print(f"{report['verdict']['text']}\nreport: {out / 'report.html'}")
     if recipe is not None and out == tuned / "forgetting":
-        from .card import write_model_card
+        from .card import refresh_model_card
         from .checkpoint import RunDir
 
-        write_model_card(recipe, RunDir(tuned, None, True))  # the run's card now carries this verdict
+        refresh_model_card(recipe, RunDir(tuned, None, True))  # the run's card now carries this verdict
     return 0
 
 

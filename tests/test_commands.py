@@ -274,7 +274,10 @@ def test_the_model_card_takes_the_verdict_of_a_later_finetune_eval(tmp_path, tin
     run_dir, _ = run(make_recipe(tmp_path, tiny_model, lora={"r": 4}))
     card = run_dir / "final" / "README.md"
     assert "No forgetting report" in card.read_text()
+    saved = {p.name: p.stat().st_ino for p in (run_dir / "final").iterdir() if p != card}
     assert cli_main(["eval", str(tiny_model), str(run_dir), "--tasks", str(tmp_path / "tasks" / "general_knowledge.yaml"),
                      "--limit", "4"]) == 0
     verdict = json.loads((run_dir / "forgetting" / "report.json").read_text())["verdict"]["text"]
     assert f"**{verdict}**" in card.read_text() and "No forgetting report" not in card.read_text()
+    # Only the card is rewritten: final/ stays as training saved it (a GGUF base is not resolved again).
+    assert {p.name: p.stat().st_ino for p in (run_dir / "final").iterdir() if p != card} == saved
