@@ -20,16 +20,12 @@ class ChatError(UserError):
     """A folder that holds no model to talk to."""
 
 
-def _final(run: Path) -> Path:
-    return run / "final" if (run / "final").is_dir() else run
-
-
 def load(run: Path, base: str | None):
     """(model, tokenizer, description) for a run folder, its final/, or any adapter or model folder."""
-    from .checkpoint import local_base
+    from .checkpoint import final_folder, local_base
     from .evaluate import load_tuned
 
-    folder = _final(run)
+    folder = final_folder(run)
     adapter = folder / "adapter_config.json"
     if not adapter.is_file() and not (folder / "config.json").is_file():
         raise ChatError(f"{folder} holds no model: neither a LoRA adapter (adapter_config.json) nor a full model "

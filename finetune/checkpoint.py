@@ -370,6 +370,11 @@ def save_model(accelerator, model, tokenizer, dest: Path, replace: bool = False)
     accelerator.wait_for_everyone()
 
 
+def final_folder(path: Path) -> Path:
+    """The saved model a path means: a run folder means its final/; any other folder is itself."""
+    return path / "final" if (path / "final").is_dir() else path
+
+
 def local_base(folder: Path) -> str | None:
     """The base model's local folder recorded in a saved final/ (FINAL_INFO), if it is still there: what finetune's
     own commands load an adapter on before the hub name in adapter_config.json."""

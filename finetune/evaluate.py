@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_text, read_jsonl
+from .checkpoint import atomic_write_text, final_folder, read_jsonl
 from .drift import NEW_TOKENS, PROMPTS, SAMPLING_SEED, AdapterDisabled, eval_mode, kl_drift, read_texts, sample_chat, \
     sample_texts
 from .errors import UserError
@@ -442,7 +442,7 @@ def load_tuned(base: ModelSection, folder: Path):
     folder; a run folder means its final/. Returns (model, whether it is an adapter)."""
     import peft
 
-    folder = folder / "final" if (folder / "final").is_dir() else folder
+    folder = final_folder(folder)
     if (folder / "adapter_config.json").is_file():
         model, is_adapter = peft.PeftModel.from_pretrained(load_model(base, None), folder), True
     elif (folder / "config.json").is_file():

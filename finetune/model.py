@@ -206,11 +206,9 @@ def quantized_base(adapter_dir: str | Path) -> dict | None:
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Fold a LoRA adapter into its base model and save a standalone model (safetensors) with its tokenizer."""
-    from .checkpoint import local_base
+    from .checkpoint import final_folder, local_base
 
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    if (adapter_dir / "final").is_dir():
-        adapter_dir = adapter_dir / "final"  # a run folder: its final model
+    adapter_dir, out_dir = final_folder(Path(adapter_dir)), Path(out_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         what = ("a full model (config.json, no adapter): it is standalone already, nothing to merge"
                 if (adapter_dir / "config.json").is_file() else "no LoRA adapter (adapter_config.json)")
