@@ -12,8 +12,7 @@ bash scripts/install.sh
 echo "== replay: 5% of training tokens from general chat rows (data/general/self_replay.jsonl)"
 finetune train recipes/demo-lora.yaml output.dir=runs/demo-lora-replay \
   'data.replay={datasets: [{path: data/general/self_replay.jsonl, format: chat}], ratio: 0.05}'
-echo "== L2-SP: pull the adapter's update toward zero, at two strengths"
-finetune train recipes/demo-lora.yaml output.dir=runs/demo-lora-l2sp train.l2sp=0.01
+echo "== L2-SP: pull the adapter's update toward zero"
 finetune train recipes/demo-lora.yaml output.dir=runs/demo-lora-l2sp-0.1 train.l2sp=0.1
 echo "== EWC: the same pull, weighted by the base model's Fisher on the general rows"
 finetune train recipes/demo-lora.yaml output.dir=runs/demo-lora-ewc train.l2sp=0.1 \
@@ -22,7 +21,7 @@ echo "== KL to the base: stay close to the base's next-token predictions on 4 ge
 finetune train recipes/demo-lora.yaml output.dir=runs/demo-lora-kl \
   'train.kl_to_base={weight: 1, datasets: [{path: data/general/self_replay.jsonl, format: chat}], rows_per_step: 4}'
 echo "== WiSE-FT: the LoRA run's adapter scaled by alpha"
-[ -d runs/demo-lora/interpolation/alpha-0.5 ] || finetune interpolate runs/demo-lora --alphas 0.25,0.5
+[ -d runs/demo-lora/interpolation/alpha-0.5 ] || finetune interpolate runs/demo-lora --alphas 0.5
 echo
-finetune report runs/demo-lora runs/demo-full runs/demo-lora-replay runs/demo-lora-l2sp runs/demo-lora-l2sp-0.1 runs/demo-lora-ewc runs/demo-lora-kl \
+finetune report runs/demo-lora runs/demo-full runs/demo-lora-replay runs/demo-lora-l2sp-0.1 runs/demo-lora-ewc runs/demo-lora-kl \
   runs/demo-lora/interpolation/alpha-* --out runs/demo-plane
