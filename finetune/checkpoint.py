@@ -375,6 +375,20 @@ def final_folder(path: Path) -> Path:
     return path / "final" if (path / "final").is_dir() else path
 
 
+def merge_source(adapter: Path, out: Path) -> Path:
+    """The adapter folder `finetune merge` folds into its base, checked before anything heavy is imported: a run
+    folder means its final/, which must hold a LoRA adapter, and `out` must be new or empty (nothing overwritten)."""
+    adapter = final_folder(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        what = ("a full model (config.json, no adapter): it is standalone already, nothing to merge"
+                if (adapter / "config.json").is_file() else "no LoRA adapter (adapter_config.json)")
+        raise RunDirError(f"{adapter} holds {what}. merge takes a LoRA run folder or its final/.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not empty; merge writes only into a new or empty "
+                              "folder, so nothing of yours is overwritten. Choose another output folder.")
+    return adapter
+
+
 def local_base(folder: Path) -> str | None:
     """The base model's local folder recorded in a saved final/ (FINAL_INFO), if it is still there: what finetune's
     own commands load an adapter on before the hub name in adapter_config.json."""

@@ -297,6 +297,9 @@ def _sweep(args) -> int:
 
 
 def _merge(args) -> int:
+    from .checkpoint import merge_source
+
+    merge_source(Path(args.adapter), Path(args.out))  # a wrong folder is refused in a second, before torch loads
     quiet.libraries()
     from .model import merge_adapter, quantized_base
 

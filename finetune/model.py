@@ -206,16 +206,10 @@ def quantized_base(adapter_dir: str | Path) -> dict | None:
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Fold a LoRA adapter into its base model and save a standalone model (safetensors) with its tokenizer."""
-    from .checkpoint import final_folder, local_base
+    from .checkpoint import local_base, merge_source
 
-    adapter_dir, out_dir = final_folder(Path(adapter_dir)), Path(out_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        what = ("a full model (config.json, no adapter): it is standalone already, nothing to merge"
-                if (adapter_dir / "config.json").is_file() else "no LoRA adapter (adapter_config.json)")
-        raise ModelError(f"{adapter_dir} holds {what}. merge takes a LoRA run folder or its final/.")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} already exists and is not empty; merge writes only into a new or empty "
-                              "folder, so nothing of yours is overwritten. Choose another output folder.")
+    out_dir = Path(out_dir)
+    adapter_dir = merge_source(Path(adapter_dir), out_dir)
     config = peft.PeftConfig.from_pretrained(adapter_dir)
     # float32: added to bfloat16 weights, much of the adapter's small update would round away. Never quantized, also
     # for a QLoRA adapter: folded into 4-bit weights the update would be lost to their rounding. The base's local copy

@@ -143,6 +143,11 @@ def test_merge_takes_a_run_folder_and_refuses_a_full_fine_tune_in_one_line(tmp_p
         err = capsys.readouterr().err
         assert err.count("error:") == 1 and "full model" in err and "nothing to merge" in err
     assert not (tmp_path / "m2").exists()
+    # Refused before torch is imported (seconds, not the import of torch, transformers and peft).
+    code = (f"import sys; from finetune.cli import main; rc = main(['merge', {str(full_run)!r}, {str(tmp_path / 'm2')!r}]);"
+            " print(rc, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'peft', 'transformers')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.split("\n")[-2] == "2 []", (done.stdout, done.stderr)
 
 
 # ---------------------------------------------------------------- YAML 1.1 booleans
