@@ -369,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet.configure(args.verbose)
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:
+        # The reader of the output went away (`finetune report ... | head`): stop quietly, as other tools do, with
+        # stdout pointed at /dev/null so that Python's flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as e:
         if args.debug:
             raise

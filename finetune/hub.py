@@ -142,6 +142,8 @@ def ensure_tasks(names: list[str]) -> str:
 def is_network_error(error: BaseException) -> bool:
     """An exception a library raised because the hub could not be reached or was offline: what the CLI turns into
     one line when no check above caught it first."""
+    if isinstance(error, BrokenPipeError):  # a ConnectionError to Python: the reader of our output went away
+        return False
     names = {c.__name__ for c in type(error).__mro__}
     return bool(names & {"ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError",
                          "TimeoutException"}) or (

@@ -14,6 +14,7 @@ import html
 import io
 import json
 import math
+import os
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -517,12 +518,24 @@ def summary_table(result: dict) -> str:
     return _markdown_table(header, rows)
 
 
+def _distinct_names(runs: list[dict]) -> None:
+    """When two runs' folders share a name (two sweeps' `lr=1e-4`), every run is named by its path from the folder
+    that holds them all (`demo-full-sweep/lr=1e-4`), so none is left ambiguous."""
+    paths = [Path(r["run"]).absolute() for r in runs]
+    if len({p.name for p in paths}) == len(paths):
+        return
+    common = Path(os.path.commonpath([p.parent for p in paths]))
+    for r, path in zip(runs, paths):
+        r["name"] = str(path.relative_to(common))
+
+
 def compare_runs(run_dirs: list[Path], out_dir: Path) -> dict:
     """`finetune report RUN [RUN...]`: one table over runs and the learning-forgetting plane (x: mean drop on the
     original tasks, y: mean gain on the target tasks, as in Biderman et al. 2024, "LoRA Learns Less and Forgets
     Less"), the best passing run per method family, methods compared at similar gain, and the recommended run,
     written as compare.{json,md,html} in `out_dir`."""
     runs = [_run_summary(Path(r)) for r in run_dirs]
+    _distinct_names(runs)
     placed = [i for i, r in enumerate(runs) if r["drop"] is not None and r["gain"] is not None]
     front = {placed[i] for i in pareto_front([(runs[j]["drop"], runs[j]["gain"]) for j in placed])}
     pick, notes = recommended(runs)

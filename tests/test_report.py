@@ -3,6 +3,8 @@ writes. No model runs here."""
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -233,3 +235,24 @@ def test_compare_runs_recommends_only_a_passing_run_and_says_when_runs_tie(tmp_p
     assert "data:image/png;base64," in (tmp_path / "cmp" / "compare.html").read_text()
     nothing = compare_runs([tmp_path / "full"], tmp_path / "cmp2")
     assert nothing["recommended"] is None and "none is recommended" in nothing["notes"][0]
+
+
+def test_runs_whose_folders_share_a_name_are_named_by_their_paths(tmp_path):
+    base = evaluation(0, {"orig": [1] * 100}, {"new": [0] * 100})
+    tuned = evaluation(9, {"orig": [1] * 100}, {"new": [1] * 50 + [0] * 50})
+    dirs = [write_run(tmp_path / sweep / "lr=1e-4", base, tuned, 0.05, method(family, 1e-4))
+            for sweep, family in (("lora-sweep", "LoRA"), ("full-sweep", "full"))] + \
+        [write_run(tmp_path / "demo", base, tuned, 0.05, method("full", 5e-5))]
+    names = [r["name"] for r in compare_runs(dirs, tmp_path / "cmp")["runs"]]
+    assert names == ["lora-sweep/lr=1e-4", "full-sweep/lr=1e-4", "demo"]
+    assert [r["name"] for r in compare_runs(dirs[1:], tmp_path / "cmp2")["runs"]] == ["lr=1e-4", "demo"]
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    # `finetune report ... | head`: the write that meets the closed pipe raises BrokenPipeError, which Python counts as
+    # a ConnectionError; it is neither a network failure to explain nor a traceback.
+    code = ("import sys, finetune.cli as cli\n"
+            "def report(args):\n    raise BrokenPipeError(32, 'Broken pipe')\n"
+            "cli.COMMANDS['report'] = report\nsys.exit(cli.main(['report', 'some-run']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr == "", done.stderr
