@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
-[ -f runs/demo-lora/final/adapter_config.json ] && [ -d runs/demo-full/final ] || bash scripts/demo.sh
+[ -f runs/demo-lora/final/adapter_config.json ] || bash scripts/demo.sh
+finetune train recipes/demo-full.yaml  # full fine-tuning beside them (made by scripts/demo-sweep.sh, else here)
 
 echo "== replay: 5% of training tokens from general chat rows (data/general/self_replay.jsonl)"
 finetune train recipes/demo-lora.yaml output.dir=runs/demo-lora-replay \
