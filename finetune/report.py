@@ -475,19 +475,24 @@ def method_comparison(runs: list[dict]) -> list[dict]:
             diff = _difference(a, b, "_originals")  # tuned a - tuned b: positive = a kept more
             if diff is None:
                 continue
+            # Matched only when the two gains' intervals overlap; otherwise the difference mixes how much each
+            # learned with how much each forgot, and the text says so.
+            matched = not (a["gain_ci"] and b["gain_ci"] and (a["gain_ci"][1] < b["gain_ci"][0]
+                                                               or b["gain_ci"][1] < a["gain_ci"][0]))
+            at = "At similar new-task gain" if matched else "Not matched in new-task gain (their intervals do not overlap)"
             if _told_apart(diff):
                 better, worse = (a, b) if diff["mean"] > 0 else (b, a)
-                text = (f"At similar new-task gain ({a['name']}: {a['gain']:+.3f}, {b['name']}: {b['gain']:+.3f}), "
+                text = (f"{at} ({a['name']}: {a['gain']:+.3f}, {b['name']}: {b['gain']:+.3f}), "
                         f"{better['family']} ({better['name']}) forgot {abs(diff['mean']):.3f} less than "
                         f"{worse['family']} ({worse['name']}) on the original tasks (paired 95% CI of the difference "
                         f"[{abs(diff['ci95'][0] if diff['mean'] > 0 else diff['ci95'][1]):.3f}, "
                         f"{abs(diff['ci95'][1] if diff['mean'] > 0 else diff['ci95'][0]):.3f}]).")
             else:
-                text = (f"At similar new-task gain ({a['name']}: {a['gain']:+.3f}, {b['name']}: {b['gain']:+.3f}), "
+                text = (f"{at} ({a['name']}: {a['gain']:+.3f}, {b['name']}: {b['gain']:+.3f}), "
                         f"{fa} and {fb} cannot be told apart on the original tasks: {a['name']} minus {b['name']} "
                         f"is {diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}].")
             out.append({"families": [fa, fb], "runs": [a["run"], b["run"]], "original_difference": diff,
-                        "gain_gap": a["gain"] - b["gain"], "text": text})
+                        "gain_gap": a["gain"] - b["gain"], "matched": matched, "text": text})
     return out
 
 
@@ -567,7 +572,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> dict:
           "## Best run within budget, per method", "", _markdown_table(["method", "best passing run"], family_rows),
           ""]
     if comparisons:
-        md += ["## Methods at similar new-task gain", ""] + [f"- {c['text']}" for c in comparisons] + [""]
+        md += ["## Methods at the nearest new-task gain", ""] + [f"- {c['text']}" for c in comparisons] + [""]
     md += ["## How to read this", "", how, ""]
     (out_dir / "compare.md").write_text("\n".join(md), encoding="utf-8")
     body = [f"<p class='verdict'>{html.escape(' '.join(notes))}</p>", _html_table(header, rows)]
@@ -575,7 +580,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> dict:
         body.append(f"<img alt='learning-forgetting plane' src='{_plane_plot([runs[i] for i in placed])}'>")
     body += ["<h2>Best run within budget, per method</h2>", _html_table(["method", "best passing run"], family_rows)]
     if comparisons:
-        body += ["<h2>Methods at similar new-task gain</h2><ul>"] + \
+        body += ["<h2>Methods at the nearest new-task gain</h2><ul>"] + \
                 [f"<li>{html.escape(c['text'])}</li>" for c in comparisons] + ["</ul>"]
     body += ["<h2>How to read this</h2>", f"<p>{html.escape(how)}</p>"]
     (out_dir / "compare.html").write_text(_html_page("Learning vs forgetting across runs", body), encoding="utf-8")

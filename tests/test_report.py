@@ -231,6 +231,8 @@ def test_compare_runs_recommends_only_a_passing_run_and_says_when_runs_tie(tmp_p
     assert result["best_per_family"] == {"LoRA": "lora2", "full": None}
     [comparison] = result["method_comparison"]
     assert comparison["families"] == ["LoRA", "full"] and "forgot 0.499 less" in comparison["text"]  # lora2 lost one
+    # 0.41 against 0.80 learned: not a matched pair, and the text says so rather than "at similar gain".
+    assert not comparison["matched"] and comparison["text"].startswith("Not matched in new-task gain")
     assert by_name["full"]["pareto"] and by_name["lora2"]["pareto"]
     assert "data:image/png;base64," in (tmp_path / "cmp" / "compare.html").read_text()
     nothing = compare_runs([tmp_path / "full"], tmp_path / "cmp2")
@@ -243,8 +245,9 @@ def test_runs_whose_folders_share_a_name_are_named_by_their_paths(tmp_path):
     dirs = [write_run(tmp_path / sweep / "lr=1e-4", base, tuned, 0.05, method(family, 1e-4))
             for sweep, family in (("lora-sweep", "LoRA"), ("full-sweep", "full"))] + \
         [write_run(tmp_path / "demo", base, tuned, 0.05, method("full", 5e-5))]
-    names = [r["name"] for r in compare_runs(dirs, tmp_path / "cmp")["runs"]]
-    assert names == ["lora-sweep/lr=1e-4", "full-sweep/lr=1e-4", "demo"]
+    result = compare_runs(dirs, tmp_path / "cmp")
+    assert [r["name"] for r in result["runs"]] == ["lora-sweep/lr=1e-4", "full-sweep/lr=1e-4", "demo"]
+    assert all(c["matched"] and c["text"].startswith("At similar new-task gain") for c in result["method_comparison"])
     assert [r["name"] for r in compare_runs(dirs[1:], tmp_path / "cmp2")["runs"]] == ["lr=1e-4", "demo"]
 
 
