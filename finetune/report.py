@@ -640,6 +640,14 @@ def _plane_plot(runs: list[dict]) -> str:
     smallest = min((r["kl_ci"][0] for r in with_kl), default=0.0)
     if smallest > 0:
         drift.set_xscale("log")
+        # Labelled at 1-3-10 steps in plain numbers: left to itself, matplotlib labels the minor ticks of a range
+        # under two decades in scientific notation, and the labels run into each other.
+        from matplotlib.ticker import NullFormatter
+
+        largest = max(r["kl_ci"][1] for r in with_kl)
+        ticks = [m * 10.0 ** e for e in range(-4, 4) for m in (1, 3) if smallest / 3 <= m * 10.0 ** e <= largest * 3]
+        drift.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        drift.xaxis.set_minor_formatter(NullFormatter())
     else:  # a run that did not move at all has KL 0, which a log axis cannot show
         drift.set_xscale("symlog", linthresh=min((r["kl"] for r in with_kl if r["kl"] > 0), default=0.01))
         drift.set_xlim(left=0)
