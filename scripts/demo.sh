@@ -5,7 +5,7 @@
 # with 5% of its tokens replayed from general chat rows); measure both against the base on the original-task suites
 # in data/tasks; print what each learned and forgot, and where the reports are.
 #
-#   bash scripts/demo.sh           # the full demo (about 12 minutes on 2 CPU cores, plus the install)
+#   bash scripts/demo.sh           # the full demo (about 11 minutes on 2 CPU cores, plus the install)
 #   bash scripts/demo.sh --quick   # a first look: fewer steps, fewer evaluation examples (a few minutes)
 #
 # Rerunning it reuses finished runs (and the cached base-model evaluation) and prints the table again.
