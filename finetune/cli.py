@@ -1,4 +1,4 @@
-"""`finetune train|check|preview|chat|eval|report|interpolate|sweep|merge|plan|recipes|keys|env`: parse the command line,
+"""`finetune train|launch|check|preview|chat|eval|report|interpolate|sweep|merge|plan|recipes|keys|env`: parse the command line,
 call the stages, turn user mistakes into one paragraph and a non-zero exit code (`--debug` shows the traceback).
 Heavy libraries are imported only by the command that needs them, after its arguments are known to be good."""
 
@@ -24,7 +24,7 @@ EPILOG = """examples:
   finetune train recipes/tiny-lora.yaml train.lr=1e-4 lora.r=8 output.dir=runs/r8
   finetune train recipes/tiny-lora.yaml lora=null          # full fine-tuning
   finetune train recipes/tiny-lora.yaml train.max_steps=60 --accept-changes   # train a finished run on
-  accelerate launch --config_file launch/cpu_ddp.yaml -m finetune train recipes/tiny-lora.yaml
+  finetune launch --config_file launch/cpu_ddp.yaml train recipes/tiny-lora.yaml   # 2 processes (accelerate)
   finetune chat runs/tiny-lora                             # talk to the fine-tuned model
   finetune eval data/tiny-llama runs/tiny-lora --tasks data/tasks/general_knowledge.yaml
   finetune eval data/tiny-llama runs/tiny-lora --tasks data/tasks/general_knowledge.yaml --checkpoints   # the curve
@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--new-run", action="store_true",
                    help="if output.dir holds a run, start over in the next free folder (dir-2, dir-3, ...); "
                         "a single process only: under a launch, set output.dir instead")
+
+    sub.add_parser("launch", add_help=False,
+                   help="start a command on the processes an accelerate config asks for: `finetune launch "
+                        "[accelerate launch options] train RECIPE`; refused before start when it cannot work here "
+                        "(finetune launch --help)")
 
     c = sub.add_parser("check", help="validate a recipe, the model path, the output folder and the data's first rows, "
                                      "without loading the model")
@@ -355,27 +360,63 @@ COMMANDS = {"train": _train, "check": _check, "preview": _preview, "chat": _chat
             "recipes": _recipes, "env": _env}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra  # key=value after an option (--print, sweep's --grid): argparse only takes them before
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    flags = 0
+    while flags < len(argv) and argv[flags] in ("--debug", "--verbose"):
+        flags += 1
+    if argv[flags:flags + 1] == ["launch"]:  # its options are accelerate's: argparse here would take them for ours
+        return _launch(argv[:flags], argv[flags + 1:])
+    parser = _parser()
+    args = _parse(parser, argv)
+    return _guarded(lambda: COMMANDS[args.command](args), args.debug, args.verbose)
+
+
+def _launch(flags: list[str], rest: list[str]) -> int:
+    from . import launch
+
+    if not rest or rest[0] in ("-h", "--help"):
+        print(launch.USAGE, end="", file=sys.stdout if rest else sys.stderr)
+        return 0 if rest else EXIT_USER_ERROR
+    verbose = "--verbose" in flags
+
+    def start() -> int:
+        accelerate_args, finetune_args = launch.split(rest, set(COMMANDS))
+        args = _parse(_parser(), finetune_args)
+        if args.command == "train":  # a recipe's mistake is found here once, in a second, not by every rank
+            from .preflight import check
+
+            check(load_recipe(args.recipe, args.overrides))
+        return launch.run(accelerate_args, flags + finetune_args, verbose)
+
+    return _guarded(start, "--debug" in flags, verbose)
+
+
+def _guarded(command, debug: bool, verbose: bool) -> int:
+    """Run a command; a user's mistake becomes one `error:` line and exit status 2 (a traceback with --debug)."""
     from . import hub
 
-    if args.verbose:
-        os.environ["FINETUNE_VERBOSE"] = "1"  # for the processes a sweep starts
-    quiet.configure(args.verbose)
+    if verbose:
+        os.environ["FINETUNE_VERBOSE"] = "1"  # for the processes a sweep or a launch starts
+    quiet.configure(verbose)
     try:
-        return COMMANDS[args.command](args)
+        return command()
     except BrokenPipeError:
         # The reader of the output went away (`finetune report ... | head`): stop quietly, as other tools do, with
         # stdout pointed at /dev/null so that Python's flush at exit does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except Exception as e:
-        if args.debug:
+        if debug:
             raise
         if isinstance(e, (UserError, FileExistsError)):
             message = str(e)
@@ -385,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # Every process of a launch meets the same mistake: the main one says it, once. Each process writes its own
         # torchrun error file, so that a mistake met on another rank only (a file missing on another node, a hub
-        # request that timed out there) is still named in torchrun's summary of the failed launch.
+        # request that timed out there) is still named in the summary of the failed launch.
         if main_process():
             print(f"error: {message}", file=sys.stderr)
         _tell_torchrun(message)

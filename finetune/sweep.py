@@ -89,8 +89,7 @@ def plan(recipe_path: Path, grid: list[tuple[str, list[str]]], base_overrides: l
 
 
 def command(recipe_path: Path, overrides: list[str], launch_config: str | None) -> list[str]:
-    head = ([sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch_config, "-m", "finetune"]
-            if launch_config else [sys.executable, "-m", "finetune"])
+    head = [sys.executable, "-m", "finetune"] + (["launch", "--config_file", launch_config] if launch_config else [])
     return [*head, "train", str(recipe_path), *overrides]
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Multi-node training under SLURM: one `accelerate launch` per node, rendezvous taken from SLURM's environment,
-# requeued when preempted. finetune resumes from the newest complete checkpoint in output.dir on every start.
+# Multi-node training under SLURM: one `finetune launch` (accelerate's launcher) per node, rendezvous taken from
+# SLURM's environment, requeued when preempted. finetune resumes from the newest complete checkpoint in output.dir on
+# every start.
 #
 #   sbatch --nodes=2 launch/slurm.sh recipes/<recipe>.yaml [section.key=value ...]
 #   ACCELERATE_CONFIG=launch/multinode_fsdp.yaml sbatch --nodes=4 launch/slurm.sh recipes/<recipe>.yaml
@@ -37,7 +38,7 @@ trap requeue TERM
 # One launcher per node; each learns its rank from SLURM_NODEID. The values here override the config file's
 # num_machines / num_processes / machine_rank / main_process_ip, so the file stays a template.
 args=$(printf '%q ' "$@")  # the recipe and overrides, quoted for the inner shell
-srun --kill-on-bad-exit=1 bash -c "accelerate launch \
+srun --kill-on-bad-exit=1 bash -c "finetune launch \
   --config_file '$CONFIG' \
   --num_machines '$SLURM_NNODES' \
   --num_processes $((SLURM_NNODES * GPUS_PER_NODE)) \
@@ -45,6 +46,6 @@ srun --kill-on-bad-exit=1 bash -c "accelerate launch \
   --main_process_ip '$MAIN_HOST' \
   --main_process_port '$MAIN_PORT' \
   --rdzv_backend static \
-  -m finetune train $args" &
+  train $args" &
 srun_pid=$!
 wait "$srun_pid"

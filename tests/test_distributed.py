@@ -22,7 +22,7 @@ def test_every_launch_config_parses_with_accelerate_and_names_a_valid_type():
         config = load_config_from_file(str(path))
         assert config.distributed_type in set(DistributedType), path
         header = path.read_text().split("\ncompute_environment")[0]
-        assert f"accelerate launch --config_file launch/{path.name}" in header, f"{path.name}: no command in header"
+        assert f"finetune launch --config_file launch/{path.name}" in header, f"{path.name}: no command in header"
 
 
 # Clipping off in one case: a gradient off by a constant factor changes no clipped, Adam-normalised update much,

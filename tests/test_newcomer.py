@@ -283,6 +283,22 @@ def _planned(capsys, *argv) -> list[str]:
     return [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
 
 
+def test_a_sweep_under_a_launch_config_prints_finetune_launch_commands(tmp_path, tiny_model, capsys):
+    import shlex
+
+    from finetune.cli import COMMANDS
+    from finetune.launch import split
+
+    path = str(make_recipe(tmp_path, tiny_model, lora={"r": 4}))
+    commands = _planned(capsys, path, "--grid", "train.lr=1e-3,3e-3", "--launch-config", "launch/cpu_ddp.yaml")
+    assert len(commands) == 2
+    for line in commands:
+        words = shlex.split(line)
+        assert words[1:4] == ["-m", "finetune", "launch"], line
+        options, command = split(words[4:], set(COMMANDS))
+        assert options == ["--config_file", "launch/cpu_ddp.yaml"] and command[:2] == ["train", path], line
+
+
 def test_sweep_lora_null_is_a_variant_of_its_own_and_lora_values_apply_to_lora_runs(tmp_path, tiny_model, capsys):
     path = str(make_recipe(tmp_path, tiny_model, lora={"r": 4}))
     commands = _planned(capsys, path, "--grid", "lora.r=8,64", "lora=null")
@@ -342,6 +358,115 @@ def test_a_launch_error_is_printed_once_by_the_main_process_without_a_traceback(
     # torchrun's summary of the failed launch names the same cause, not "To enable traceback see ...".
     assert f"traceback : {ours[0]}" in proc.stderr
     assert not (tmp_path / "runs" / "r").exists()  # refused before the run folder was written
+
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.mark.multiprocess
+def test_finetune_launch_refuses_fsdp_without_gpus_in_one_line_before_any_rank_starts(tmp_path, tiny_model):
+    import torch
+
+    if torch.accelerator.is_available():
+        pytest.skip("this machine has an accelerator: FSDP can run here")
+    recipe = make_recipe(tmp_path, tiny_model)
+    proc = finetune("launch", "--config_file", str(ROOT / "launch" / "fsdp.yaml"), "--num_processes", "2",
+                    "--main_process_port", _free_port(), "train", str(recipe), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: "), proc.stderr
+    assert "fsdp.yaml asks for FSDP" in proc.stderr and "launch/cpu_ddp.yaml" in proc.stderr
+    assert not (tmp_path / "runs" / "r").exists()  # no rank started (a rank writes the run folder first)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_finetune_launch_ends_a_failed_launch_with_the_ranks_one_line_and_their_exit_status(tmp_path, tiny_model):
+    # Refused by the ranks themselves (the launcher cannot know the number of processes before accelerate does), so
+    # this launch really starts 2 processes over gloo, and fails.
+    recipe = make_recipe(tmp_path, tiny_model)
+    proc = finetune("launch", "--config_file", str(ROOT / "launch" / "cpu_ddp.yaml"), "--num_processes", "2",
+                    "--main_process_port", _free_port(), "train", str(recipe), "--new-run", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --new-run works in a single process"), proc.stderr
+    assert "in a launch of 2 processes" in lines[0]  # the ranks said it, not the launcher
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_finetune_launch_stopped_by_sigterm_says_where_the_ranks_stopped_and_nothing_of_its_own(tmp_path, tiny_model):
+    import signal
+    import time
+
+    recipe = make_recipe(tmp_path, tiny_model, train={"max_steps": 4000})  # a line every 200 updates
+    proc = subprocess.Popen([sys.executable, "-m", "finetune", "launch", "--config_file",
+                             str(ROOT / "launch" / "cpu_ddp.yaml"), "--main_process_port", _free_port(), "train",
+                             str(recipe)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    seen, deadline = [], time.monotonic() + 240
+    while time.monotonic() < deadline:  # the ranks are training once rank 0 logs a step
+        line = proc.stderr.readline()
+        seen.append(line)
+        if line.startswith("step ") or not line:
+            break
+    try:
+        assert seen[-1].startswith("step "), "".join(seen)[-3000:]
+        proc.send_signal(signal.SIGTERM)  # a scheduler's preemption, to the launcher as SLURM sends it
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, rest[-3000:]
+    assert "checkpoint saved. Rerun the same command to resume." in rest, rest[-3000:]
+    assert "Traceback" not in rest and "torch/distributed/elastic" not in rest, rest[-3000:]
+
+
+def test_finetune_launch_splits_accelerates_options_from_finetunes_command():
+    from finetune.cli import COMMANDS
+    from finetune.launch import split
+
+    words = set(COMMANDS)
+    assert split(["--config_file", "c.yaml", "--num_processes", "2", "train", "r.yaml", "lora=null"], words) == (
+        ["--config_file", "c.yaml", "--num_processes", "2"], ["train", "r.yaml", "lora=null"])
+    # A command word as an option's value is that value; after a flag it is the command.
+    assert split(["--config_file", "train", "train", "r.yaml"], words) == (["--config_file", "train"],
+                                                                           ["train", "r.yaml"])
+    assert split(["--use_fsdp", "eval", "b", "t"], words) == (["--use_fsdp"], ["eval", "b", "t"])
+    with pytest.raises(Exception, match="needs a finetune command"):
+        split(["--config_file", "c.yaml"], words)
+
+
+def test_finetune_launch_names_what_the_ranks_did_not_say_and_returns_the_root_causes_status(tmp_path, capsys):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from finetune.launch import _report
+
+    def failure(rank: int, exitcode: int, message: str | None, at: int) -> ProcessFailure:
+        path = tmp_path / f"{rank}-{at}.json"
+        if message is not None:
+            path.write_text(json.dumps({"message": {"message": message, "extraInfo": {
+                "py_callstack": message, "timestamp": str(at)}}}))
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=exitcode, error_file=str(path))
+
+    same = "error: data/x.jsonl does not exist"
+    # Every rank met rank 0's mistake: rank 0 printed it; nothing more.
+    assert _report(ChildFailedError("finetune", {0: failure(0, 2, same, 5), 1: failure(1, 2, same, 5)})) == 2
+    assert capsys.readouterr().err == ""
+    # A mistake met on rank 1 only (a file missing on its node) is named once, with its rank.
+    other = "error: data/y.jsonl does not exist"
+    assert _report(ChildFailedError("finetune", {0: failure(0, 2, same, 6), 1: failure(1, 2, other, 6),
+                                                 3: failure(3, 2, other, 6)})) == 2
+    assert capsys.readouterr().err == "error: rank 1: data/y.jsonl does not exist\n"
+    # A crash (a traceback printed by the rank, no error file) or a signal: which rank, how it ended.
+    assert _report(ChildFailedError("finetune", {1: failure(1, 1, None, 7)})) == 1
+    assert "error: the launch failed: rank 1 exited with code 1" in capsys.readouterr().err
+    assert _report(ChildFailedError("finetune", {0: failure(0, -9, None, 8)})) == 137
+    assert "rank 0 was killed by signal SIGKILL" in capsys.readouterr().err
 
 
 def test_a_mistake_met_on_another_rank_only_reaches_torchruns_summary_without_a_second_console_line(

@@ -1,0 +1,121 @@
+"""`finetune launch [accelerate launch options] COMMAND [ARGS]`: accelerate's own launcher, run in this process, so that
+a launch that cannot work is refused before any rank starts (an FSDP or DeepSpeed config on a machine without GPUs:
+seconds, not every rank importing torch first), and a launch that fails ends in one line and the ranks' exit status.
+
+Under `accelerate launch ... -m finetune` the ranks are the same, but a failed rank makes the launcher re-raise torch
+elastic's ChildFailedError: a traceback of the launcher's own code and a summary box per rank, below finetune's line.
+accelerate has no switch for that (its --debug swallows the error and exits 0), hence this wrapper."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from .errors import UserError
+
+USAGE = """usage: finetune launch [accelerate launch options] COMMAND [ARGS]
+
+Start a finetune COMMAND (train, eval, ...) on the processes an accelerate config asks for, as
+`accelerate launch [options] -m finetune COMMAND [ARGS]` would, with two differences: a launch that cannot work here
+(FSDP or DeepSpeed without GPUs, a recipe with a mistake) is refused before any process starts, and a failed launch
+ends with the ranks' one error line and exit status, without the launcher's traceback.
+
+The options are accelerate launch's (see `accelerate launch --help`), e.g. --config_file launch/fsdp.yaml,
+--num_processes 4, --machine_rank 1 --main_process_ip HOST.
+
+examples:
+  finetune launch --config_file launch/cpu_ddp.yaml train recipes/tiny-lora.yaml
+  finetune launch --config_file launch/fsdp.yaml train recipes/qwen2.5-7b-full-fsdp.yaml train.lr=1e-5
+  finetune launch --config_file launch/multi_gpu_ddp.yaml --num_processes 4 train recipes/x.yaml
+"""
+
+
+def split(argv: list[str], commands: set[str]) -> tuple[list[str], list[str]]:
+    """accelerate's options, then finetune's command and its arguments: the line splits at the first command word."""
+    for i, word in enumerate(argv):
+        if word in commands and not (i and argv[i - 1].startswith("--") and "=" not in argv[i - 1]
+                                     and argv[i - 1] not in _FLAGS):
+            return argv[:i], argv[i:]
+    raise UserError("finetune launch needs a finetune command after accelerate's options, e.g. `finetune launch "
+                    "--config_file launch/cpu_ddp.yaml train recipes/tiny-lora.yaml` (see finetune launch --help).")
+
+
+# accelerate launch options that take no value: a command word right after one of them is the command, not its value.
+_FLAGS = {"--cpu", "--multi_gpu", "--tpu", "--use_deepspeed", "--use_fsdp", "--use_megatron_lm", "--use_xpu", "-m",
+          "--module", "--no_python", "--quiet", "-q", "--debug", "--same_network", "--standalone", "--tpu_cluster",
+          "--no_tpu_cluster", "--downcast_bf16", "--dynamo_use_fullgraph", "--dynamo_use_dynamic",
+          "--dynamo_use_regional_compilation", "--enable_cpu_affinity"}
+
+
+def run(accelerate_args: list[str], finetune_args: list[str], verbose: bool) -> int:
+    """Start the launch; the ranks' exit status (0 when all succeeded)."""
+    from accelerate.commands import launch as accelerate_launch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = accelerate_launch.launch_command_parser().parse_args([*accelerate_args, "-m", "finetune", *finetune_args])
+    _check_before_start(accelerate_launch)
+    if not verbose:
+        _quiet_elastic()
+    import subprocess
+
+    try:
+        accelerate_launch.launch_command(args)
+    except ChildFailedError as failed:
+        return _report(failed)
+    except subprocess.CalledProcessError as failed:  # one process (simple_launcher): it printed its own error
+        return failed.returncode if failed.returncode > 0 else 128 - failed.returncode
+    except SignalException as stopped:  # Ctrl-C or the scheduler's SIGTERM: torch elastic passed it to the ranks
+        return 128 + int(stopped.sigval)
+    return 0
+
+
+def _quiet_elastic() -> None:
+    """torch elastic's own lines ("failed (exitcode: 2) local_rank: 1", "Received 15 death signal, shutting down
+    workers"): the ranks say why. Its loggers set their own levels when created, so each is set once it exists."""
+    import torch.distributed.run  # noqa: F401  (creates the launcher's and the agent's loggers)
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _check_before_start(accelerate_launch) -> None:
+    """Look at the launch as accelerate resolved it (config file and options) before it starts the ranks. accelerate
+    has no hook there, so its private _validate_launch_command is wrapped; without it the check is left to the
+    ranks (finetune.engine.check_launch), which make the same one."""
+    validate = getattr(accelerate_launch, "_validate_launch_command", None)
+    if validate is None:
+        return
+
+    def validated(args):
+        resolved = validate(args)
+        wanted = ["FSDP"] * bool(resolved[0].use_fsdp) + ["DeepSpeed"] * bool(resolved[0].use_deepspeed)
+        if wanted:
+            import torch
+
+            if not torch.accelerator.is_available():
+                source = resolved[0].config_file or "the launch"
+                raise UserError(f"{source} asks for {wanted[0]}, which accelerate runs only on GPUs, and this machine "
+                                "has none. On CPU use launch/cpu_ddp.yaml (data parallel over gloo).")
+        return resolved
+
+    accelerate_launch._validate_launch_command = validated
+
+
+def _report(failed) -> int:
+    """One line for what the ranks' own lines did not say already; the root cause's exit status."""
+    said = {}
+    for rank, failure in sorted(failed.failures.items()):
+        message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
+        if message.startswith("error: "):  # finetune's error file: the message a rank's mistake printed
+            said.setdefault(message, rank)
+    rank, root = failed.get_first_failure()
+    for message, first in said.items():
+        if first != 0:  # rank 0 printed its own; a mistake met elsewhere only is named here
+            print(f"error: rank {first}: {message[len('error: '):]}", file=sys.stderr)
+    if not said:
+        why = (f"was killed by signal {root.signal_name()}" if root.exitcode < 0
+               else f"exited with code {root.exitcode}")
+        print(f"error: the launch failed: rank {rank} {why} (its output above says why).", file=sys.stderr)
+    return root.exitcode if root.exitcode > 0 else 128 - root.exitcode
