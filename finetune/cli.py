@@ -391,6 +391,9 @@ def _launch(flags: list[str], rest: list[str]) -> int:
 
     def start() -> int:
         accelerate_args, finetune_args = launch.split(rest, set(COMMANDS))
+        if "--debug" in accelerate_args:  # accelerate's: its launcher then prints the failure and exits 0
+            raise UserError("`--debug` after `launch` is accelerate's, which reports a failed launch with exit "
+                            "status 0. For tracebacks put it before: finetune --debug launch ...")
         args = _parse(_parser(), finetune_args)
         if args.command == "train":  # a recipe's mistake is found here once, in a second, not by every rank
             from .preflight import check

@@ -439,6 +439,8 @@ def test_finetune_launch_splits_accelerates_options_from_finetunes_command():
     assert split(["--use_fsdp", "eval", "b", "t"], words) == (["--use_fsdp"], ["eval", "b", "t"])
     with pytest.raises(Exception, match="needs a finetune command"):
         split(["--config_file", "c.yaml"], words)
+    # accelerate's own --debug would turn a failed launch into exit status 0: refused, pointing at finetune's.
+    assert cli_main(["launch", "--config_file", "c.yaml", "--debug", "train", "r.yaml"]) == 2
 
 
 def test_finetune_launch_names_what_the_ranks_did_not_say_and_returns_the_root_causes_status(tmp_path, capsys):
