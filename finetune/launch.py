@@ -89,7 +89,12 @@ def _check_before_start(accelerate_launch) -> None:
         return
 
     def validated(args):
-        resolved = validate(args)
+        try:
+            resolved = validate(args)
+        except Exception as e:  # a missing or malformed config file, options that contradict each other
+            source = f"the launch config {args.config_file}" if args.config_file else "the launch options"
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise UserError(f"accelerate cannot use {source}: {reason}") from e
         wanted = ["FSDP"] * bool(resolved[0].use_fsdp) + ["DeepSpeed"] * bool(resolved[0].use_deepspeed)
         if wanted:
             import torch

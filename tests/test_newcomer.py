@@ -443,6 +443,20 @@ def test_finetune_launch_splits_accelerates_options_from_finetunes_command():
     assert cli_main(["launch", "--config_file", "c.yaml", "--debug", "train", "r.yaml"]) == 2
 
 
+def test_finetune_launch_names_a_launch_config_accelerate_cannot_use(tmp_path, tiny_model, capsys):
+    recipe = str(make_recipe(tmp_path, tiny_model))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("distributed_type: [\n")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("distributed_type: MULTI_WHAT\n")
+    for config, words in ((tmp_path / "missing.yaml", "does not exist"), (broken, "line 2"), (unknown, "MULTI_WHAT")):
+        capsys.readouterr()
+        assert cli_main(["launch", "--config_file", str(config), "train", recipe]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: accelerate cannot use the launch config {config}: ") and words in err, err
+        assert len(err.strip().splitlines()) == 1, err
+
+
 def test_finetune_launch_names_what_the_ranks_did_not_say_and_returns_the_root_causes_status(tmp_path, capsys):
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
