@@ -57,6 +57,9 @@ def run(accelerate_args: list[str], finetune_args: list[str], verbose: bool) -> 
     _check_before_start(accelerate_launch)
     if not verbose:
         _quiet_elastic()
+        # Its list of defaults used ("`--num_processes` was set to a value of `0`") when no config exists: said here
+        # in one line instead (_check_before_start).
+        accelerate_launch.logger.setLevel(logging.ERROR)
     import subprocess
 
     try:
@@ -95,6 +98,9 @@ def _check_before_start(accelerate_launch) -> None:
             source = f"the launch config {args.config_file}" if args.config_file else "the launch options"
             reason = " ".join(str(e).split()) or type(e).__name__
             raise UserError(f"accelerate cannot use {source}: {reason}") from e
+        if resolved[1] is None:  # no --config_file, and no default config from `accelerate config`
+            print("note: no launch config (--config_file, or `accelerate config`'s default): accelerate's defaults, "
+                  f"{resolved[0].num_processes or 1} process(es) on this machine.", file=sys.stderr)
         wanted = ["FSDP"] * bool(resolved[0].use_fsdp) + ["DeepSpeed"] * bool(resolved[0].use_deepspeed)
         if wanted:
             import torch

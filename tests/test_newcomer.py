@@ -443,6 +443,19 @@ def test_finetune_launch_splits_accelerates_options_from_finetunes_command():
     assert cli_main(["launch", "--config_file", "c.yaml", "--debug", "train", "r.yaml"]) == 2
 
 
+@pytest.mark.slow
+def test_finetune_launch_without_any_config_says_so_in_one_line_and_trains_on_one_process(tmp_path, tiny_model):
+    recipe = make_recipe(tmp_path, tiny_model)
+    # HF_HOME holds accelerate's default config when `accelerate config` made one: none here.
+    proc = finetune("launch", "train", str(recipe), cwd=tmp_path, HF_HOME=str(tmp_path / "hf"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("note: no launch config")]
+    assert len(notes) == 1 and "1 process(es)" in notes[0], proc.stderr[-3000:]
+    assert "were not passed to `accelerate launch`" not in proc.stderr  # accelerate's six-line list of defaults
+    assert (tmp_path / "runs" / "r" / "final" / "adapter_config.json").is_file() or \
+        (tmp_path / "runs" / "r" / "final" / "config.json").is_file()
+
+
 def test_finetune_launch_names_a_launch_config_accelerate_cannot_use(tmp_path, tiny_model, capsys):
     recipe = str(make_recipe(tmp_path, tiny_model))
     broken = tmp_path / "broken.yaml"
