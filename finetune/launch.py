@@ -68,9 +68,31 @@ def run(accelerate_args: list[str], finetune_args: list[str], verbose: bool) -> 
         return _report(failed)
     except subprocess.CalledProcessError as failed:  # one process (simple_launcher): it printed its own error
         return failed.returncode if failed.returncode > 0 else 128 - failed.returncode
+    except ImportError as missing:  # accelerate's launcher for DeepSpeed, without deepspeed installed
+        raise UserError(f"the launch needs a package that is not installed: {missing} (for DeepSpeed: "
+                        "pip install -e \".[deepspeed]\" in finetune's checkout).") from missing
     except SignalException as stopped:  # Ctrl-C or the scheduler's SIGTERM: torch elastic passed it to the ranks
         return 128 + int(stopped.sigval)
+    except KeyboardInterrupt:  # Ctrl-C in a one-process launch: the process got it too, and is saving a checkpoint
+        return _wait_for_children()
     return 0
+
+
+def _wait_for_children() -> int:
+    """Wait until the started process has stopped (its checkpoint written, its last line printed), so that the
+    prompt comes back after it; its exit status, 130 if it had none."""
+    import os
+
+    status = 130
+    while True:
+        try:
+            _, raw = os.waitpid(-1, 0)
+        except ChildProcessError:  # none left
+            return status
+        except KeyboardInterrupt:  # another Ctrl-C: the process decides what it means
+            continue
+        code = os.waitstatus_to_exitcode(raw)
+        status = code if code > 0 else 128 - code
 
 
 def _quiet_elastic() -> None:
