@@ -397,33 +397,54 @@ def test_finetune_launch_ends_a_failed_launch_with_the_ranks_one_line_and_their_
     assert "in a launch of 2 processes" in lines[0]  # the ranks said it, not the launcher
 
 
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_finetune_launch_stopped_by_sigterm_says_where_the_ranks_stopped_and_nothing_of_its_own(tmp_path, tiny_model):
+def _stop_launch_while_training(tmp_path, tiny_model, config: str, stop) -> subprocess.CompletedProcess:
+    """`finetune launch --config_file launch/CONFIG train` until rank 0 logs a step, then stop(proc)."""
     import signal
     import time
 
     recipe = make_recipe(tmp_path, tiny_model, train={"max_steps": 4000})  # a line every 200 updates
-    proc = subprocess.Popen([sys.executable, "-m", "finetune", "launch", "--config_file",
-                             str(ROOT / "launch" / "cpu_ddp.yaml"), "--main_process_port", _free_port(), "train",
-                             str(recipe)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "finetune", "launch", "--config_file", str(ROOT / "launch" / config),
+                             "--main_process_port", _free_port(), "train", str(recipe)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     seen, deadline = [], time.monotonic() + 240
-    while time.monotonic() < deadline:  # the ranks are training once rank 0 logs a step
+    while time.monotonic() < deadline:  # training once a step is logged
         line = proc.stderr.readline()
         seen.append(line)
         if line.startswith("step ") or not line:
             break
     try:
         assert seen[-1].startswith("step "), "".join(seen)[-3000:]
-        proc.send_signal(signal.SIGTERM)  # a scheduler's preemption, to the launcher as SLURM sends it
+        stop(proc)
         _, rest = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 128 + signal.SIGTERM, rest[-3000:]
     assert "checkpoint saved. Rerun the same command to resume." in rest, rest[-3000:]
     assert "Traceback" not in rest and "torch/distributed/elastic" not in rest, rest[-3000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "", rest)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_finetune_launch_stopped_by_sigterm_says_where_the_ranks_stopped_and_nothing_of_its_own(tmp_path, tiny_model):
+    import signal
+
+    # A scheduler's preemption: SIGTERM to the launcher (as SLURM sends it), which torch elastic passes to the ranks.
+    stopped = _stop_launch_while_training(tmp_path, tiny_model, "cpu_ddp.yaml",
+                                          lambda proc: proc.send_signal(signal.SIGTERM))
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_one_process_finetune_launch_waits_for_the_checkpoint_and_returns_its_status(tmp_path, tiny_model):
+    import signal
+
+    from finetune.preemption import EXIT_PREEMPTED
+
+    # Ctrl-C reaches the terminal's whole process group: the launcher and the process it started.
+    stopped = _stop_launch_while_training(tmp_path, tiny_model, "single_device.yaml",
+                                          lambda proc: os.killpg(proc.pid, signal.SIGINT))
+    assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr[-3000:]
 
 
 def test_finetune_launch_splits_accelerates_options_from_finetunes_command():
