@@ -397,15 +397,16 @@ def test_finetune_launch_ends_a_failed_launch_with_the_ranks_one_line_and_their_
     assert "in a launch of 2 processes" in lines[0]  # the ranks said it, not the launcher
 
 
-def _stop_launch_while_training(tmp_path, tiny_model, config: str, stop) -> subprocess.CompletedProcess:
-    """`finetune launch --config_file launch/CONFIG train` until rank 0 logs a step, then stop(proc)."""
+def _stop_launch_while_training(tmp_path, tiny_model, options: list[str], stop) -> subprocess.CompletedProcess:
+    """`finetune launch OPTIONS train` until rank 0 logs a step, then stop(proc)."""
     import signal
     import time
 
     recipe = make_recipe(tmp_path, tiny_model, train={"max_steps": 4000})  # a line every 200 updates
-    proc = subprocess.Popen([sys.executable, "-m", "finetune", "launch", "--config_file", str(ROOT / "launch" / config),
-                             "--main_process_port", _free_port(), "train", str(recipe)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # HF_HOME holds accelerate's default config when `accelerate config` made one: none here.
+    proc = subprocess.Popen([sys.executable, "-m", "finetune", "launch", *options, "train", str(recipe)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "HF_HOME": str(tmp_path / "hf")})
     seen, deadline = [], time.monotonic() + 240
     while time.monotonic() < deadline:  # training once a step is logged
         line = proc.stderr.readline()
@@ -419,9 +420,10 @@ def _stop_launch_while_training(tmp_path, tiny_model, config: str, stop) -> subp
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert "checkpoint saved. Rerun the same command to resume." in rest, rest[-3000:]
-    assert "Traceback" not in rest and "torch/distributed/elastic" not in rest, rest[-3000:]
-    return subprocess.CompletedProcess(proc.args, proc.returncode, "", rest)
+    err = "".join(seen) + rest
+    assert "checkpoint saved. Rerun the same command to resume." in rest, err[-3000:]
+    assert "Traceback" not in err and "torch/distributed/elastic" not in err, err[-3000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
 
 
 @pytest.mark.slow
@@ -430,21 +432,25 @@ def test_finetune_launch_stopped_by_sigterm_says_where_the_ranks_stopped_and_not
     import signal
 
     # A scheduler's preemption: SIGTERM to the launcher (as SLURM sends it), which torch elastic passes to the ranks.
-    stopped = _stop_launch_while_training(tmp_path, tiny_model, "cpu_ddp.yaml",
+    stopped = _stop_launch_while_training(tmp_path, tiny_model, ["--config_file", str(ROOT / "launch" / "cpu_ddp.yaml"),
+                                                                 "--main_process_port", _free_port()],
                                           lambda proc: proc.send_signal(signal.SIGTERM))
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_a_one_process_finetune_launch_waits_for_the_checkpoint_and_returns_its_status(tmp_path, tiny_model):
+def test_a_finetune_launch_without_a_config_says_so_once_and_ctrl_c_waits_for_its_checkpoint(tmp_path, tiny_model):
     import signal
 
     from finetune.preemption import EXIT_PREEMPTED
 
-    # Ctrl-C reaches the terminal's whole process group: the launcher and the process it started.
-    stopped = _stop_launch_while_training(tmp_path, tiny_model, "single_device.yaml",
-                                          lambda proc: os.killpg(proc.pid, signal.SIGINT))
+    # No launch config at all: accelerate's defaults, one process. Ctrl-C reaches the terminal's whole process group:
+    # the launcher and the process it started, which saves a checkpoint while the launcher waits for it.
+    stopped = _stop_launch_while_training(tmp_path, tiny_model, [], lambda proc: os.killpg(proc.pid, signal.SIGINT))
     assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr[-3000:]
+    notes = [line for line in stopped.stderr.splitlines() if line.startswith("note: no launch config")]
+    assert len(notes) == 1 and "1 process(es)" in notes[0], stopped.stderr[-3000:]
+    assert "were not passed to `accelerate launch`" not in stopped.stderr  # accelerate's six-line list of defaults
 
 
 def test_finetune_launch_splits_accelerates_options_from_finetunes_command():
@@ -462,19 +468,6 @@ def test_finetune_launch_splits_accelerates_options_from_finetunes_command():
         split(["--config_file", "c.yaml"], words)
     # accelerate's own --debug would turn a failed launch into exit status 0: refused, pointing at finetune's.
     assert cli_main(["launch", "--config_file", "c.yaml", "--debug", "train", "r.yaml"]) == 2
-
-
-@pytest.mark.slow
-def test_finetune_launch_without_any_config_says_so_in_one_line_and_trains_on_one_process(tmp_path, tiny_model):
-    recipe = make_recipe(tmp_path, tiny_model)
-    # HF_HOME holds accelerate's default config when `accelerate config` made one: none here.
-    proc = finetune("launch", "train", str(recipe), cwd=tmp_path, HF_HOME=str(tmp_path / "hf"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    notes = [line for line in proc.stderr.splitlines() if line.startswith("note: no launch config")]
-    assert len(notes) == 1 and "1 process(es)" in notes[0], proc.stderr[-3000:]
-    assert "were not passed to `accelerate launch`" not in proc.stderr  # accelerate's six-line list of defaults
-    assert (tmp_path / "runs" / "r" / "final" / "adapter_config.json").is_file() or \
-        (tmp_path / "runs" / "r" / "final" / "config.json").is_file()
 
 
 def test_finetune_launch_names_a_launch_config_accelerate_cannot_use(tmp_path, tiny_model, capsys):
