@@ -9,6 +9,8 @@ accelerate has no switch for that (its --debug swallows the error and exits 0), 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import sys
 
 from .errors import UserError
@@ -30,6 +32,13 @@ examples:
 """
 
 
+# accelerate launch options that take no value: a command word right after one of them is the command, not its value.
+_FLAGS = {"--cpu", "--multi_gpu", "--tpu", "--use_deepspeed", "--use_fsdp", "--use_megatron_lm", "--use_xpu", "-m",
+          "--module", "--no_python", "--quiet", "-q", "--debug", "--same_network", "--standalone", "--tpu_cluster",
+          "--no_tpu_cluster", "--downcast_bf16", "--dynamo_use_fullgraph", "--dynamo_use_dynamic",
+          "--dynamo_use_regional_compilation", "--enable_cpu_affinity"}
+
+
 def split(argv: list[str], commands: set[str]) -> tuple[list[str], list[str]]:
     """accelerate's options, then finetune's command and its arguments: the line splits at the first command word."""
     for i, word in enumerate(argv):
@@ -38,13 +47,6 @@ def split(argv: list[str], commands: set[str]) -> tuple[list[str], list[str]]:
             return argv[:i], argv[i:]
     raise UserError("finetune launch needs a finetune command after accelerate's options, e.g. `finetune launch "
                     "--config_file launch/cpu_ddp.yaml train recipes/tiny-lora.yaml` (see finetune launch --help).")
-
-
-# accelerate launch options that take no value: a command word right after one of them is the command, not its value.
-_FLAGS = {"--cpu", "--multi_gpu", "--tpu", "--use_deepspeed", "--use_fsdp", "--use_megatron_lm", "--use_xpu", "-m",
-          "--module", "--no_python", "--quiet", "-q", "--debug", "--same_network", "--standalone", "--tpu_cluster",
-          "--no_tpu_cluster", "--downcast_bf16", "--dynamo_use_fullgraph", "--dynamo_use_dynamic",
-          "--dynamo_use_regional_compilation", "--enable_cpu_affinity"}
 
 
 def run(accelerate_args: list[str], finetune_args: list[str], verbose: bool) -> int:
@@ -60,19 +62,17 @@ def run(accelerate_args: list[str], finetune_args: list[str], verbose: bool) -> 
         # Its list of defaults used ("`--num_processes` was set to a value of `0`") when no config exists: said here
         # in one line instead (_check_before_start).
         accelerate_launch.logger.setLevel(logging.ERROR)
-    import subprocess
-
     try:
         accelerate_launch.launch_command(args)
     except ChildFailedError as failed:
         return _report(failed)
     except subprocess.CalledProcessError as failed:  # one process (simple_launcher): it printed its own error
-        return failed.returncode if failed.returncode > 0 else 128 - failed.returncode
+        return _status(failed.returncode)
     except ImportError as missing:  # accelerate's launcher for DeepSpeed, without deepspeed installed
         raise UserError(f"the launch needs a package that is not installed: {missing} (for DeepSpeed: "
                         "pip install -e \".[deepspeed]\" in finetune's checkout).") from missing
     except SignalException as stopped:  # Ctrl-C or the scheduler's SIGTERM: torch elastic passed it to the ranks
-        return 128 + int(stopped.sigval)
+        return _status(-int(stopped.sigval))
     except KeyboardInterrupt:  # Ctrl-C in a one-process launch: the process got it too, and is saving a checkpoint
         return _wait_for_children()
     return 0
@@ -81,8 +81,6 @@ def run(accelerate_args: list[str], finetune_args: list[str], verbose: bool) -> 
 def _wait_for_children() -> int:
     """Wait until the started process has stopped (its checkpoint written, its last line printed), so that the
     prompt comes back after it; its exit status, 130 if it had none."""
-    import os
-
     status = 130
     while True:
         try:
@@ -91,8 +89,12 @@ def _wait_for_children() -> int:
             return status
         except KeyboardInterrupt:  # another Ctrl-C: the process decides what it means
             continue
-        code = os.waitstatus_to_exitcode(raw)
-        status = code if code > 0 else 128 - code
+        status = _status(os.waitstatus_to_exitcode(raw))
+
+
+def _status(code: int) -> int:
+    """A process's exit code as a shell reports it: a death by signal N (code -N) is 128 + N."""
+    return code if code >= 0 else 128 - code
 
 
 def _quiet_elastic() -> None:
@@ -120,15 +122,16 @@ def _check_before_start(accelerate_launch) -> None:
             source = f"the launch config {args.config_file}" if args.config_file else "the launch options"
             reason = " ".join(str(e).split()) or type(e).__name__
             raise UserError(f"accelerate cannot use {source}: {reason}") from e
-        if resolved[1] is None:  # no --config_file, and no default config from `accelerate config`
+        launch, defaults = resolved[0], resolved[1]  # (args, config file's values, mixed precision's source)
+        if defaults is None:  # no --config_file, and no default config from `accelerate config`
             print("note: no launch config (--config_file, or `accelerate config`'s default): accelerate's defaults, "
-                  f"{resolved[0].num_processes or 1} process(es) on this machine.", file=sys.stderr)
-        wanted = ["FSDP"] * bool(resolved[0].use_fsdp) + ["DeepSpeed"] * bool(resolved[0].use_deepspeed)
+                  f"{launch.num_processes or 1} process(es) on this machine.", file=sys.stderr)
+        wanted = ["FSDP"] * bool(launch.use_fsdp) + ["DeepSpeed"] * bool(launch.use_deepspeed)
         if wanted:
             import torch
 
             if not torch.accelerator.is_available():
-                source = resolved[0].config_file or "the launch"
+                source = launch.config_file or "the launch"
                 raise UserError(f"{source} asks for {wanted[0]}, which accelerate runs only on GPUs, and this machine "
                                 "has none. On CPU use launch/cpu_ddp.yaml (data parallel over gloo).")
         return resolved
@@ -151,4 +154,4 @@ def _report(failed) -> int:
         why = (f"was killed by signal {root.signal_name()}" if root.exitcode < 0
                else f"exited with code {root.exitcode}")
         print(f"error: the launch failed: rank {rank} {why} (its output above says why).", file=sys.stderr)
-    return root.exitcode if root.exitcode > 0 else 128 - root.exitcode
+    return _status(root.exitcode)

@@ -264,9 +264,8 @@ def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
         signals.restore()
     save_model(t.accelerator, t.model, t.tokenizer, run.final)
     t.evals.finish(last, t.model, t.tokenizer)
-    if t.accelerator.is_main_process:
-        write_model_card(recipe, run)  # after the report, whose verdict it carries
     if t.accelerator.is_main_process:  # the summary reads all of metrics.jsonl: only where it is shown
+        write_model_card(recipe, run)  # after the report, whose verdict it carries
         print(summary(run, time.monotonic() - started))
     _end(t.accelerator)
     return t.accelerator.unwrap_model(t.model)
