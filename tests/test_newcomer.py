@@ -15,6 +15,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 from conftest import make_recipe, metrics, run, weights, write_jsonl, write_recipe
+from multiproc import free_port
 
 from finetune.checkpoint import RunDir
 from finetune.checkpoint import write_recipe as write_run_recipe
@@ -341,15 +342,10 @@ def test_the_readme_and_help_sweep_examples_make_the_runs_they_describe(tmp_path
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_a_launch_error_is_printed_once_by_the_main_process_without_a_traceback(tmp_path, tiny_model):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     recipe = make_recipe(tmp_path, tiny_model)
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                            str(ROOT / "launch" / "fsdp.yaml"), "--num_processes", "2", "--main_process_port",
-                           str(port), "-m", "finetune", "train", str(recipe)], cwd=tmp_path, capture_output=True,
+                           str(free_port()), "-m", "finetune", "train", str(recipe)], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -360,14 +356,6 @@ def test_a_launch_error_is_printed_once_by_the_main_process_without_a_traceback(
     assert not (tmp_path / "runs" / "r").exists()  # refused before the run folder was written
 
 
-def _free_port() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 @pytest.mark.multiprocess
 def test_finetune_launch_refuses_fsdp_without_gpus_in_one_line_before_any_rank_starts(tmp_path, tiny_model):
     import torch
@@ -376,7 +364,7 @@ def test_finetune_launch_refuses_fsdp_without_gpus_in_one_line_before_any_rank_s
         pytest.skip("this machine has an accelerator: FSDP can run here")
     recipe = make_recipe(tmp_path, tiny_model)
     proc = finetune("launch", "--config_file", str(ROOT / "launch" / "fsdp.yaml"), "--num_processes", "2",
-                    "--main_process_port", _free_port(), "train", str(recipe), cwd=tmp_path)
+                    "--main_process_port", str(free_port()), "train", str(recipe), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: "), proc.stderr
     assert "fsdp.yaml asks for FSDP" in proc.stderr and "launch/cpu_ddp.yaml" in proc.stderr
@@ -390,7 +378,7 @@ def test_finetune_launch_ends_a_failed_launch_with_the_ranks_one_line_and_their_
     # this launch really starts 2 processes over gloo, and fails.
     recipe = make_recipe(tmp_path, tiny_model)
     proc = finetune("launch", "--config_file", str(ROOT / "launch" / "cpu_ddp.yaml"), "--num_processes", "2",
-                    "--main_process_port", _free_port(), "train", str(recipe), "--new-run", cwd=tmp_path)
+                    "--main_process_port", str(free_port()), "train", str(recipe), "--new-run", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: --new-run works in a single process"), proc.stderr
@@ -433,7 +421,7 @@ def test_finetune_launch_stopped_by_sigterm_says_where_the_ranks_stopped_and_not
 
     # A scheduler's preemption: SIGTERM to the launcher (as SLURM sends it), which torch elastic passes to the ranks.
     stopped = _stop_launch_while_training(tmp_path, tiny_model, ["--config_file", str(ROOT / "launch" / "cpu_ddp.yaml"),
-                                                                 "--main_process_port", _free_port()],
+                                                                 "--main_process_port", str(free_port())],
                                           lambda proc: proc.send_signal(signal.SIGTERM))
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
 
