@@ -1,6 +1,7 @@
 """`finetune train|launch|check|preview|chat|eval|report|interpolate|sweep|merge|plan|recipes|keys|env`: parse the
-command line, call the stages, turn user mistakes into one paragraph and a non-zero exit code (`--debug` shows the traceback).
-Heavy libraries are imported only by the command that needs them, after its arguments are known to be good."""
+command line, call the stages, turn user mistakes into one paragraph and a non-zero exit code (`--debug` shows the
+traceback). Heavy libraries are imported only by the command that needs them, after its arguments are known to be
+good."""
 
 from __future__ import annotations
 
