@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # After scripts/demo.sh: the demo's LoRA run again with each way of forgetting less, then every run on one
-# learning-forgetting plane (README, "Limiting forgetting"). About 18 minutes on 2 CPU cores (23 if scripts/demo-sweep.sh has not made
-# runs/demo-full); finished runs are reused.
+# learning-forgetting plane (README, "Limiting forgetting"). About 18 minutes on 2 CPU cores (23 if
+# scripts/demo-sweep.sh has not made runs/demo-full); finished runs are reused.
 #
 #   bash scripts/demo-plane.sh
 set -euo pipefail
