@@ -9,11 +9,11 @@ accelerate has no switch for that (its --debug swallows the error and exits 0), 
 from __future__ import annotations
 
 import logging
-import os
+import signal
 import subprocess
 import sys
 
-from .errors import UserError
+from .errors import UpstreamChanged, UserError
 
 USAGE = """usage: finetune launch [accelerate launch options] COMMAND [ARGS]
 
@@ -56,7 +56,11 @@ def run(accelerate_args: list[str], finetune_args: list[str], verbose: bool) -> 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = accelerate_launch.launch_command_parser().parse_args([*accelerate_args, "-m", "finetune", *finetune_args])
+    for part in ("_validate_launch_command", "simple_launcher"):  # replaced below; tests/test_contracts.py pins both
+        if not hasattr(accelerate_launch, part):
+            raise UpstreamChanged("accelerate", f"accelerate.commands.launch.{part}")
     _check_before_start(accelerate_launch)
+    accelerate_launch.simple_launcher = _one_process
     if not verbose:
         _quiet_elastic()
         # Its list of defaults used ("`--num_processes` was set to a value of `0`") when no config exists: said here
@@ -66,30 +70,44 @@ def run(accelerate_args: list[str], finetune_args: list[str], verbose: bool) -> 
         accelerate_launch.launch_command(args)
     except ChildFailedError as failed:
         return _report(failed)
-    except subprocess.CalledProcessError as failed:  # one process (simple_launcher): it printed its own error
-        return _status(failed.returncode)
+    except _Exited as exited:  # one process (_one_process): it printed its own lines
+        return exited.status
     except ImportError as missing:  # accelerate's launcher for DeepSpeed, without deepspeed installed
         raise UserError(f"the launch needs a package that is not installed: {missing} (for DeepSpeed: "
                         "pip install -e \".[deepspeed]\" in finetune's checkout).") from missing
     except SignalException as stopped:  # Ctrl-C or the scheduler's SIGTERM: torch elastic passed it to the ranks
         return _status(-int(stopped.sigval))
-    except KeyboardInterrupt:  # Ctrl-C in a one-process launch: the process got it too, and is saving a checkpoint
-        return _wait_for_children()
     return 0
 
 
-def _wait_for_children() -> int:
-    """Wait until the started process has stopped (its checkpoint written, its last line printed), so that the
-    prompt comes back after it; its exit status, 130 if it had none."""
-    status = 130
-    while True:
-        try:
-            _, raw = os.waitpid(-1, 0)
-        except ChildProcessError:  # none left
-            return status
-        except KeyboardInterrupt:  # another Ctrl-C: the process decides what it means
-            continue
-        status = _status(os.waitstatus_to_exitcode(raw))
+class _Exited(Exception):
+    def __init__(self, status: int):
+        self.status = status
+
+
+def _one_process(args) -> None:
+    """accelerate's simple_launcher, without its handling of signals: since accelerate 1.16 a Ctrl-C makes it SIGTERM
+    the process (a second signal, which finetune obeys at once) and SIGKILL it 5 s later, in the middle of the
+    checkpoint the first signal asked for. Here the process decides: Ctrl-C reaches it from the terminal (same process
+    group), SIGTERM sent to the launcher alone is passed on (as torchrun does for several), and the launcher waits for
+    the process's checkpoint and last line, then returns its exit status."""
+    try:
+        from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+    except ImportError as e:
+        raise UpstreamChanged("accelerate", "accelerate.utils.launch.prepare_simple_launcher_cmd_env") from e
+
+    command, env = prepare_simple_launcher_cmd_env(args)
+    process = subprocess.Popen(command, env=env)
+    # Set after the process started, so that it inherits the default handlers, not these.
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, lambda signum, frame: None),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))}
+    try:
+        code = process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if code != 0:
+        raise _Exited(_status(code))
 
 
 def _status(code: int) -> int:
@@ -109,11 +127,8 @@ def _quiet_elastic() -> None:
 
 def _check_before_start(accelerate_launch) -> None:
     """Look at the launch as accelerate resolved it (config file and options) before it starts the ranks. accelerate
-    has no hook there, so its private _validate_launch_command is wrapped; without it the check is left to the
-    ranks (finetune.engine.check_launch), which make the same one."""
-    validate = getattr(accelerate_launch, "_validate_launch_command", None)
-    if validate is None:
-        return
+    has no hook there, so its private _validate_launch_command is wrapped (tests/test_contracts.py pins it)."""
+    validate = accelerate_launch._validate_launch_command
 
     def validated(args):
         try:

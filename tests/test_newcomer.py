@@ -427,14 +427,19 @@ def test_finetune_launch_stopped_by_sigterm_says_where_the_ranks_stopped_and_not
 
 
 @pytest.mark.slow
-def test_a_finetune_launch_without_a_config_says_so_once_and_ctrl_c_waits_for_its_checkpoint(tmp_path, tiny_model):
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_a_finetune_launch_without_a_config_says_so_once_and_waits_for_its_checkpoint(tmp_path, tiny_model, stop):
     import signal
 
     from finetune.preemption import EXIT_PREEMPTED
 
     # No launch config at all: accelerate's defaults, one process. Ctrl-C reaches the terminal's whole process group:
-    # the launcher and the process it started, which saves a checkpoint while the launcher waits for it.
-    stopped = _stop_launch_while_training(tmp_path, tiny_model, [], lambda proc: os.killpg(proc.pid, signal.SIGINT))
+    # the launcher and the process it started, which saves a checkpoint while the launcher waits for it (accelerate
+    # 1.16's own launcher would SIGTERM it at once, then kill it). A scheduler's SIGTERM to the launcher alone is
+    # passed on to the process.
+    signals = {"ctrl-c": lambda proc: os.killpg(proc.pid, signal.SIGINT),
+               "sigterm": lambda proc: proc.send_signal(signal.SIGTERM)}
+    stopped = _stop_launch_while_training(tmp_path, tiny_model, [], signals[stop])
     assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr[-3000:]
     notes = [line for line in stopped.stderr.splitlines() if line.startswith("note: no launch config")]
     assert len(notes) == 1 and "1 process(es)" in notes[0], stopped.stderr[-3000:]
