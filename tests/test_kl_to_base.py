@@ -176,17 +176,25 @@ def drift(run_dir) -> float:
 
 
 def test_kl_to_the_base_reduces_the_drop_and_the_drift(tmp_path, base_dir, tasks):
-    plain, _ = run(conflicting_recipe(tmp_path, base_dir, tasks), "output.dir=" + str(tmp_path / "plain"))
-    # The tiny base knows nothing but the original task: its texts are the prompts, as in the replay test.
-    general = write_jsonl(tmp_path / "general.jsonl", [{"text": t} for t in texts(0)])
-    kept, _ = run(conflicting_recipe(tmp_path, base_dir, tasks), "output.dir=" + str(tmp_path / "kl"),
-                  kl_override(general, weight=1, rows=8, fmt="text"))
+    """The tiny base knows nothing but the original task, so its lines are the general prompts the penalty is taken
+    on, as in the replay test, and the texts drift is measured on. (The base's own sampled continuations, the default
+    drift texts, change with the CPU's rounding in a model this small: without the penalty their drift measured 0.65
+    in one environment and 1.81 in another, and the test's claim flipped with it.)
+
+    Measured with 2 threads (default), OMP_NUM_THREADS=1 and ONEDNN_MAX_CPU_ISA=AVX2, the same in each: drop 1.0
+    without the penalty, 0.125 with it (bound: 0.5); drift 0.257 and 0.062 (bound: half); the new task's loss from
+    1.71 to 0.506 without it and 0.584 with it (bounds: 0.506 and 1.11)."""
+    lines = write_jsonl(tmp_path / "original_lines.jsonl", [{"text": t} for t in texts(0)])
+    recipe = conflicting_recipe(tmp_path, base_dir, tasks, drift_texts=[str(lines)])
+    plain, _ = run(recipe, "output.dir=" + str(tmp_path / "plain"))
+    kept, _ = run(recipe, "output.dir=" + str(tmp_path / "kl"), kl_override(lines, weight=1, rows=8, fmt="text"))
     assert original_drop(plain) > 0.5
-    assert original_drop(kept) < original_drop(plain) - 0.25, (original_drop(kept), original_drop(plain))
+    assert original_drop(kept) < original_drop(plain) - 0.5, (original_drop(kept), original_drop(plain))
     assert drift(kept) < 0.5 * drift(plain), (drift(kept), drift(plain))
-    # A trade, not a freeze: the new task, which contradicts the original one here, is still partly learned.
-    report = json.loads((kept / "forgetting" / "report.json").read_text())
-    assert report["targets"]["conflict"]["delta"] > 0.2
+    # A trade, not a freeze: the new task, which contradicts the original one here, is still learned, less far than
+    # without the penalty. Its training loss says so more finely than 16 items scored right or wrong.
+    first, last_kept, last_plain = metrics(kept)[0]["loss"], metrics(kept)[-1]["loss"], metrics(plain)[-1]["loss"]
+    assert last_plain < last_kept < first - 0.5 * (first - last_plain), (first, last_kept, last_plain)
     assert compare_runs([kept], tmp_path / "cmp")["runs"][0]["label"].endswith(", KL to base 1")
 
 
