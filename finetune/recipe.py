@@ -353,7 +353,8 @@ def _build(cls, data: dict, prefix: str, src: str):
 
 
 def _join(prefix: str, key) -> str:
-    return f"{prefix}.{key}" if prefix else str(key)
+    key = str(key) if str(key).isprintable() else repr(str(key))[1:-1]  # a newline in a key: `\n`, on one line
+    return f"{prefix}.{key}" if prefix else key
 
 
 # ---------------------------------------------------------------- loading, overrides, checks

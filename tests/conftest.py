@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import pytest
 import torch
+from hypothesis import settings
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -26,6 +27,12 @@ from finetune.train import train
 # makes each step many times slower. Child processes (CLI and accelerate launch tests) inherit the setting.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+# The property tests draw the same examples on every run, so the suite passes or fails the same way each time.
+# HYPOTHESIS_PROFILE=explore searches afresh (and a failure it finds becomes an @example).
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -5,7 +5,7 @@ import json
 
 import yaml
 from conftest import make_tokenizer
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from finetune.cli import main as cli_main
@@ -46,6 +46,7 @@ def recipes(draw):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=UNTIMED)
 @given(recipe=recipes(), overrides=st.lists(st.text(max_size=15), max_size=2))
+@example(recipe={"data": {"\n": None}}, overrides=[])  # found by a fresh search: a key's newline split the message
 def test_any_recipe_loads_or_raises_a_recipe_error(tmp_path, recipe, overrides):
     path = tmp_path / "fuzz.yaml"
     path.write_text(yaml.safe_dump(recipe))
