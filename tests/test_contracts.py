@@ -1,0 +1,110 @@
+"""Contracts with the private parts of dependencies that finetune leans on: what each takes, returns and does, as
+finetune uses it. A release that changes one fails here, by name ("accelerate changed X"), before a launch or an
+evaluation test fails for reasons hard to read; and finetune's guard says so to a user in one line."""
+
+import sys
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.commands import launch as accelerate_launch
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.utils import DistributedType
+
+from finetune.errors import UpstreamChanged
+
+
+@pytest.fixture
+def fresh_state():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _parsed(*options: str):
+    return accelerate_launch.launch_command_parser().parse_args([*options, "-m", "finetune", "env"])
+
+
+def test_accelerate_validates_a_launch_through_a_module_function_it_looks_up_at_call_time(monkeypatch, tmp_path):
+    """finetune.launch wraps _validate_launch_command (checks before any rank starts) and replaces simple_launcher
+    (Ctrl-C in a one-process launch): launch_command must reach both through the module's globals."""
+    seen = {}
+    validate = accelerate_launch._validate_launch_command
+
+    def validated(args):
+        seen["resolved"] = validate(args)
+        return seen["resolved"]
+
+    monkeypatch.setattr(accelerate_launch, "_validate_launch_command", validated)
+    monkeypatch.setattr(accelerate_launch, "simple_launcher", lambda args: seen.setdefault("launched", args))
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no default config from `accelerate config`
+    accelerate_launch.launch_command(_parsed("--num_processes", "1"))
+    launch, defaults, _ = seen["resolved"]  # (args, the config file's values or None, mixed precision's source)
+    assert defaults is None and launch.num_processes == 1 and seen["launched"] is launch
+    assert (launch.use_fsdp, launch.use_deepspeed, launch.config_file) == (False, False, None)
+
+
+def test_accelerate_rejects_a_malformed_launch_config_with_an_exception_naming_it(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("distributed_type: MULTI_WHAT\n")
+    with pytest.raises(Exception, match="MULTI_WHAT"):
+        accelerate_launch._validate_launch_command(_parsed("--config_file", str(broken)))
+
+
+def test_accelerate_prepares_a_one_process_launch_as_a_command_and_its_environment(tmp_path, monkeypatch):
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    launch, _, _ = accelerate_launch._validate_launch_command(_parsed("--num_processes", "1"))
+    command, env = prepare_simple_launcher_cmd_env(launch)
+    assert command[0] == sys.executable and command[-3:] == ["-m", "finetune", "env"], command
+    assert isinstance(env, dict) and env["PATH"]
+
+
+def test_accelerate_keeps_the_process_state_in_a_shared_dict_with_the_distributed_type(fresh_state):
+    """finetune.engine.check_launch reads it before the Accelerator exists; the tests' CPU workers relabel it."""
+    PartialState(cpu=True)
+    assert isinstance(PartialState._shared_state, dict)
+    assert PartialState._shared_state["distributed_type"] is DistributedType.NO
+
+
+def test_accelerate_keeps_prepared_models_and_optimizers_in_lists_save_state_reads(fresh_state, tmp_path):
+    """finetune.engine saves a sharded LoRA model itself by emptying these lists around save_state."""
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert accelerator._models == [model] and accelerator._optimizers == [optimizer]
+    models, optimizers = accelerator._models, accelerator._optimizers
+    accelerator._models, accelerator._optimizers = [], []
+    accelerator.save_state(str(tmp_path / "apart"))
+    accelerator._models, accelerator._optimizers = models, optimizers
+    accelerator.save_state(str(tmp_path / "whole"))
+    names = {p.name for p in (tmp_path / "whole").iterdir()} - {p.name for p in (tmp_path / "apart").iterdir()}
+    assert names and all(n.startswith(("model", "optimizer")) for n in names), names
+
+
+def test_lm_eval_loads_a_task_yaml_without_resolving_its_functions(tmp_path):
+    """finetune.evaluate reads a task file's name before lm-eval indexes its folder."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    path = tmp_path / "t.yaml"
+    path.write_text("task: t\ndoc_to_text: !function utils.nowhere\n")
+    config = load_yaml(path, resolve_func=False)
+    assert config["task"] == "t" and "utils.nowhere" in str(config["doc_to_text"])
+
+
+def test_a_missing_private_part_is_one_line_naming_the_release(monkeypatch):
+    from importlib.metadata import version
+
+    from finetune.engine import _prepared
+
+    class Renamed:  # as a release that renamed the lists would leave an Accelerator
+        models: list = []
+
+    with pytest.raises(UpstreamChanged) as raised:
+        _prepared(Renamed())
+    message = str(raised.value)
+    assert f"accelerate {version('accelerate')} no longer has `Accelerator._models" in message
+    assert "\n" not in message and "requirements.lock" in message
