@@ -39,7 +39,24 @@ def test_version_and_env(capsys):
     import transformers
 
     assert f"torch            {torch.__version__}" in out and f"transformers     {transformers.__version__}" in out
-    assert "accelerators:" in out and "accelerate default config:" in out
+    assert "accelerators:" in out and "accelerate default config:" in out and "lock:" in out
+
+
+def test_env_names_each_installed_version_that_differs_from_the_lock(tmp_path):
+    from importlib.metadata import version
+
+    from finetune.env import lock_status
+
+    lock = tmp_path / "requirements.lock"
+    lock.write_text(f"PyYAML=={version('pyyaml')} \\\n    --hash=sha256:00\n    # via finetune (pyproject.toml)\n"
+                    "accelerate==0.0.1 \\\n    --hash=sha256:00\nno_such.package==1.0 ; python_version >= '3'\n"
+                    "# torch\n")
+    assert lock_status(lock) == [f"{lock}: 2 of its 3 packages differ (`bash scripts/install.sh` restores it):",
+                                 f"  accelerate {version('accelerate')} (lock: 0.0.1)",
+                                 "  no-such-package not installed (lock: 1.0)"]
+    lock.write_text(f"pyyaml=={version('pyyaml')}\n")
+    assert lock_status(lock) == [f"{lock}: every one of its 1 packages installed at its version"]
+    assert lock_status(tmp_path / "none.lock")[0].startswith("no none.lock beside this install")
 
 
 def test_every_command_is_in_help_and_the_readme():
