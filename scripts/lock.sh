@@ -16,4 +16,5 @@ python3 -m venv "$TOOLS"
   --no-emit-index-url --no-emit-find-links --no-emit-trusted-host \
   --extra dev --extra deepspeed --constraint requirements-torch.txt \
   --output-file requirements.lock pyproject.toml
-echo "lock: requirements.lock written; run bash scripts/test.sh, then commit it if the suite passes"
+echo "lock: requirements.lock written (pip-compile's warning that torch is not pinned is expected: install.sh installs"
+echo "lock: torch first); run bash scripts/test.sh, then commit the lock if the suite passes"

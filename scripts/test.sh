@@ -9,7 +9,8 @@ VENV=.venv
 [ "${FINETUNE_UNLOCKED:-0}" = 1 ] && VENV=.venv-unlocked
 . "$VENV/bin/activate"
 status=0
-python -m pytest -q "$@" || status=$?
+# One worker per core (pytest-xdist): most tests run one thread, and the launch tests' ranks wait on each other.
+python -m pytest -q -n auto "$@" || status=$?
 if [ "$status" != 0 ] && [ "${FINETUNE_UNLOCKED:-0}" = 1 ]; then
   echo "test: the suite failed with the newest releases; those that differ from the lock:"
   finetune env --lock
