@@ -14,13 +14,13 @@ import shutil
 
 from accelerate.utils import broadcast_object_list
 
-from .evaluate import ForgettingEval
-from .forgetting import FAIL, budget_status, choose_best
-from .gather import whole_model
+from .measure.evaluate import ForgettingEval
+from .reports.forgetting import FAIL, budget_status, choose_best
+from .measure.gather import whole_model
 from .mitigations import describe
 from .recipe import Recipe
-from .report import build_report, provenance, write_report
-from .sharing import Ranks
+from .reports.report import build_report, provenance, write_report
+from .measure.sharing import Ranks
 
 
 class TrainingEval:

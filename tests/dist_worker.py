@@ -13,8 +13,8 @@ from finetune.recipe import load_recipe
 from finetune.train import train
 
 # What each rank evaluated (finetune/sharing.py's debug lines), for the tests to check that the ranks shared the work.
-logging.getLogger("finetune.sharing").setLevel(logging.DEBUG)
-logging.getLogger("finetune.sharing").addHandler(logging.StreamHandler(sys.stdout))
+logging.getLogger("finetune.measure.sharing").setLevel(logging.DEBUG)
+logging.getLogger("finetune.measure.sharing").addHandler(logging.StreamHandler(sys.stdout))
 
 recipe = load_recipe(sys.argv[1], sys.argv[2:])
 model = train(recipe, open_run_dir(recipe, accept_changes=False))

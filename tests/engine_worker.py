@@ -25,8 +25,8 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType
 
 # What each rank evaluated (finetune/sharing.py's debug lines), for the tests to check that the ranks shared the work.
-logging.getLogger("finetune.sharing").setLevel(logging.DEBUG)
-logging.getLogger("finetune.sharing").addHandler(logging.StreamHandler(sys.stdout))
+logging.getLogger("finetune.measure.sharing").setLevel(logging.DEBUG)
+logging.getLogger("finetune.measure.sharing").addHandler(logging.StreamHandler(sys.stdout))
 
 FSDP = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 DEEPSPEED = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"

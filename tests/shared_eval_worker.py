@@ -17,10 +17,10 @@ def measure(spec: dict, ranks) -> dict:
     """{base, tuned: Evaluation as JSON, texts: the drift texts} as `ranks` end with them."""
     from transformers import AutoModelForCausalLM
 
-    from finetune.evaluate import ForgettingEval
+    from finetune.measure.evaluate import ForgettingEval
     from finetune.model import load_tokenizer
     from finetune.recipe import EvalSection, ModelSection
-    from finetune.records import to_dict
+    from finetune.reports.records import to_dict
 
     section = ModelSection(path=spec["base"], cache_dir=spec["cache"])
     fe = ForgettingEval(EvalSection(tasks=spec["tasks"], limit=spec["limit"], batch_size=4), section,
@@ -33,11 +33,11 @@ def measure(spec: dict, ranks) -> dict:
 if __name__ == "__main__":
     from accelerate import PartialState
 
-    from finetune.sharing import Ranks
+    from finetune.measure.sharing import Ranks
 
     # What each rank evaluated (finetune/sharing.py's debug lines), for the test to check how the work was shared.
-    logging.getLogger("finetune.sharing").setLevel(logging.DEBUG)
-    logging.getLogger("finetune.sharing").addHandler(logging.StreamHandler(sys.stdout))
+    logging.getLogger("finetune.measure.sharing").setLevel(logging.DEBUG)
+    logging.getLogger("finetune.measure.sharing").addHandler(logging.StreamHandler(sys.stdout))
     state = PartialState(cpu=True)
     spec = json.loads(Path(sys.argv[1]).read_text())
     out = measure(spec, Ranks(state.process_index, state.num_processes))

@@ -86,7 +86,7 @@ def test_accelerate_keeps_prepared_models_and_optimizers_in_lists_save_state_rea
 
 
 def test_lm_eval_loads_a_task_yaml_without_resolving_its_functions(tmp_path):
-    """finetune.evaluate reads a task file's name before lm-eval indexes its folder."""
+    """finetune.measure.evaluate reads a task file's name before lm-eval indexes its folder."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
     path = tmp_path / "t.yaml"

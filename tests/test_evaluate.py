@@ -11,13 +11,13 @@ import torch
 from conftest import ANSWERS, ITEMS, fit, task_rows, texts, write_generation_task, write_jsonl, write_task
 from transformers import AutoModelForCausalLM
 
-import finetune.evaluate as evaluate
-from finetune.drift import kl_drift
-from finetune.evaluate import ForgettingEval, evaluate_saved, evaluate_tasks
-from finetune.forgetting import choose_best
+import finetune.measure.evaluate as evaluate
+from finetune.measure.drift import kl_drift
+from finetune.measure.evaluate import ForgettingEval, evaluate_saved, evaluate_tasks
+from finetune.reports.forgetting import choose_best
 from finetune.model import load_tokenizer
 from finetune.recipe import EvalSection, ModelSection
-from finetune.report import build_report, provenance
+from finetune.reports.report import build_report, provenance
 
 
 @pytest.fixture()
@@ -202,8 +202,8 @@ def test_fine_tuning_on_a_conflicting_task_forgets_the_original(section, tasks, 
 def test_lora_at_a_low_learning_rate_forgets_less_than_full_fine_tuning(section, tasks, drift_file, tmp_path):
     import peft
 
-    from finetune.drift import AdapterDisabled
-    from finetune.report import compare_runs
+    from finetune.measure.drift import AdapterDisabled
+    from finetune.reports.report import compare_runs
 
     spec = EvalSection(tasks=[str(tasks["original"])], target_tasks=[str(tasks["conflict"])],
                        drift_texts=[str(drift_file)])
@@ -233,7 +233,7 @@ def test_lora_at_a_low_learning_rate_forgets_less_than_full_fine_tuning(section,
 
 
 def test_drift_texts_from_files(tmp_path):
-    from finetune.drift import DriftError, read_texts
+    from finetune.measure.drift import DriftError, read_texts
 
     (tmp_path / "a.txt").write_text("first text\n\nsecond text\n")
     write_jsonl(tmp_path / "b.jsonl", [{"text": "third text", "id": 1}])
@@ -247,7 +247,7 @@ def test_drift_texts_from_files(tmp_path):
 
 
 def test_unknown_or_missing_tasks_are_explained(section, tmp_path):
-    from finetune.evaluate import EvalError, load_tasks
+    from finetune.measure.evaluate import EvalError, load_tasks
 
     with pytest.raises(EvalError, match="does not exist"):
         load_tasks(str(tmp_path / "nope.yaml"))

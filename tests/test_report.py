@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from finetune.forgetting import (FAIL, INCONCLUSIVE, PASS, bootstrap_ratio, changes, choose_best, detectable_drop,
+from finetune.reports.forgetting import (FAIL, INCONCLUSIVE, PASS, bootstrap_ratio, changes, choose_best, detectable_drop,
                                  examples_to_decide, holm, mcnemar_p, mean_interval, paired_change, paired_interval,
                                  pareto_front, run_difference, within_budget)
-from finetune.records import Drift, Evaluation, TaskScore
-from finetune.report import build_report, compare_runs, provenance, write_report
+from finetune.reports.records import Drift, Evaluation, TaskScore
+from finetune.reports.report import build_report, compare_runs, provenance, write_report
 
 Z = 1.959963984540054
 

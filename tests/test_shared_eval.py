@@ -9,7 +9,7 @@ from conftest import ROOT, accelerate_launch, write_generation_task, write_task
 from multiproc import LAUNCH, shares
 from shared_eval_worker import measure
 
-from finetune.sharing import Ranks
+from finetune.measure.sharing import Ranks
 
 WORKER = ROOT / "tests" / "shared_eval_worker.py"
 

@@ -14,7 +14,7 @@ import finetune
 from finetune import mitigations
 from finetune.data import FORMATS
 from finetune.recipe import LOCAL_BUILDERS, DatasetSpec, load_recipe
-from finetune.records import Drift, Evaluation, TaskScore, from_dict, to_dict
+from finetune.reports.records import Drift, Evaluation, TaskScore, from_dict, to_dict
 
 from conftest import make_recipe, metrics, run
 
@@ -55,13 +55,13 @@ def test_the_package_import_graph_has_no_cycle():
         path.pop()
         done.add(module)
 
-    assert "finetune.report" in graph and graph["finetune.evaluate"]  # the graph was really read
+    assert "finetune.reports.report" in graph and graph["finetune.measure.evaluate"]  # the graph was really read
     for module in graph:
         visit(module)
 
 
 def test_comparing_reports_imports_no_torch():
-    code = "import sys, finetune.report, finetune.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in " \
+    code = "import sys, finetune.reports.report, finetune.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in " \
            "('torch', 'transformers', 'peft', 'lm_eval', 'accelerate')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -36,7 +36,7 @@ from accelerate.utils import send_to_device
 from datasets import concatenate_datasets
 
 from ..data import IGNORE, Collator, DataStats, encode_dataset, mask_kind
-from ..drift import eval_mode
+from ..measure.drift import eval_mode
 from ..errors import UserError
 from ..loss import logits_at
 from ..model import load_model

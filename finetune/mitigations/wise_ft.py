@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..evaluate import open_saved
+from ..measure.evaluate import open_saved
 from ..model import load_model, lora_layers
 from ..recipe import load_recipe
-from ..report import build_report, compare_runs, provenance, write_report
+from ..reports.report import build_report, compare_runs, provenance, write_report
 from . import describe
 
 

@@ -29,15 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_text, final_folder, read_jsonl
+from ..checkpoint import atomic_write_text, final_folder, read_jsonl
 from .drift import NEW_TOKENS, PROMPTS, SAMPLING_SEED, AdapterDisabled, eval_mode, kl_drift, read_texts, sample_chat, \
     sample_texts
-from .errors import UpstreamChanged, UserError
-from .model import load_model, load_tokenizer, resolve_model_path
-from .quiet import silence_lm_eval
-from .recipe import EvalSection, ModelSection, Recipe
-from .records import Evaluation, TaskScore, from_dict, to_dict
-from .report import build_report, provenance, write_report
+from ..errors import UpstreamChanged, UserError
+from ..model import load_model, load_tokenizer, resolve_model_path
+from ..quiet import silence_lm_eval
+from ..recipe import EvalSection, ModelSection, Recipe
+from ..reports.records import Evaluation, TaskScore, from_dict, to_dict
+from ..reports.report import build_report, provenance, write_report
 from .sharing import Ranks, as_one_process, shared_lm_class
 
 # Metrics whose per-example scores are 0 or 1, as the paired statistics need (forgetting.py).
@@ -505,7 +505,7 @@ def _load_checkpoint_weights(model, checkpoint: Path) -> None:
 def evaluate_checkpoints(run: Path, recipe: Recipe, section: EvalSection, out_dir: Path, *, method: dict) -> dict:
     """`finetune eval BASE RUN --checkpoints`: every checkpoint a finished run kept, then its final/, as the curve
     that `eval.every` would have drawn during training, without training again. Writes the report to `out_dir`."""
-    from .checkpoint import checkpoint_step, complete_checkpoints
+    from ..checkpoint import checkpoint_step, complete_checkpoints
 
     if not (run / "final").is_dir():
         raise EvalError(f"{run} has no final/: --checkpoints measures a finished run.")

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .forgetting import bootstrap_ratio
-from .records import Drift
+from ..errors import UserError
+from ..reports.forgetting import bootstrap_ratio
+from ..reports.records import Drift
 from .sharing import Ranks
 
 PROMPTS = json.loads(Path(__file__).with_name("drift_prompts.json").read_text(encoding="utf-8"))

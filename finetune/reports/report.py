@@ -19,9 +19,9 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 from .forgetting import PASS, Change, changes, mean_interval, pareto_front, run_difference, verdict
-from .recipe import Recipe, recipe_to_dict
+from ..recipe import Recipe, recipe_to_dict
 from .records import Evaluation, TaskScore
 
 PACKAGES = ("finetune", "torch", "transformers", "peft", "accelerate", "lm_eval", "datasets")

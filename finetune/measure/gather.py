@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .engine import engine
-from .model import load_model
-from .recipe import LoraSection, ModelSection
+from ..engine import engine
+from ..model import load_model
+from ..recipe import LoraSection, ModelSection
 
 
 @contextmanager
