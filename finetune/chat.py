@@ -23,7 +23,7 @@ class ChatError(UserError):
 def load(run: Path, base: str | None):
     """(model, tokenizer, description) for a run folder, its final/, or any adapter or model folder."""
     from .checkpoint import final_folder, local_base
-    from .measure.evaluate import load_tuned
+    from .measure.saved import load_tuned
 
     folder = final_folder(run)
     adapter = folder / "adapter_config.json"

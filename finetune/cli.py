@@ -144,7 +144,7 @@ def _eval(args) -> int:
     import dataclasses
 
     from .checkpoint import next_free_dir
-    from .measure.evaluate import evaluate_saved
+    from .measure.saved import evaluate_saved
     from .preflight import check_sources
     from .recipe import EvalSection, ModelSection
 
@@ -173,7 +173,7 @@ def _eval(args) -> int:
     if args.checkpoints:
         if recipe is None:
             raise UserError(f"--checkpoints needs a run folder (one with recipe.yaml); {tuned} is not one.")
-        from .measure.evaluate import evaluate_checkpoints
+        from .measure.saved import evaluate_checkpoints
 
         report = evaluate_checkpoints(tuned, dataclasses.replace(recipe, model=base), section, out,
                                       method=describe(recipe))

@@ -13,7 +13,9 @@ from transformers import AutoModelForCausalLM
 
 import finetune.measure.evaluate as evaluate
 from finetune.measure.drift import kl_drift
-from finetune.measure.evaluate import ForgettingEval, evaluate_saved, evaluate_tasks
+from finetune.measure.evaluate import ForgettingEval
+from finetune.measure.saved import evaluate_saved
+from finetune.measure.tasks import evaluate_tasks
 from finetune.reports.forgetting import choose_best
 from finetune.model import load_tokenizer
 from finetune.recipe import EvalSection, ModelSection
@@ -116,8 +118,8 @@ def test_base_evaluation_and_drift_texts_are_cached(section, tmp_path, monkeypat
                                               "chat": ["Say hello.", "What is a?", "Count to three."]})
     monkeypatch.setattr(evaluate, "NEW_TOKENS", 8)
     runs = []
-    real = evaluate._evaluate_loaded
-    monkeypatch.setattr(evaluate, "_evaluate_loaded", lambda *a, **k: runs.append(1) or real(*a, **k))
+    real = evaluate.evaluate_loaded
+    monkeypatch.setattr(evaluate, "evaluate_loaded", lambda *a, **k: runs.append(1) or real(*a, **k))
     torch.manual_seed(123)
     random.seed(123)
     first = ForgettingEval(spec, section, tokenizer)
@@ -247,7 +249,7 @@ def test_drift_texts_from_files(tmp_path):
 
 
 def test_unknown_or_missing_tasks_are_explained(section, tmp_path):
-    from finetune.measure.evaluate import EvalError, load_tasks
+    from finetune.measure.tasks import EvalError, load_tasks
 
     with pytest.raises(EvalError, match="does not exist"):
         load_tasks(str(tmp_path / "nope.yaml"))

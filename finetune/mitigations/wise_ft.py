@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..measure.evaluate import open_saved
+from ..measure.saved import open_saved
 from ..model import load_model, lora_layers
 from ..recipe import load_recipe
 from ..reports.report import build_report, compare_runs, provenance, write_report

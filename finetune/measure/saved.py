@@ -1,0 +1,95 @@
+"""Saved models measured against their base: `finetune eval` on a run's final/ or a model folder, every checkpoint
+of a finished run (`--checkpoints`), and the start that `finetune interpolate` and `finetune chat` share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..checkpoint import final_folder, read_jsonl
+from ..model import load_model, load_tokenizer
+from ..recipe import EvalSection, ModelSection, Recipe
+from ..reports.report import build_report, provenance, write_report
+from .evaluate import ForgettingEval, eval_device
+from .tasks import EvalError
+
+
+def load_tuned(base: ModelSection, folder: Path):
+    """A saved model to measure, on the device evaluation runs on: a peft adapter folder (on `base`) or a full model
+    folder; a run folder means its final/. Returns (model, whether it is an adapter)."""
+    import peft
+
+    folder = final_folder(folder)
+    if (folder / "adapter_config.json").is_file():
+        model, is_adapter = peft.PeftModel.from_pretrained(load_model(base, None), folder), True
+    elif (folder / "config.json").is_file():
+        model = load_model(ModelSection(path=str(folder), dtype=base.dtype, cache_dir=base.cache_dir), None)
+        is_adapter = False
+    else:
+        raise EvalError(f"{folder} holds neither a peft adapter (adapter_config.json) nor a model (config.json).")
+    return model.to(eval_device()), is_adapter
+
+
+def open_saved(base: ModelSection, tuned: Path, section: EvalSection, chat_template: str | None):
+    """(ForgettingEval with the base measured, tuned model, whether it is an adapter): how `finetune eval` and
+    `finetune interpolate` both start. For an adapter, one copy of the base serves both (its adapter switched off
+    for the base); for a full model a second copy is loaded only if the cache lacks the base's scores."""
+    fe = ForgettingEval(section, base, load_tokenizer(base, chat_template))
+    model, is_adapter = load_tuned(base, Path(tuned))
+    fe.evaluate_base(model if is_adapter else None)
+    return fe, model, is_adapter
+
+
+def evaluate_saved(base: ModelSection, tuned: Path, section: EvalSection, out_dir: Path, *,
+                   recipe: Recipe | None = None, final_note: str = "", method: dict | None = None) -> dict:
+    """`finetune eval BASE RUN_OR_MODEL`: measure a saved model against its base, write the report to `out_dir`
+    and return it. The tokenizer carries the run recipe's chat template, as in training."""
+    fe, model, _ = open_saved(base, tuned, section, recipe.data.chat_template if recipe else None)
+    tuned_eval = fe.evaluate(model, step=None)
+    report = build_report(fe.base, tuned_eval, max_drop=section.max_drop, curve=[], provenance=provenance(recipe),
+                          final_note=final_note or f"{tuned} as saved", method=method)
+    write_report(out_dir, report)
+    return report
+
+
+def _load_checkpoint_weights(model, checkpoint: Path) -> None:
+    """A checkpoint's weights (the adapter, for LoRA) into `model`, built as the run built it. Weights tied to
+    others (the LM head to the embeddings) may be saved once."""
+    from safetensors.torch import load_file
+
+    path = checkpoint / "model.safetensors"
+    if not path.is_file():
+        raise EvalError(f"{checkpoint} holds no model.safetensors (a sharded FSDP or DeepSpeed checkpoint?); only "
+                        "checkpoints of one-process and DDP runs can be evaluated one by one.")
+    state = load_file(path, device=str(eval_device()))
+    result = model.load_state_dict(state, strict=False)
+    loaded = {p.data_ptr() for n, p in model.named_parameters() if n in state}
+    params = dict(model.named_parameters())
+    untied = [k for k in result.missing_keys if k in params and params[k].requires_grad
+              and params[k].data_ptr() not in loaded]
+    if result.unexpected_keys or untied:
+        raise EvalError(f"{checkpoint} does not match the run's model (missing {untied[:3]}, unexpected "
+                        f"{result.unexpected_keys[:3]}).")
+
+
+def evaluate_checkpoints(run: Path, recipe: Recipe, section: EvalSection, out_dir: Path, *, method: dict) -> dict:
+    """`finetune eval BASE RUN --checkpoints`: every checkpoint a finished run kept, then its final/, as the curve
+    that `eval.every` would have drawn during training, without training again. Writes the report to `out_dir`."""
+    from ..checkpoint import checkpoint_step, complete_checkpoints
+
+    if not (run / "final").is_dir():
+        raise EvalError(f"{run} has no final/: --checkpoints measures a finished run.")
+    fe = ForgettingEval(section, recipe.model, load_tokenizer(recipe.model, recipe.data.chat_template))
+    model = load_model(recipe.model, recipe.lora).to(eval_device())  # a fresh adapter is the base (B = 0)
+    fe.evaluate_base(model if recipe.lora else None)
+    for checkpoint in complete_checkpoints(run / "checkpoints"):
+        _load_checkpoint_weights(model, checkpoint)
+        fe.evaluate(model, checkpoint_step(checkpoint))
+    del model
+    final, _ = load_tuned(recipe.model, run)
+    logged = read_jsonl(run / "metrics.jsonl")
+    last = fe.evaluate(final, logged[-1]["step"] if logged else None)
+    report = build_report(fe.base, last, max_drop=section.max_drop, curve=fe.curve, provenance=provenance(recipe),
+                          final_note=f"{run / 'final'}, after step {last.step}; the curve adds every checkpoint "
+                                     "the run kept", method=method)
+    write_report(out_dir, report)
+    return report
