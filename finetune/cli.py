@@ -269,7 +269,7 @@ def _recipes(args) -> int:
 
 
 def _report(args) -> int:
-    from .reports.report import compare_runs, summary_table
+    from .reports.compare import compare_runs, summary_table
 
     result = compare_runs(args.runs, args.out)
     print(summary_table(result))

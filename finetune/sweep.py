@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .recipe import dump_recipe, load_recipe
-from .reports.report import compare_runs
+from .reports.compare import compare_runs
 
 
 class SweepError(UserError):

@@ -205,7 +205,7 @@ def test_lora_at_a_low_learning_rate_forgets_less_than_full_fine_tuning(section,
     import peft
 
     from finetune.measure.drift import AdapterDisabled
-    from finetune.reports.report import compare_runs
+    from finetune.reports.compare import compare_runs
 
     spec = EvalSection(tasks=[str(tasks["original"])], target_tasks=[str(tasks["conflict"])],
                        drift_texts=[str(drift_file)])

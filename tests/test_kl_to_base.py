@@ -18,7 +18,7 @@ from finetune.engine import Engine, engine
 from finetune.mitigations import Context, kl_to_base
 from finetune.model import load_model, load_tokenizer
 from finetune.recipe import RecipeError, describe_keys, load_recipe
-from finetune.reports.report import compare_runs
+from finetune.reports.compare import compare_runs
 
 TOPICS = ["the cat", "paris", "counting", "the park", "the alphabet", "a question"]
 SAYINGS = ["the cat sat on the mat", "paris is the capital of france", "one two three four five six seven",

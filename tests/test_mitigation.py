@@ -5,7 +5,7 @@ import json
 
 import torch
 from conftest import conflicting_recipe, original_drop, run, texts, write_jsonl
-from finetune.reports.report import compare_runs
+from finetune.reports.compare import compare_runs
 from safetensors.torch import load_file
 
 

@@ -12,7 +12,8 @@ from finetune.reports.forgetting import (FAIL, INCONCLUSIVE, PASS, bootstrap_rat
                                  examples_to_decide, holm, mcnemar_p, mean_interval, paired_change, paired_interval,
                                  pareto_front, run_difference, within_budget)
 from finetune.reports.records import Drift, Evaluation, TaskScore
-from finetune.reports.report import build_report, compare_runs, provenance, write_report
+from finetune.reports.compare import compare_runs
+from finetune.reports.report import build_report, provenance, write_report
 
 Z = 1.959963984540054
 

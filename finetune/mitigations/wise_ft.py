@@ -17,7 +17,8 @@ from ..errors import UserError
 from ..measure.saved import open_saved
 from ..model import load_model, lora_layers
 from ..recipe import load_recipe
-from ..reports.report import build_report, compare_runs, provenance, write_report
+from ..reports.compare import compare_runs
+from ..reports.report import build_report, provenance, write_report
 from . import describe
 
 

@@ -1,4 +1,4 @@
-"""The forgetting report of a run (`<run>/forgetting/report.{json,md,html}`) and the comparison of runs.
+"""The forgetting report of a run (`<run>/forgetting/report.{json,md,html}`); compare.py compares runs.
 
 report.json is the record; report.md and report.html are views of it, so a report can be re-rendered or compared
 later from the JSON alone (it keeps every example's base and tuned score). The HTML is one self-contained file: its
@@ -14,13 +14,11 @@ import html
 import io
 import json
 import math
-import os
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from ..errors import UserError
-from .forgetting import PASS, Change, changes, mean_interval, pareto_front, run_difference, verdict
+from .forgetting import Change, changes, verdict
 from ..recipe import Recipe, recipe_to_dict
 from .records import Evaluation, TaskScore
 
@@ -213,7 +211,7 @@ def _forgotten(report: dict) -> list[tuple[str, list[dict]]]:
     return [(name, c["forgotten"]) for name, c in report["tasks"].items() if c.get("forgotten")]
 
 
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in r) + " |"
                               for r in rows])
@@ -235,13 +233,13 @@ def _one_line(text: str, limit: int = 160) -> str:
 def render_markdown(report: dict) -> str:
     parts = ["# Forgetting report", "", f"**{report['verdict']['text']}**", ""]
     for title, header, rows, note in _sections(report):
-        parts += [f"## {title}", "", _markdown_table(header, rows), ""] + ([note, ""] if note else [])
+        parts += [f"## {title}", "", markdown_table(header, rows), ""] + ([note, ""] if note else [])
     forgotten = _forgotten(report)
     if forgotten:
         parts += ["## What was forgotten", "", f"Up to {FORGOTTEN_SHOWN} examples per original task that the base "
                   "got right and the tuned model gets wrong, in the order of the task.", ""]
         for name, examples in forgotten:
-            parts += [f"### {name}", "", _markdown_table(
+            parts += [f"### {name}", "", markdown_table(
                 ["prompt", "expected", "base answered", "tuned answered"],
                 [[_one_line(e["prompt"]), _one_line(e["expected"], 60), _one_line(e["base"], 60),
                   _one_line(e["tuned"], 60)] for e in examples]), ""]
@@ -250,13 +248,13 @@ def render_markdown(report: dict) -> str:
     return "\n".join(parts)
 
 
-def _png(fig) -> str:
+def png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
     # A Figure on the Agg canvas directly: no pyplot, so no global backend state and nothing opens a window.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -277,7 +275,7 @@ def _task_plot(report: dict) -> str:
 
     rows = [(name, c, "original") for name, c in report["tasks"].items()] + \
            [(name, c, "target") for name, c in report["targets"].items()]
-    fig = _figure(10, 1.4 + 0.55 * len(rows))
+    fig = figure(10, 1.4 + 0.55 * len(rows))
     deltas, scores = fig.subplots(1, 2, sharey=True, width_ratios=[3, 2])
     ys = list(range(len(rows)))[::-1]
     max_drop = report["verdict"]["max_drop"]
@@ -312,12 +310,12 @@ def _task_plot(report: dict) -> str:
     scores.legend(handles=[Line2D([], [], marker="o", ls="", color="#9e9e9e", label="base"),
                            Line2D([], [], marker="D", ls="", color=ORIGINAL_COLOR, label="tuned"),
                            Line2D([], [], color="#ff7f0e", lw=2, label="chance")], ncol=3, **below)
-    return _png(fig)
+    return png(fig)
 
 
 def _curve_plot(report: dict) -> str:
     curve = report["curve"]
-    fig = _figure(10, 3.4)
+    fig = figure(10, 3.4)
     scores, kl = fig.subplots(1, 2)
     steps = [p["step"] for p in curve]
     for kind, style in (("tasks", "-"), ("targets", "--")):
@@ -334,10 +332,10 @@ def _curve_plot(report: dict) -> str:
     kl.set_ylabel("KL(base ‖ tuned) per token")
     kl.set_title("drift from the base")
     kl.legend(fontsize="small")
-    return _png(fig)
+    return png(fig)
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
+def html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(_cell(c) for c in r) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -359,7 +357,7 @@ STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#22
          "table.examples td{text-align:left;max-width:420px}td.text{text-align:left}")
 
 
-def _html_page(title: str, body: list[str]) -> str:
+def html_page(title: str, body: list[str]) -> str:
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(body)}</body></html>")
 
@@ -370,7 +368,7 @@ def render_html(report: dict) -> str:
     if report["tasks"] or report["targets"]:
         body.append(f"<img alt='change per task with its interval, against the budget' src='{_task_plot(report)}'>")
     for title, header, rows, note in _sections(report):
-        body += [f"<h2>{html.escape(title)}</h2>", _html_table(header, rows)] + \
+        body += [f"<h2>{html.escape(title)}</h2>", html_table(header, rows)] + \
                 ([f"<p>{html.escape(note)}</p>"] if note else [])
     if len(report["curve"]) > 1:
         body.append(f"<img alt='scores and drift over training steps' src='{_curve_plot(report)}'>")
@@ -380,12 +378,12 @@ def render_html(report: dict) -> str:
                     "base got right and the tuned model gets wrong.</p>")
         for name, examples in forgotten:
             rows = [[_one_line(e["prompt"], 300), e["expected"], e["base"], e["tuned"]] for e in examples]
-            body.append(f"<h3>{html.escape(name)}</h3>" + _html_table(
+            body.append(f"<h3>{html.escape(name)}</h3>" + html_table(
                 ["prompt", "expected", "base answered", "tuned answered"], rows).replace("<table>",
                                                                                        "<table class='examples'>"))
     body += ["<h2>How to read this</h2><ul>"] + [f"<li><b>{k}</b>: {html.escape(v)}</li>" for k, v in HOW_TO_READ]
     body += ["</ul><h2>Provenance</h2><ul>"] + [f"<li><b>{k}</b>: {html.escape(v)}</li>" for k, v in _footer(report)]
-    return _html_page("Forgetting report", body + ["</ul>"])
+    return html_page("Forgetting report", body + ["</ul>"])
 
 
 def write_report(out_dir: Path, report: dict) -> None:
@@ -394,263 +392,3 @@ def write_report(out_dir: Path, report: dict) -> None:
     (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
     (out_dir / "report.html").write_text(render_html(report), encoding="utf-8")
-
-
-# ---------------------------------------------------------------- comparing runs
-
-
-def _mean_of(records: dict) -> tuple[float | None, list[float] | None]:
-    if not records:
-        return None, None
-    return mean_interval([(c["delta"], c["ci95"]) for c in records.values()])
-
-
-def _tuned_examples(records: dict) -> dict[str, dict[str, float]]:
-    return {name: {k: pair[1] for k, pair in c.get("examples", {}).items()} for name, c in records.items()}
-
-
-def _run_summary(run: Path) -> dict:
-    path = run / "forgetting" / "report.json"
-    if not path.is_file():
-        raise UserError(f"{run} has no forgetting report ({path}); make one with `finetune eval`.")
-    report = json.loads(path.read_text(encoding="utf-8"))
-    if "status" not in report["verdict"]:
-        raise UserError(f"{path} was written by an older finetune, without the per-example record comparisons "
-                        "need; measure the run again with `finetune eval`.")
-    change, change_ci = _mean_of(report["tasks"])
-    gain, gain_ci = _mean_of(report["targets"])
-    targets = list(report["targets"].values())
-    drift = headline_drift(report["drift"])
-    return {"run": str(run), "name": run.name, **report["method"], "status": report["verdict"]["status"],
-            "within_budget": report["verdict"]["within_budget"], "max_drop": report["verdict"]["max_drop"],
-            "largest_drop": report["verdict"]["largest_drop"],
-            "target_base": sum(c["base"] for c in targets) / len(targets) if targets else None,
-            "target_tuned": sum(c["tuned"] for c in targets) / len(targets) if targets else None,
-            "drop": None if change is None else -change,
-            "drop_ci": None if change_ci is None else [-change_ci[1], -change_ci[0]],
-            "gain": gain, "gain_ci": gain_ci,
-            "kl": drift["kl"] if drift else None, "kl_ci": drift["ci95"] if drift else None,
-            "drift": {kind: {"kl": d["kl"], "ci95": d["ci95"]} for kind, d in report["drift"].items()},
-            "_originals": _tuned_examples(report["tasks"]), "_targets": _tuned_examples(report["targets"])}
-
-
-def _difference(a: dict, b: dict, kind: str) -> dict | None:
-    """a minus b on the same examples of the original (`_originals`) or target (`_targets`) tasks."""
-    return run_difference(a[kind], b[kind])
-
-
-def _told_apart(d: dict | None) -> bool:
-    return d is not None and (d["ci95"][0] > 0 or d["ci95"][1] < 0)
-
-
-def recommended(runs: list[dict]) -> tuple[int | None, list[str]]:
-    """(index of the recommended run or None, statements that qualify it). Only a run whose verdict is PASS can
-    be recommended: of those, the one that gained most on the target tasks, and the statement names every other
-    passing run the paired test cannot tell apart from it."""
-    passing = [i for i, r in enumerate(runs) if r["status"] == PASS]
-    if not passing:
-        return None, ["No run passes its forgetting budget (eval.max_drop): none is recommended."]
-    best = max(passing, key=lambda i: (runs[i]["gain"] or 0.0, -(runs[i]["drop"] or 0.0)))
-    tied = [runs[i]["name"] for i in passing if i != best and
-            not _told_apart(_difference(runs[best], runs[i], "_targets"))]
-    notes = [f"{runs[best]['name']} passes the budget and gained most on the target tasks."]
-    if tied:
-        notes.append(f"On the target tasks it cannot be told apart from {', '.join(tied)} (paired 95% interval of "
-                     "the difference holds 0): those pass too, and any of them would do.")
-    return best, notes
-
-
-def method_comparison(runs: list[dict]) -> list[dict]:
-    """For every pair of run families (e.g. LoRA and full, over learning rates): the two runs nearest in target
-    gain, one from each, and how much less the first forgot on the same examples, with its paired interval."""
-    families = sorted({r["family"] for r in runs if r["gain"] is not None and r["drop"] is not None})
-    out = []
-    for i, fa in enumerate(families):
-        for fb in families[i + 1:]:
-            pairs = [(a, b) for a in runs if a["family"] == fa and a["gain"] is not None
-                     for b in runs if b["family"] == fb and b["gain"] is not None]
-            if not pairs:
-                continue
-            a, b = min(pairs, key=lambda p: abs(p[0]["gain"] - p[1]["gain"]))
-            diff = _difference(a, b, "_originals")  # tuned a - tuned b: positive = a kept more
-            if diff is None:
-                continue
-            # Matched only when the two gains' intervals overlap; otherwise the difference mixes how much each
-            # learned with how much each forgot, and the text says so.
-            matched = not (a["gain_ci"] and b["gain_ci"] and (a["gain_ci"][1] < b["gain_ci"][0]
-                                                               or b["gain_ci"][1] < a["gain_ci"][0]))
-            at = "At similar new-task gain" if matched else "Not matched in new-task gain (their intervals do not overlap)"
-            if _told_apart(diff):
-                better, worse = (a, b) if diff["mean"] > 0 else (b, a)
-                text = (f"{at} ({a['name']}: {a['gain']:+.3f}, {b['name']}: {b['gain']:+.3f}), "
-                        f"{better['family']} ({better['name']}) forgot {abs(diff['mean']):.3f} less than "
-                        f"{worse['family']} ({worse['name']}) on the original tasks (paired 95% CI of the difference "
-                        f"[{abs(diff['ci95'][0] if diff['mean'] > 0 else diff['ci95'][1]):.3f}, "
-                        f"{abs(diff['ci95'][1] if diff['mean'] > 0 else diff['ci95'][0]):.3f}]).")
-            else:
-                text = (f"{at} ({a['name']}: {a['gain']:+.3f}, {b['name']}: {b['gain']:+.3f}), "
-                        f"{fa} and {fb} cannot be told apart on the original tasks: {a['name']} minus {b['name']} "
-                        f"is {diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}].")
-            out.append({"families": [fa, fb], "runs": [a["run"], b["run"]], "original_difference": diff,
-                        "gain_gap": a["gain"] - b["gain"], "matched": matched, "text": text})
-    return out
-
-
-def best_per_family(runs: list[dict]) -> dict[str, str | None]:
-    """Per family, the passing run that gained most (None where no run of it passes)."""
-    out = {}
-    for family in sorted({r["family"] for r in runs}):
-        passing = [r for r in runs if r["family"] == family and r["status"] == PASS]
-        out[family] = max(passing, key=lambda r: r["gain"] or 0.0)["name"] if passing else None
-    return out
-
-
-def _pm(x: float | None, ci: list[float] | None) -> str:
-    return "-" if x is None else f"{x:+.3f}" + ("" if ci is None else f" [{ci[0]:+.3f}, {ci[1]:+.3f}]")
-
-
-def summary_table(result: dict) -> str:
-    """The few numbers a terminal should show: what each run learned, what it cost, and whether it fits."""
-    header = ["run", "method", "seed", "new task: before -> after", "original tasks: mean change [95% CI]",
-              "KL drift [95% CI]", "verdict"]
-    rows = []
-    for r in result["runs"]:
-        learned = "-" if r["target_base"] is None else f"{r['target_base']:.3f} -> {r['target_tuned']:.3f}"
-        change = "-" if r["drop"] is None else _pm(-r["drop"], [-r["drop_ci"][1], -r["drop_ci"][0]])
-        kl = "-" if r["kl"] is None else f"{r['kl']:.3f} [{r['kl_ci'][0]:.3f}, {r['kl_ci'][1]:.3f}]"
-        rows.append([r["name"], r["label"], "-" if r["seed"] is None else str(r["seed"]), learned, change, kl,
-                     r["status"]])
-    return _markdown_table(header, rows)
-
-
-def _distinct_names(runs: list[dict]) -> None:
-    """When two runs' folders share a name (two sweeps' `lr=1e-4`), every run is named by its path from the folder
-    that holds them all (`demo-full-sweep/lr=1e-4`), so none is left ambiguous."""
-    paths = [Path(r["run"]).absolute() for r in runs]
-    if len({p.name for p in paths}) == len(paths):
-        return
-    common = Path(os.path.commonpath([p.parent for p in paths]))
-    for r, path in zip(runs, paths):
-        r["name"] = str(path.relative_to(common))
-
-
-def compare_runs(run_dirs: list[Path], out_dir: Path) -> dict:
-    """`finetune report RUN [RUN...]`: one table over runs and the learning-forgetting plane (x: mean drop on the
-    original tasks, y: mean gain on the target tasks, as in Biderman et al. 2024, "LoRA Learns Less and Forgets
-    Less"), the best passing run per method family, methods compared at similar gain, and the recommended run,
-    written as compare.{json,md,html} in `out_dir`."""
-    runs = [_run_summary(Path(r)) for r in run_dirs]
-    _distinct_names(runs)
-    placed = [i for i, r in enumerate(runs) if r["drop"] is not None and r["gain"] is not None]
-    front = {placed[i] for i in pareto_front([(runs[j]["drop"], runs[j]["gain"]) for j in placed])}
-    pick, notes = recommended(runs)
-    for i, r in enumerate(runs):
-        r["pareto"], r["recommended"] = i in front, i == pick
-    comparisons = method_comparison(runs)
-    best = best_per_family(runs)
-    header = ["run", "method", "seed", "largest drop", "mean drop [95% CI]", "mean target gain [95% CI]",
-              "KL drift [95% CI]", "verdict", "Pareto front", "recommended"]
-    rows = [[r["name"], r["label"], "-" if r["seed"] is None else str(r["seed"]),
-             "-" if r["largest_drop"] is None else f"{r['largest_drop']['drop']:+.3f} ({r['largest_drop']['task']})",
-             _pm(r["drop"], r["drop_ci"]), _pm(r["gain"], r["gain_ci"]),
-             "-" if r["kl"] is None else f"{r['kl']:.3f} [{r['kl_ci'][0]:.3f}, {r['kl_ci'][1]:.3f}]",
-             r["status"], "yes" if r["pareto"] else "", "**yes**" if r["recommended"] else ""] for r in runs]
-    family_rows = [[family, name or "none passes the budget"] for family, name in best.items()]
-    how = ("Drop and gain are means over tasks of the paired deltas, with intervals that combine the tasks' "
-           "intervals as independent (MOVER). The verdict is each run's own (PASS / FAIL / INCONCLUSIVE against its "
-           "eval.max_drop). A run is on the Pareto front when no other run has both a smaller or equal drop and a "
-           "larger or equal gain, by point estimates: neighbours on the front whose intervals overlap may not truly "
-           "differ. Methods are compared on the same examples (paired), between the runs of two families nearest "
-           "in target gain. KL is on the base's chat replies where the model has a chat template, else on text.")
-    for r in runs:
-        del r["_originals"], r["_targets"]
-    result = {"runs": runs, "recommended": None if pick is None else runs[pick]["run"], "notes": notes,
-              "best_per_family": best, "method_comparison": comparisons, "how_to_read": how}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "compare.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    md = ["# Learning vs forgetting across runs", "", _markdown_table(header, rows), "", *notes, "",
-          "## Best run within budget, per method", "", _markdown_table(["method", "best passing run"], family_rows),
-          ""]
-    if comparisons:
-        md += ["## Methods at the nearest new-task gain", ""] + [f"- {c['text']}" for c in comparisons] + [""]
-    md += ["## How to read this", "", how, ""]
-    (out_dir / "compare.md").write_text("\n".join(md), encoding="utf-8")
-    body = [f"<p class='verdict'>{html.escape(' '.join(notes))}</p>", _html_table(header, rows)]
-    if placed:
-        body.append(f"<img alt='learning-forgetting plane' src='{_plane_plot([runs[i] for i in placed])}'>")
-    body += ["<h2>Best run within budget, per method</h2>", _html_table(["method", "best passing run"], family_rows)]
-    if comparisons:
-        body += ["<h2>Methods at the nearest new-task gain</h2><ul>"] + \
-                [f"<li>{html.escape(c['text'])}</li>" for c in comparisons] + ["</ul>"]
-    body += ["<h2>How to read this</h2>", f"<p>{html.escape(how)}</p>"]
-    (out_dir / "compare.html").write_text(_html_page("Learning vs forgetting across runs", body), encoding="utf-8")
-    return result
-
-
-# ---------------------------------------------------------------- the plane
-
-
-def _point_label(r: dict) -> str:
-    """A point's tag on its family's curve: its learning rate, and its seed where several seeds share the rate."""
-    return (r["tag"] or r["name"]) + (f" (seed {r['seed']})" if r.get("_seeds", 1) > 1 else "")
-
-
-def _plane_plot(runs: list[dict]) -> str:
-    """Left: the learning-forgetting plane, one line per method family through its runs in order of learning rate,
-    95% intervals both ways, the budget and the Pareto front. Right: each run's drift with its interval."""
-    from matplotlib import colormaps
-
-    fig = _figure(12, 5)
-    plane, drift = fig.subplots(1, 2, width_ratios=[3, 2])
-    families = sorted({r["family"] for r in runs})
-    colors = colormaps["tab10"]
-    max_drop = min(r["max_drop"] for r in runs)
-    for k, family in enumerate(families):
-        members = sorted((r for r in runs if r["family"] == family), key=lambda r: (r["order"] or 0, r["seed"] or 0))
-        color = colors(k % 10)
-        plane.plot([r["drop"] for r in members], [r["gain"] for r in members], "-", color=color, alpha=0.5)
-        for r in members:
-            r["_seeds"] = sum(m["order"] == r["order"] for m in members)
-            plane.errorbar(r["drop"], r["gain"],
-                           xerr=[[r["drop"] - r["drop_ci"][0]], [r["drop_ci"][1] - r["drop"]]],
-                           yerr=[[r["gain"] - r["gain_ci"][0]], [r["gain_ci"][1] - r["gain"]]] if r["gain_ci"]
-                           else None, fmt="o", color=color, capsize=2, ms=5,
-                           label=family if r is members[0] else None)
-            plane.annotate(_point_label(r), (r["drop"], r["gain"]), textcoords="offset points", xytext=(4, 4),
-                           fontsize=8, color=color)
-    lows = [r["drop_ci"][0] for r in runs] + [0.0]
-    highs = [r["drop_ci"][1] for r in runs] + [max_drop]
-    pad = 0.05 * (max(highs) - min(lows) or 1)
-    plane.set_xlim(min(lows) - pad, max(highs) + pad)
-    plane.axvspan(max_drop, max(highs) + pad, color=BUDGET_COLOR, alpha=0.07, lw=0)
-    plane.axvline(max_drop, color=BUDGET_COLOR, ls="--", lw=1, label=f"budget: drop {max_drop:g}")
-    plane.axvline(0, color="#555", lw=0.8)
-    front = sorted((r["drop"], r["gain"]) for r in runs if r["pareto"])
-    plane.plot([p[0] for p in front], [p[1] for p in front], ":", color="#333", lw=1.5, label="Pareto front")
-    plane.set_xlabel("forgetting: mean drop on original tasks (95% CI); right of the dashed line is over budget")
-    plane.set_ylabel("learning: mean gain on target tasks (95% CI)")
-    plane.set_title("learning vs forgetting (points: learning rate)")
-    plane.legend(fontsize="small", loc="best")
-    with_kl = [r for r in runs if r["kl"] is not None]
-    for i, r in enumerate(with_kl):
-        color = colors(families.index(r["family"]) % 10)
-        drift.errorbar(max(r["kl"], 1e-6), i, xerr=[[r["kl"] - r["kl_ci"][0]], [r["kl_ci"][1] - r["kl"]]], fmt="o",
-                       color=color, capsize=2)
-    drift.set_yticks(range(len(with_kl)), [f"{r['name']}" for r in with_kl], fontsize=8)
-    smallest = min((r["kl_ci"][0] for r in with_kl), default=0.0)
-    if smallest > 0:
-        drift.set_xscale("log")
-        # Labelled at 1-3-10 steps in plain numbers: left to itself, matplotlib labels the minor ticks of a range
-        # under two decades in scientific notation, and the labels run into each other.
-        from matplotlib.ticker import NullFormatter
-
-        largest = max(r["kl_ci"][1] for r in with_kl)
-        ticks = [m * 10.0 ** e for e in range(-4, 4) for m in (1, 3) if smallest / 3 <= m * 10.0 ** e <= largest * 3]
-        drift.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        drift.xaxis.set_minor_formatter(NullFormatter())
-    else:  # a run that did not move at all has KL 0, which a log axis cannot show
-        drift.set_xscale("symlog", linthresh=min((r["kl"] for r in with_kl if r["kl"] > 0), default=0.01))
-        drift.set_xlim(left=0)
-    drift.set_xlabel("drift: KL(base ‖ tuned) per token (95% CI)")
-    drift.set_title("how far predictions moved")
-    return _png(fig)
