@@ -13,7 +13,8 @@ import json
 import re
 from pathlib import Path
 
-from .checkpoint import FINAL_INFO, RunDir, atomic_write_text, read_jsonl
+from .checkpoint import FINAL_INFO, RunDir
+from .files import atomic_write_text, read_jsonl
 from .recipe import ModelSection, Recipe, dump_recipe
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError, print_main
+from .files import atomic_write_text
 from .recipe import Recipe, changed_keys, dump_recipe, recipe_to_dict
 
 PROGRESS = "progress.json"
@@ -181,15 +182,6 @@ def _write_recipe(run: RunDir, recipe: Recipe) -> None:
     atomic_write_text(target, text)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def checkpoint_step(path: Path) -> int:
     return int(_STEP_DIR.match(path.name).group(1))
 
@@ -291,24 +283,6 @@ def _fsync_tree(path: Path, recursive: bool = True) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The objects of a JSON-lines file that is appended to as a run goes (metrics, curves). Its last line may have
-    been cut short by a crash: it is dropped. A bad line before the last is not a crash's doing and is an error."""
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    rows = []
-    for i, line in enumerate(lines, 1):
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            if i == len(lines):
-                break
-            raise RunDirError(f"{path} line {i} is not JSON; the file was edited or damaged. Move it aside to go "
-                              "on without it.") from None
-    return rows
 
 
 # ---------------------------------------------------------------- saving models

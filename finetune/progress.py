@@ -9,7 +9,8 @@ import sys
 import time
 from collections import deque
 
-from .checkpoint import RunDir, read_jsonl
+from .checkpoint import RunDir
+from .files import read_jsonl
 
 RATE_WINDOW = 10  # logged windows the shown tokens/s is the median of: a checkpoint or evaluation pause in one
 # window would otherwise make the rate jump by orders of magnitude for that window

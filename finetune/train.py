@@ -26,8 +26,9 @@ from transformers import get_scheduler
 
 from . import mitigations
 from .card import write_model_card
-from .checkpoint import (Progress, RunDir, atomic_write_text, checkpoint_step, keep_adapter_only, latest_checkpoint,
-                         load_checkpoint, read_jsonl, save_checkpoint, save_model, write_recipe)
+from .checkpoint import (Progress, RunDir, checkpoint_step, keep_adapter_only, latest_checkpoint, load_checkpoint,
+                         save_checkpoint, save_model, write_recipe)
+from .files import atomic_write_text, read_jsonl
 from .cpu import keep_freed_memory
 from .data import IGNORE, Collator, RowDataset, build_datasets, mask_kind
 from .engine import Engine, engine, make_accelerator

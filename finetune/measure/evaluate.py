@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_write_text, read_jsonl
+from ..files import atomic_write_text, read_jsonl
 from ..model import load_model, resolve_model_path
 from ..recipe import EvalSection, ModelSection
 from ..reports.records import Evaluation, TaskScore, from_dict, to_dict

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint import final_folder, read_jsonl
+from ..checkpoint import final_folder
+from ..files import read_jsonl
 from ..model import load_model, load_tokenizer
 from ..recipe import EvalSection, ModelSection, Recipe
 from ..reports.report import build_report, provenance, write_report

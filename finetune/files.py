@@ -1,0 +1,41 @@
+"""Files a run writes and reads again: written aside then renamed (a crash never leaves half a file that a later
+run would trust), JSON-lines that a crash may have cut short."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+
+class DamagedFileError(UserError):
+    """A file finetune wrote was changed or damaged; the message names it and the line."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The objects of a JSON-lines file that is appended to as a run goes (metrics, curves). Its last line may have
+    been cut short by a crash: it is dropped. A bad line before the last is not a crash's doing and is an error."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i == len(lines):
+                break
+            raise DamagedFileError(f"{path} line {i} is not JSON; the file was edited or damaged. Move it aside to go "
+                              "on without it.") from None
+    return rows
