@@ -86,6 +86,16 @@ class RunDir:
 _EXTENDING_KEYS = {"train.max_steps", "train.epochs"}
 
 
+def _new_run_dir(out: Path) -> Path:
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:
+        # Each process would choose the next free folder by itself, before any of them can agree with the others: one
+        # that looks after rank 0 has created dir-2 would take dir-3, and the ranks would train in different folders.
+        raise RunDirError(f"--new-run works in a single process; in a launch of {processes} processes each would "
+                          f"choose its own free folder. Name the new folder instead: output.dir={next_free_dir(out)}")
+    return next_free_dir(out)
+
+
 def next_free_dir(path: Path) -> Path:
     """`runs/x-2`, `runs/x-3`, ...: the first sibling that does not exist yet."""
     n = 2
@@ -94,10 +104,14 @@ def next_free_dir(path: Path) -> Path:
     return candidate
 
 
-def open_run_dir(recipe: Recipe, accept_changes: bool) -> RunDir:
-    """Decide whether this run starts, resumes, is extended or is refused. Reads only; the main process writes later."""
+def open_run_dir(recipe: Recipe, accept_changes: bool, new_run: bool = False) -> RunDir:
+    """Decide whether this run starts, resumes, is extended or is refused. Reads only; the main process writes later.
+    `new_run`: an existing output.dir is left alone and the run goes to the next free sibling (recipe.output.dir is
+    set to it)."""
     from .recipe import describe_changes
 
+    if new_run and Path(recipe.output.dir).exists():
+        recipe.output.dir = str(_new_run_dir(Path(recipe.output.dir)))
     path = Path(recipe.output.dir)
     saved = path / "recipe.yaml"
     if path.exists() and not path.is_dir():

@@ -141,68 +141,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _eval(args) -> int:
-    import dataclasses
+    from .measure.saved import eval_command
 
-    from .checkpoint import next_free_dir
-    from .measure.saved import evaluate_saved
-    from .preflight import check_sources
-    from .recipe import EvalSection, ModelSection
-
-    tuned = Path(args.tuned)
-    saved = tuned / "recipe.yaml"
-    recipe = load_recipe(saved) if saved.is_file() else None
-    section = recipe.eval if recipe else EvalSection()
-    changes = {k: v for k, v in (("tasks", args.tasks), ("target_tasks", args.target_tasks), ("limit", args.limit))
-               if v is not None}
-    section = dataclasses.replace(section, **changes)
-    if not section.tasks and not section.target_tasks:
-        print("error: no tasks to evaluate: pass --tasks (and --target-tasks), or a run whose recipe lists "
-              "eval.tasks.", file=sys.stderr)
-        return EXIT_USER_ERROR
-    base = dataclasses.replace(recipe.model, path=args.base) if recipe else ModelSection(path=args.base)
-    print_main(*check_sources(base, section), file=sys.stderr)
-    quiet.libraries()
-    out = args.out or (tuned / "forgetting" if tuned.is_dir() and saved.is_file() else Path("forgetting"))
-    if out.exists() and any(out.iterdir()):
-        if args.out:
-            print(f"error: {out} already holds files; nothing is overwritten. Choose another --out.", file=sys.stderr)
-            return EXIT_USER_ERROR
-        out = next_free_dir(out)  # the run's own report stays as training wrote it
-    from .mitigations import describe
-
-    if args.checkpoints:
-        if recipe is None:
-            raise UserError(f"--checkpoints needs a run folder (one with recipe.yaml); {tuned} is not one.")
-        from .measure.saved import evaluate_checkpoints
-
-        report = evaluate_checkpoints(tuned, dataclasses.replace(recipe, model=base), section, out,
-                                      method=describe(recipe))
-    else:
-        report = evaluate_saved(base, tuned, section, out, recipe=recipe, method=describe(recipe) if recipe else None)
+    report, out = eval_command(Path(args.tuned), args.base, tasks=args.tasks, target_tasks=args.target_tasks,
+                               limit=args.limit, out=args.out, checkpoints=args.checkpoints)
     print(f"{report['verdict']['text']}\nreport: {out / 'report.html'}")
-    if recipe is not None and out == tuned / "forgetting":
-        from .card import refresh_model_card
-        from .checkpoint import RunDir
-
-        refresh_model_card(recipe, RunDir(tuned, None, True))  # the run's card now carries this verdict
     return 0
 
 
 def _train(args) -> int:
-    from .checkpoint import RunDirError, next_free_dir, open_run_dir
+    from .checkpoint import open_run_dir
 
     recipe = load_recipe(args.recipe, args.overrides)
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.new_run and processes > 1:
-        # Each process would choose the next free folder by itself, before any of them can agree with the others: one
-        # that looks after rank 0 has created dir-2 would take dir-3, and the ranks would train in different folders.
-        out = Path(recipe.output.dir)
-        raise RunDirError(f"--new-run works in a single process; in a launch of {processes} processes each would "
-                          "choose its own free folder. Name the new folder instead: "
-                          f"output.dir={next_free_dir(out) if out.exists() else out}")
-    if args.new_run and Path(recipe.output.dir).exists():
-        recipe.output.dir = str(next_free_dir(Path(recipe.output.dir)))
-    run = open_run_dir(recipe, args.accept_changes)
+    run = open_run_dir(recipe, args.accept_changes, new_run=args.new_run)
     if run.finished and not run.extending:
         print_main(f"{run.path} already holds a finished run ({run.final}); nothing to do. Use --new-run to train "
                    "again in a new folder, or raise train.max_steps with --accept-changes to train it on.")

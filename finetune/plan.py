@@ -25,6 +25,9 @@ reduce-scatter, twice that for an all-reduce): DDP all-reduces the gradients onc
 run without sync); FSDP (full shard) all-gathers the weights in the forward and again in the backward of every
 micro-step and reduce-scatters the gradients once per update; ZeRO-2 reduce-scatters gradients every micro-step and
 all-gathers the updated weights once; ZeRO-3 gathers the weights twice and reduces the gradients every micro-step.
+
+A little over our ~450-line rule: the layout read from the config, the estimate and its table are one command whose
+parts only this module uses; the estimate is split by what it counts (state at rest, the busiest phase, traffic).
 """
 
 from __future__ import annotations
@@ -239,84 +242,106 @@ def _layer_bytes_per_token(layout: Layout, lora, adapted: list[Linear], rb: int,
     return per_layer
 
 
-def estimate(layout: Layout, recipe: Recipe, launch: Launch, engine: str, checkpointing: bool) -> Estimate:
-    """Memory per device and bytes sent per update under `engine` (the launch config's offload settings apply to its
-    own engine); see the module's docstring for what counts."""
-    L, h, V, n = layout.layers, layout.hidden, layout.vocab, launch.processes
+@dataclass
+class _Precision:
+    """What the memory and the traffic parts share: what is trained, and in how many bytes each thing is held."""
+    trainable: float  # parameters
+    adapted: list  # the LoRA-adapted linears of a layer
+    wb: int  # weights as loaded
+    tb: int  # trained weights (peft keeps adapters in float32)
+    gb: int  # gradients
+    gather_b: int  # what FSDP and ZeRO-3 gather
+    half: bool  # bf16/fp16 mixed precision
+    zero: bool  # a DeepSpeed engine
+    autocast: bool  # torch autocast (DeepSpeed casts the model itself instead)
+
+
+def _precision(layout: Layout, recipe: Recipe, launch: Launch, engine: str) -> _Precision:
+    lora = recipe.lora
     mixed = recipe.train.mixed_precision or launch.mixed_precision or "no"
-    own = engine == launch.engine
-    lora, quant = recipe.lora, recipe.model.quantization
     wb = BYTES[recipe.model.dtype]
     zero = engine.startswith("ZeRO")
     half = mixed in ("bf16", "fp16")
-    autocast = half and not zero  # DeepSpeed casts the model itself instead
     adapted = [l for l in layout.linears if lora and _adapted(l.name, lora.target_modules)]
-    trainable = (L * sum(lora.r * (l.inp + l.out) + (l.out if lora.use_dora else 0) for l in adapted) if lora
-                 else layout.params)
-    tb = 4 if lora else wb  # peft keeps adapters in float32
+    trainable = (layout.layers * sum(lora.r * (l.inp + l.out) + (l.out if lora.use_dora else 0) for l in adapted)
+                 if lora else layout.params)
+    tb = 4 if lora else wb
+    return _Precision(trainable, adapted, wb, tb, gb=(2 if half else 4) if zero else tb,
+                      gather_b=2 if half else wb, half=half, zero=zero, autocast=half and not zero)
+
+
+def _at_rest(layout: Layout, recipe: Recipe, launch: Launch, engine: str, p: _Precision) -> dict:
+    """Per device between updates: weights, gradients, optimizer state and the engine's own buffers."""
+    n, own, quant, zero, half = launch.processes, engine == launch.engine, recipe.model.quantization, p.zero, p.half
     if quant is not None:
         scales = 1 / 64 + 4 / (64 * 256) if quant.double_quant else 4 / 64  # per weight, blocks of 64
         frozen = layout.linear_params * (0.5 + scales) + (layout.params - layout.linear_params) * 4
     else:
-        frozen = layout.params * (2 if zero and half else wb) if lora else 0
-    weights = frozen + trainable * (2 if zero and half else tb)
-    gb = (2 if half else 4) if zero else tb  # gradient bytes
-    optimizer = trainable * ((12 if half else 8) if zero else 2 * tb)  # AdamW m and v (+ DeepSpeed's fp32 master)
-    gather_b = 2 if half else wb
-    one_layer_gathered = layout.layer_params * gather_b
-
-    # Per device at rest.
+        frozen = layout.params * (2 if zero and half else p.wb) if recipe.lora else 0
+    weights = frozen + p.trainable * (2 if zero and half else p.tb)
+    optimizer = p.trainable * ((12 if half else 8) if zero else 2 * p.tb)  # AdamW m and v (+ DeepSpeed's fp32 master)
+    one_layer_gathered = layout.layer_params * p.gather_b
     buffers = 0.0
-    grads = trainable * gb
+    grads = p.trainable * p.gb
     if engine == "DDP":
-        buffers += trainable * gb  # buckets: DDP's own copy of the gradients
+        buffers += p.trainable * p.gb  # buckets: DDP's own copy of the gradients
     elif engine == "FSDP":
         weights, grads, optimizer = weights / n, grads / n, optimizer / n
         if own and not launch.reshard_after_forward:  # weights stay gathered from the forward to the backward
-            buffers += layout.params * gather_b
+            buffers += layout.params * p.gather_b
         else:
             buffers += 2 * one_layer_gathered  # the layer computing and the one prefetched
         if own and launch.offload_params:  # sharded weights, gradients and optimizer live in CPU memory
             weights = grads = optimizer = 0
         if recipe.train.grad_accum > 1:  # no reduce-scatter while accumulating: whole gradients on every rank
-            buffers += trainable * (2 if half else tb)
+            buffers += p.trainable * (2 if half else p.tb)
     elif zero:
         grads, optimizer = grads / n, optimizer / n
-        buffers += min(DS_BUCKET, trainable) * gb * 2  # reduce and all-gather buckets
+        buffers += min(DS_BUCKET, p.trainable) * p.gb * 2  # reduce and all-gather buckets
         if engine == "ZeRO-3":
             weights /= n
-            buffers += max(2 * one_layer_gathered, min(DS_MAX_LIVE, layout.params) * gather_b)
+            buffers += max(2 * one_layer_gathered, min(DS_MAX_LIVE, layout.params) * p.gather_b)
             if own and launch.offload_params:
                 weights = 0
         if own and launch.offload_optimizer:  # states and the float32 master copy live in CPU memory
             optimizer = 0
+    if quant is not None:
+        buffers += max(l.inp * l.out for l in layout.linears) * 2  # one weight dequantized in the backward
+    return {"weights": weights, "gradients": grads, "optimizer state": optimizer, "engine buffers": buffers}
 
+
+def _busiest_phase(layout: Layout, recipe: Recipe, engine: str, checkpointing: bool, p: _Precision,
+                   grads: float) -> dict:
+    """What an update holds at its busiest moment besides the state at rest: gradients, activations, loss buffers and
+    weight copies, at the end of the forward, the head's backward, the last layer's backward or the end."""
+    L, h, V = layout.layers, layout.hidden, layout.vocab
+    quant, zero, half, wb = recipe.model.quantization, p.zero, p.half, p.wb
     # Activations kept for the backward, per token of a micro-batch.
     T = recipe.train.batch_size * recipe.data.max_length
     rb = 4 if quant is not None else (2 if zero and half else wb)  # the residual stream
     # Matmul outputs; 4-bit layers hand back their input's dtype (float32 after peft's preparation), autocast or not.
     ab = 4 if quant is not None else (2 if half else wb)
     att_b = 2 if half else ab  # sdpa computes in bf16 under autocast
-    full = lora is None
-    per_layer = _layer_bytes_per_token(layout, lora, adapted, rb, ab, att_b, autocast, half)
+    full = recipe.lora is None
+    per_layer = _layer_bytes_per_token(layout, recipe.lora, p.adapted, rb, ab, att_b, p.autocast, half)
     final = h * rb + (4 * h if rb < 4 else 0) + (2 * h * rb if full else 0)
     # Kept from the forward: every layer's activations, or with checkpointing only each layer's input.
     kept = T * ((L * h * rb if checkpointing else L * per_layer) + final)
     layer_acts = T * per_layer
     # A layer's backward holds the gradients flowing through it: the residual's and the MLP's widest.
     layer_grads = T * (h + 2 * layout.intermediate) * ab
-    logits_b = 2 if zero and half or (wb == 2 and not autocast and quant is None) else 4
+    logits_b = 2 if zero and half or (wb == 2 and not p.autocast and quant is None) else 4
     loss_fwd = T * V * (logits_b + 4)  # the logits and the float32 gradient made beside them
     loss_bwd = T * V * (4 + (logits_b if logits_b < 4 else 0))  # the gradient, and its cast back
     head = V * h
     copies_all = copies_fwd = copies_bwd = copies_layer = 0.0
-    if autocast and quant is None and engine != "FSDP" and wb == 4:  # FSDP gathers in bf16: nothing to cast
+    if p.autocast and quant is None and engine != "FSDP" and wb == 4:  # FSDP gathers in bf16: nothing to cast
         copies_all = (layout.linear_params + head) * 2
         copies_layer = (layout.linear_params / L + head) * 2
         copies_fwd = copies_all if full or not checkpointing else copies_layer  # autocast caches trained weights
         copies_bwd = copies_layer if checkpointing else copies_all
     accumulated = grads if recipe.train.grad_accum > 1 else 0
-    head_grad = head * gb if full else 0
+    head_grad = head * p.gb if full else 0
     phases = [  # the end of the forward, the head's backward, the last layer's backward, the end of the backward
         {"gradients": accumulated, "activations": kept, "loss buffers": loss_fwd, "weight copies": copies_fwd},
         {"gradients": max(accumulated, head_grad), "activations": kept, "loss buffers": loss_bwd,
@@ -326,24 +351,34 @@ def estimate(layout: Layout, recipe: Recipe, launch: Launch, engine: str, checkp
         {"gradients": grads, "activations": layer_acts + layer_grads, "loss buffers": 0,
          "weight copies": copies_layer},
     ]
-    busiest = max(phases, key=lambda p: sum(p.values()))
-    if quant is not None:
-        buffers += max(l.inp * l.out for l in layout.linears) * 2  # one weight dequantized in the backward
-    parts = {"weights": weights, "gradients": busiest["gradients"], "optimizer state": optimizer,
-             "activations": busiest["activations"], "loss buffers": busiest["loss buffers"],
-             "weight copies": busiest["weight copies"], "engine buffers": buffers}
+    return max(phases, key=lambda phase: sum(phase.values()))
 
-    ring = (n - 1) / n
+
+def _sent(layout: Layout, recipe: Recipe, launch: Launch, engine: str, p: _Precision) -> float:
+    """Bytes each device sends per optimizer update (ring all-reduce, reduce-scatter and all-gather)."""
+    ring = (launch.processes - 1) / launch.processes
     k = recipe.train.grad_accum
-    everything = layout.params * gather_b  # what FSDP and ZeRO-3 gather (not offered with QLoRA)
-    sent = {"one device": 0.0,
-            "DDP": 2 * ring * trainable * gb,
+    everything = layout.params * p.gather_b  # what FSDP and ZeRO-3 gather (not offered with QLoRA)
+    own = engine == launch.engine
+    return {"one device": 0.0,
+            "DDP": 2 * ring * p.trainable * p.gb,
             "FSDP": k * (2 if launch.reshard_after_forward or not own else 1) * ring * everything
-            + ring * trainable * (2 if half else tb),
-            "ZeRO-2": k * ring * trainable * gb + ring * trainable * gather_b,
-            "ZeRO-3": k * (2 * ring * everything + ring * trainable * gb)}[engine]
-    return Estimate(parts, sum(parts.values()), sent, trainable,
-                    supported=quant is None or engine in ("one device", "DDP"))
+            + ring * p.trainable * (2 if p.half else p.tb),
+            "ZeRO-2": k * ring * p.trainable * p.gb + ring * p.trainable * p.gather_b,
+            "ZeRO-3": k * (2 * ring * everything + ring * p.trainable * p.gb)}[engine]
+
+
+def estimate(layout: Layout, recipe: Recipe, launch: Launch, engine: str, checkpointing: bool) -> Estimate:
+    """Memory per device and bytes sent per update under `engine` (the launch config's offload settings apply to its
+    own engine); see the module's docstring for what counts."""
+    p = _precision(layout, recipe, launch, engine)
+    rest = _at_rest(layout, recipe, launch, engine, p)
+    busiest = _busiest_phase(layout, recipe, engine, checkpointing, p, rest["gradients"])
+    parts = {"weights": rest["weights"], "gradients": busiest["gradients"], "optimizer state": rest["optimizer state"],
+             "activations": busiest["activations"], "loss buffers": busiest["loss buffers"],
+             "weight copies": busiest["weight copies"], "engine buffers": rest["engine buffers"]}
+    return Estimate(parts, sum(parts.values()), _sent(layout, recipe, launch, engine, p), p.trainable,
+                    supported=recipe.model.quantization is None or engine in ("one device", "DDP"))
 
 
 # ---------------------------------------------------------------- the table

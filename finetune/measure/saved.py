@@ -3,9 +3,11 @@ of a finished run (`--checkpoints`), and the start that `finetune interpolate` a
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..checkpoint import final_folder
+from ..errors import print_main
 from ..files import read_jsonl
 from ..model import load_model, load_tokenizer
 from ..recipe import EvalSection, ModelSection, Recipe
@@ -94,3 +96,46 @@ def evaluate_checkpoints(run: Path, recipe: Recipe, section: EvalSection, out_di
                                      "the run kept", method=method)
     write_report(out_dir, report)
     return report
+
+
+def eval_command(tuned: Path, base_path: str, *, tasks: list[str] | None, target_tasks: list[str] | None,
+                 limit: int | None, out: Path | None, checkpoints: bool) -> tuple[dict, Path]:
+    """`finetune eval BASE TUNED`: the tasks are the run's recipe's (TUNED/recipe.yaml) unless given; the report goes
+    to `out`, else to the run's forgetting/ (its own report, if any, kept: the next free sibling), else to
+    ./forgetting. A run's model card then carries the new verdict. Returns (report, the folder written)."""
+    import dataclasses
+
+    from ..card import refresh_model_card
+    from ..checkpoint import RunDir, next_free_dir
+    from ..mitigations import describe
+    from ..preflight import check_sources
+    from ..quiet import libraries
+    from ..recipe import load_recipe
+
+    saved = tuned / "recipe.yaml"
+    recipe = load_recipe(saved) if saved.is_file() else None
+    section = recipe.eval if recipe else EvalSection()
+    changes = {k: v for k, v in (("tasks", tasks), ("target_tasks", target_tasks), ("limit", limit)) if v is not None}
+    section = dataclasses.replace(section, **changes)
+    if not section.tasks and not section.target_tasks:
+        raise EvalError("no tasks to evaluate: pass --tasks (and --target-tasks), or a run whose recipe lists "
+                        "eval.tasks.")
+    if checkpoints and recipe is None:
+        raise EvalError(f"--checkpoints needs a run folder (one with recipe.yaml); {tuned} is not one.")
+    base = dataclasses.replace(recipe.model, path=base_path) if recipe else ModelSection(path=base_path)
+    print_main(*check_sources(base, section), file=sys.stderr)
+    libraries()
+    chosen = out or (tuned / "forgetting" if tuned.is_dir() and recipe else Path("forgetting"))
+    if chosen.exists() and any(chosen.iterdir()):
+        if out:
+            raise EvalError(f"{out} already holds files; nothing is overwritten. Choose another --out.")
+        chosen = next_free_dir(chosen)  # the run's own report stays as training wrote it
+    if checkpoints:
+        report = evaluate_checkpoints(tuned, dataclasses.replace(recipe, model=base), section, chosen,
+                                      method=describe(recipe))
+    else:
+        report = evaluate_saved(base, tuned, section, chosen, recipe=recipe,
+                                method=describe(recipe) if recipe else None)
+    if recipe is not None and chosen == tuned / "forgetting":
+        refresh_model_card(recipe, RunDir(tuned, None, True))  # the run's card now carries this verdict
+    return report, chosen
