@@ -60,11 +60,43 @@ def test_the_package_import_graph_has_no_cycle():
         visit(module)
 
 
-def test_comparing_reports_imports_no_torch():
-    code = "import sys, finetune.reports.report, finetune.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in " \
-           "('torch', 'transformers', 'peft', 'lm_eval', 'accelerate')))"
+HEAVY = ("torch", "transformers", "peft", "lm_eval", "accelerate")
+
+
+def test_nothing_under_reports_imports_torch_or_the_measuring_half():
+    """A folder rule: reports and comparisons run on a laptop, from report.json files alone."""
+    reports = sorted((PACKAGE / "reports").glob("*.py"))
+    assert len(reports) >= 4  # records, forgetting, report, compare
+    for path in reports:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] not in HEAVY, f"{path.name} imports {name}"
+                assert not name.startswith(("..measure", "finetune.measure")), f"{path.name} imports {name}"
+    modules = ", ".join(f"finetune.reports.{p.stem}" for p in reports if p.stem != "__init__")
+    code = f"import sys, finetune.cli, {modules}; print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_training_never_imports_the_post_hoc_commands():
+    graph = _import_graph()
+    reached, todo = set(), ["finetune.train"]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo.extend(graph[module])
+    assert "finetune.mitigations" in reached and "finetune.mitigations.wise_ft" not in reached
+    code = ("import sys, finetune.mitigations as m; m._modules(); "
+            "print('finetune.mitigations.wise_ft' in sys.modules, 'finetune.mitigations.l2sp' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]
 
 
 def test_recipe_formats_and_suffixes_are_the_data_tables():

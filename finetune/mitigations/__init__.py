@@ -10,7 +10,8 @@ A module may define any of these (all optional):
     regularizer(recipe, ctx) -> Regularizer | None
         A penalty on every update. Built before a checkpoint is loaded, while the weights are still the base's.
 
-Post-hoc methods are commands of their own (wise_ft.py: `finetune interpolate`) and label the reports they write.
+Post-hoc methods are commands of their own (wise_ft.py: `finetune interpolate`), listed in POST_HOC so that training
+never imports them, and label the reports they write.
 The budget policy (`eval.on_over_budget`) lives with evaluation during training (training_eval.py).
 """
 
@@ -43,8 +44,14 @@ class Context:
     tokenizer: Any
 
 
+# Commands of their own, run on a finished run: training never imports them (wise_ft.py needs evaluation and reports).
+POST_HOC = {"wise_ft"}
+
+
 def _modules() -> list:
-    found = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    """The mitigations a training run may use: every module of this package but the post-hoc ones."""
+    found = sorted(m.name for m in pkgutil.iter_modules(__path__)
+                   if not m.name.startswith("_") and m.name not in POST_HOC)
     return [importlib.import_module(f"{__name__}.{name}") for name in found]
 
 
