@@ -1,4 +1,4 @@
-"""A newcomer's slips, each answered by one clear line and a non-zero exit, without a traceback (issue 16's table).
+"""A newcomer's slips, each answered by one clear line and a non-zero exit, without a traceback.
 
 Commands run as a user runs them (`python -m finetune ...` in a folder of their own), with the hub pointed at a
 closed local port and an empty cache: nothing here uses the network, and the outcome is the same with or without it.

@@ -51,7 +51,7 @@ def test_unchanged_examples_give_an_interval_with_the_closed_form_width():
 
 
 def test_flips_one_way_give_the_hand_derived_limits():
-    # 4 of 60 examples right -> wrong and none back (the example). With no `better` flips the score
+    # 4 of 60 examples right -> wrong and none back. With no `better` flips the score
     # statistic has closed forms: the far limit is Wilson's upper limit for 4/60, the near one (k - z^2) / (n + z^2).
     low, high = paired_interval(4, 0, 60)
     assert low == pytest.approx(-wilson_upper(4, 60), abs=1e-9)
