@@ -9,6 +9,7 @@ import shutil
 import sys
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import peft
@@ -232,3 +233,17 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _write_aside(out_dir, write)
     return out_dir
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Dropout off for the duration (identical weights must give identical logits), then each module's own mode back:
+    `model.train(was_training)` would set them all alike, and a model is not always in one mode (from_pretrained
+    leaves the base's modules in eval mode, peft adds its layers in training mode)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training

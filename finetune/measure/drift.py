@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
+from ..model import eval_mode
 from ..reports.forgetting import bootstrap_ratio
 from ..reports.records import Drift
 from .sharing import Ranks
@@ -35,20 +35,6 @@ GENERATION_BATCH = 20  # prompts sampled together (left-padded): the same texts 
 
 class DriftError(UserError):
     """Drift texts that cannot be used; the message names the file and what it needs."""
-
-
-@contextmanager
-def eval_mode(model: torch.nn.Module):
-    """Dropout off for the duration (identical weights must give identical logits), then each module's own mode back:
-    `model.train(was_training)` would set them all alike, and a model is not always in one mode (from_pretrained
-    leaves the base's modules in eval mode, peft adds its layers in training mode)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 class AdapterDisabled(torch.nn.Module):

@@ -18,11 +18,9 @@ import numpy as np
 import torch
 
 from ..errors import UpstreamChanged, UserError
+from ..model import eval_mode
 from ..quiet import silence_lm_eval
 from ..reports.records import TaskScore
-from .drift import (
-    eval_mode,
-)
 from .sharing import Ranks, as_one_process, shared_lm_class
 
 # Metrics whose per-example scores are 0 or 1, as the paired statistics need (forgetting.py).

@@ -36,10 +36,9 @@ from accelerate.utils import send_to_device
 from datasets import concatenate_datasets
 
 from ..data import IGNORE, Collator, DataStats, encode_dataset, mask_kind
-from ..measure.drift import eval_mode
 from ..errors import UserError
 from ..loss import logits_at
-from ..model import load_model
+from ..model import eval_mode, load_model
 
 BUCKET = 2**24  # gradient elements per all-reduce: 64 MB of float32
 STATE_FILE = "kl_to_base.json"  # in each checkpoint: the prompt stream's position
