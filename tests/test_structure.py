@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 import typing
@@ -58,6 +59,33 @@ def test_the_package_import_graph_has_no_cycle():
     assert "finetune.reports.report" in graph and graph["finetune.measure.evaluate"]  # the graph was really read
     for module in graph:
         visit(module)
+
+
+def _code_map() -> dict[str, int]:
+    """Module -> its layer's rank in the README's code map (0: the commands, at the top)."""
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| layer | module | what it holds |"):].split("\n\n")[0].splitlines()[2:]
+    layers, ranks = [], {}
+    for row in table:
+        layer, modules = (c.strip() for c in row.split("|")[1:3])
+        if layer:
+            layers.append(layer)
+        for path in re.findall(r"`([\w/]+(?:\.py|/))`", modules):
+            if path.endswith("/") and not (PACKAGE / path / "__init__.py").is_file():
+                continue  # a folder of data (model_configs/)
+            names = ([f"finetune.{path.strip('/')}"] + [f"finetune.mitigations.{m}" for m in ("replay", "l2sp",
+                                                                                            "kl_to_base")]
+                     if path.endswith("/") else [f"finetune.{path[:-3].replace('/', '.')}"])
+            ranks.update(dict.fromkeys(names, len(layers) - 1))
+    return ranks
+
+
+def test_the_readme_code_map_lists_every_module_and_imports_point_down_its_layers():
+    graph, ranks = _import_graph(), _code_map()
+    packages = {"finetune", "finetune.__main__", "finetune.measure", "finetune.reports"}
+    assert set(graph) - packages == set(ranks), "modules missing from, or only in, the README's code map"
+    upward = [f"{m} -> {d}" for m in ranks for d in graph[m] if d in ranks and ranks[d] < ranks[m]]
+    assert not upward, f"imports pointing up the code map's layers: {upward}"
 
 
 HEAVY = ("torch", "transformers", "peft", "lm_eval", "accelerate")
