@@ -37,8 +37,9 @@ TORCH=$(grep -o '^torch==[^ ]*' requirements-torch.txt)
 if [ "${FINETUNE_UNLOCKED:-0}" = 1 ]; then
   step "pip (newest)" python -m pip install --upgrade pip
   step "$TORCH" pip install -r requirements-torch.txt ${FINETUNE_TORCH_INDEX:+--index-url "$FINETUNE_TORCH_INDEX"}
+  # torch stays as pinned (-c): an eager upgrade would otherwise fetch the newest build, CUDA's, several GB.
   step "finetune and the newest releases of its dependencies" \
-    pip install --upgrade --upgrade-strategy eager -e ".[dev,deepspeed]"
+    pip install --upgrade --upgrade-strategy eager -c requirements-torch.txt -e ".[dev,deepspeed]"
 else
   step "pip" python -m pip install "pip==26.3"
   python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '${TORCH#torch==}')" 2>/dev/null \
