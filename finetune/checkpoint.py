@@ -87,13 +87,15 @@ _EXTENDING_KEYS = {"train.max_steps", "train.epochs"}
 
 
 def _new_run_dir(out: Path) -> Path:
+    """`out` itself while it does not exist, else its next free sibling."""
+    free = next_free_dir(out) if out.exists() else out
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes > 1:
         # Each process would choose the next free folder by itself, before any of them can agree with the others: one
         # that looks after rank 0 has created dir-2 would take dir-3, and the ranks would train in different folders.
         raise RunDirError(f"--new-run works in a single process; in a launch of {processes} processes each would "
-                          f"choose its own free folder. Name the new folder instead: output.dir={next_free_dir(out)}")
-    return next_free_dir(out)
+                          f"choose its own free folder. Name the new folder instead: output.dir={free}")
+    return free
 
 
 def next_free_dir(path: Path) -> Path:
@@ -110,7 +112,7 @@ def open_run_dir(recipe: Recipe, accept_changes: bool, new_run: bool = False) ->
     set to it)."""
     from .recipe import describe_changes
 
-    if new_run and Path(recipe.output.dir).exists():
+    if new_run:
         recipe.output.dir = str(_new_run_dir(Path(recipe.output.dir)))
     path = Path(recipe.output.dir)
     saved = path / "recipe.yaml"
