@@ -81,6 +81,8 @@ def run(accelerate_args: list[str], finetune_args: list[str], verbose: bool) -> 
 
 
 class _Exited(Exception):
+    """The one process of a launch ended with a non-zero status, after printing its own lines."""
+
     def __init__(self, status: int):
         self.status = status
 
