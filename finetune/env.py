@@ -69,8 +69,9 @@ def lock_status(lock: Path = LOCK) -> list[str]:
     if not lock.is_file():
         return [f"no {lock.name} beside this install (not a checkout): versions are whatever pip chose"]
     pins = {_normal(m[1]): m[2] for line in lock.read_text(encoding="utf-8").splitlines() if (m := _PIN.match(line))}
-    differ = [f"  {name} {_version(name)} (lock: {pinned})" for name, pinned in sorted(pins.items())
-              if _version(name) != pinned]
+    installed = {name: _version(name) for name in pins}
+    differ = [f"  {name} {installed[name]} (lock: {pinned})" for name, pinned in sorted(pins.items())
+              if installed[name] != pinned]
     if not differ:
         return [f"{lock}: every one of its {len(pins)} packages installed at its version"]
     return [f"{lock}: {len(differ)} of its {len(pins)} packages differ (`bash scripts/install.sh` restores it):"] \

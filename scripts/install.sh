@@ -33,17 +33,17 @@ step() {  # step "what it does" command...: one line on the screen, the command'
   fi
 }
 
+PIP="pip==26.3"  # the locked install's pip; unlocked, the newest
+[ "${FINETUNE_UNLOCKED:-0}" = 1 ] && PIP=pip
+step "$PIP" python -m pip install --upgrade "$PIP"
 TORCH=$(grep -o '^torch==[^ ]*' requirements-torch.txt)
+python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '${TORCH#torch==}')" 2>/dev/null \
+  || step "$TORCH" pip install -r requirements-torch.txt ${FINETUNE_TORCH_INDEX:+--index-url "$FINETUNE_TORCH_INDEX"}
 if [ "${FINETUNE_UNLOCKED:-0}" = 1 ]; then
-  step "pip (newest)" python -m pip install --upgrade pip
-  step "$TORCH" pip install -r requirements-torch.txt ${FINETUNE_TORCH_INDEX:+--index-url "$FINETUNE_TORCH_INDEX"}
   # torch stays as pinned (-c): an eager upgrade would otherwise fetch the newest build, CUDA's, several GB.
   step "finetune and the newest releases of its dependencies" \
     pip install --upgrade --upgrade-strategy eager -c requirements-torch.txt -e ".[dev,deepspeed]"
 else
-  step "pip" python -m pip install "pip==26.3"
-  python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '${TORCH#torch==}')" 2>/dev/null \
-    || step "$TORCH" pip install -r requirements-torch.txt ${FINETUNE_TORCH_INDEX:+--index-url "$FINETUNE_TORCH_INDEX"}
   # --no-deps: the lock holds every dependency already, each with its hashes; nothing is resolved anew.
   step "dependencies from requirements.lock" pip install --no-deps --require-hashes -r requirements.lock
   step "finetune" pip install --no-deps -e .
