@@ -288,6 +288,9 @@ def run_torch(c: dict, tmp: Path, device):
 
 def worker(c: dict) -> dict:
     """One run; returns steady-state rates (the first `warmup` steps dropped), peak RSS and MFU."""
+    from finetune.startup import skip_bitsandbytes
+
+    skip_bitsandbytes(quantized=False)  # no run here quantizes: every implementation starts 2 s sooner alike
     device = torch.device("cuda" if c["cuda"] else "cpu")
     if device.type == "cpu":
         from finetune.cpu import keep_freed_memory

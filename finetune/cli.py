@@ -151,8 +151,10 @@ def _eval(args) -> int:
 
 def _train(args) -> int:
     from .checkpoint import open_run_dir
+    from .startup import skip_bitsandbytes
 
     recipe = load_recipe(args.recipe, args.overrides)
+    skip_bitsandbytes(recipe.model.quantization is not None)
     run = open_run_dir(recipe, args.accept_changes, new_run=args.new_run)
     if run.finished and not run.extending:
         print_main(f"{run.path} already holds a finished run ({run.final}); nothing to do. Use --new-run to train "

@@ -4,6 +4,8 @@ adapter on a 4-bit base, merging into the unquantized weights."""
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -153,3 +155,21 @@ def test_merge_says_a_qlora_adapter_went_into_unquantized_weights(tmp_path, tiny
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump({"model": {"path": str(tiny_model)}}))
     assert cli.main(["merge", str(run_dir / "final"), str(tmp_path / "merged-2")]) == 0
     assert "QLoRA" not in capsys.readouterr().out
+
+
+BITSANDBYTES_AT_EXIT = """import atexit, runpy, sys
+atexit.register(lambda: print("bitsandbytes loaded:", sys.modules.get("bitsandbytes") is not None, file=sys.stderr))
+sys.argv = ["finetune", *sys.argv[1:]]
+runpy.run_module("finetune", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_finetune_train_loads_bitsandbytes_only_for_a_quantized_base(tmp_path, tiny_model):
+    for name, sections in [("plain", {"lora": {"r": 4}}), ("qlora", {"model": {"quantization": QUANT}, "lora": {"r": 4}})]:
+        path = make_recipe(tmp_path, tiny_model, name, train={"max_steps": 1}, **sections)
+        proc = subprocess.run([sys.executable, "-c", BITSANDBYTES_AT_EXIT, "train", str(path)], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"bitsandbytes loaded: {name == 'qlora'}" in proc.stderr, proc.stderr[-3000:]
+        assert len(metrics(tmp_path / "runs" / name)) == 1
