@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError, print_main
-from .files import atomic_write_text
+from .files import atomic_write_text, next_free_dir
 from .recipe import Recipe, changed_keys, dump_recipe, recipe_to_dict
 
 PROGRESS = "progress.json"
@@ -96,14 +96,6 @@ def _new_run_dir(out: Path) -> Path:
         raise RunDirError(f"--new-run works in a single process; in a launch of {processes} processes each would "
                           f"choose its own free folder. Name the new folder instead: output.dir={free}")
     return free
-
-
-def next_free_dir(path: Path) -> Path:
-    """`runs/x-2`, `runs/x-3`, ...: the first sibling that does not exist yet."""
-    n = 2
-    while (candidate := path.with_name(f"{path.name}-{n}")).exists():
-        n += 1
-    return candidate
 
 
 def open_run_dir(recipe: Recipe, accept_changes: bool, new_run: bool = False) -> RunDir:

@@ -39,3 +39,11 @@ def read_jsonl(path: Path) -> list[dict]:
             raise DamagedFileError(f"{path} line {i} is not JSON; the file was edited or damaged. Move it aside to go "
                               "on without it.") from None
     return rows
+
+
+def next_free_dir(path: Path) -> Path:
+    """`runs/x-2`, `runs/x-3`, ...: the first sibling that does not exist yet."""
+    n = 2
+    while (candidate := path.with_name(f"{path.name}-{n}")).exists():
+        n += 1
+    return candidate

@@ -106,7 +106,8 @@ def eval_command(tuned: Path, base_path: str, *, tasks: list[str] | None, target
     import dataclasses
 
     from ..card import refresh_model_card
-    from ..checkpoint import RunDir, next_free_dir
+    from ..checkpoint import RunDir
+    from ..files import next_free_dir
     from ..mitigations import describe
     from ..preflight import check_sources
     from ..quiet import libraries
