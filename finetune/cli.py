@@ -1,7 +1,7 @@
-"""`finetune train|launch|check|preview|chat|eval|report|interpolate|sweep|merge|plan|recipes|keys|env`: parse the
-command line, call the stages, turn user mistakes into one paragraph and a non-zero exit code (`--debug` shows the
-traceback). Heavy libraries are imported only by the command that needs them, after its arguments are known to be
-good."""
+"""`finetune train|launch|check|preview|chat|eval|compare|report|interpolate|sweep|merge|plan|recipes|keys|env`:
+parse the command line, call the stages, turn user mistakes into one paragraph and a non-zero exit code (`--debug`
+shows the traceback). Heavy libraries are imported only by the command that needs them, after its arguments are
+known to be good."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import __version__, quiet
 from .errors import UserError, main_process, print_main
-from .recipe import describe_keys, dump_recipe, load_recipe
+from .recipe import EvalSection, describe_keys, dump_recipe, load_recipe
 
 EXIT_USER_ERROR = 2
 
@@ -30,6 +30,7 @@ EPILOG = """examples:
   finetune eval data/tiny-llama runs/tiny-lora --tasks data/tasks/general_knowledge.yaml
   finetune eval data/tiny-llama runs/tiny-lora --tasks data/tasks/general_knowledge.yaml --checkpoints   # the curve
   finetune report runs/demo-lora runs/demo-full --out runs/compare   # runs with a forgetting report
+  finetune compare lm-eval/base lm-eval/tuned --max-drop 0.05   # two lm_eval --log_samples outputs, paired
   finetune interpolate runs/demo-full --alphas 0,0.5,1 --pick        # a run whose recipe lists eval.tasks
   finetune sweep recipes/tiny-lora.yaml --grid train.lr=1e-3,3e-3 lora.r=4,16 lora=null --print-commands
   finetune merge runs/tiny-lora runs/tiny-lora-merged      # fold the LoRA adapter into its base
@@ -103,6 +104,20 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="compare runs: one table and the learning-forgetting plane")
     r.add_argument("runs", nargs="+", type=Path, help="run folders that hold forgetting/report.json")
     r.add_argument("--out", type=Path, default=Path("runs/compare"), help="folder for compare.{md,json,html}")
+
+    co = sub.add_parser("compare", help="forgetting verdict for two models lm-eval scored (`lm_eval ... "
+                                        "--log_samples --output_path DIR`): the same paired report, no torch needed")
+    co.add_argument("base", type=Path, help="the base model's lm-eval output: --output_path's folder, the model "
+                                            "folder in it, or its results_<date>.json")
+    co.add_argument("tuned", type=Path, help="the tuned model's, the same way")
+    co.add_argument("--max-drop", type=float, default=EvalSection().max_drop,
+                    help="budget: the largest drop allowed on each original task (default: eval.max_drop's, "
+                         "%(default)g)")
+    co.add_argument("--tasks", nargs="+", help="original tasks (default: every task and group of the base's run "
+                                               "but the target tasks)")
+    co.add_argument("--target-tasks", nargs="+", default=[], help="tasks of the new skill (gains, not a budget)")
+    co.add_argument("--out", type=Path, help="new report folder (default: ./forgetting-lm-eval, or the next free "
+                                             "-2, -3, ... when that one holds files)")
 
     i = sub.add_parser("interpolate", help="WiSE-FT: measure (1-a)*base + a*tuned at several a; pick the best")
     i.add_argument("run", type=Path, help="a finished run folder whose recipe lists eval.tasks")
@@ -221,6 +236,23 @@ def _recipes(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from .reports.lm_eval_logs import compare_logs
+
+    if not 0 <= args.max_drop < 1:
+        raise UserError(f"--max-drop is {args.max_drop}; it is a share of the metric's range, in [0, 1) (0.05 = 5 "
+                        "points).")
+    report, out, compared = compare_logs(args.base, args.tuned, max_drop=args.max_drop, tasks=args.tasks,
+                                         target_tasks=args.target_tasks, out=args.out)
+    for item in compared.not_compared:
+        print(f"not compared: {item} is not 0 or 1 per example (finetune's paired tests need 0/1 scores)")
+    for task, z in compared.unpaired.items():
+        print(f"for reference, lm-eval's unpaired z-test on {task}: {z['base']:.3f} -> {z['tuned']:.3f}, "
+              f"p = {z['p']:.3f}")
+    print(f"{report['verdict']['text']}\nreport: {out / 'report.html'}")
+    return 0
+
+
 def _report(args) -> int:
     from .reports.compare import compare_runs, summary_table
 
@@ -310,9 +342,9 @@ def _env(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "check": _check, "preview": _preview, "chat": _chat, "eval": _eval, "report": _report,
-            "interpolate": _interpolate, "sweep": _sweep, "merge": _merge, "plan": _plan, "keys": _keys,
-            "recipes": _recipes, "env": _env}
+COMMANDS = {"train": _train, "check": _check, "preview": _preview, "chat": _chat, "eval": _eval, "compare": _compare,
+            "report": _report, "interpolate": _interpolate, "sweep": _sweep, "merge": _merge, "plan": _plan,
+            "keys": _keys, "recipes": _recipes, "env": _env}
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:

@@ -195,10 +195,11 @@ def examples_to_decide(c: Change, max_drop: float, tasks: int = 1) -> int | None
     return high
 
 
-def verdict(changes_: dict[str, Change], names: dict[str, str], max_drop: float, limited: bool = False) -> dict:
+def verdict(changes_: dict[str, Change], names: dict[str, str], max_drop: float, limited: bool = False,
+            settings: tuple[str, str] = ("eval.max_drop", "eval.limit")) -> dict:
     """The forgetting verdict over the original tasks' changes (`names`: their display names). A dict for
     report.json: status, text, within_budget (status is PASS), the task that dropped most, and per undecided task
-    the examples that would decide it."""
+    the examples that would decide it. `settings`: what the text calls the budget and the limit on examples."""
     if not changes_:
         return {"status": "NO TASKS", "within_budget": True, "max_drop": max_drop, "largest_drop": None,
                 "undecided": [], "text": "No original tasks were evaluated (eval.tasks is empty): only the drift "
@@ -208,7 +209,7 @@ def verdict(changes_: dict[str, Change], names: dict[str, str], max_drop: float,
     undecided = [{"task": names[s], "examples_needed": examples_to_decide(changes_[s], max_drop, len(changes_)),
                   "n": changes_[s].n} for s in changes_ if status[s] == INCONCLUSIVE]
     fails = [s for s in changes_ if status[s] == FAIL]
-    budget = f"the budget of {max_drop:.3f} (eval.max_drop)"
+    budget = f"the budget of {max_drop:.3f} ({settings[0]})"
     if fails:
         overall = FAIL
         listed = ", ".join(f"{names[s]} ({_delta_with_ci(changes_[s])})" for s in fails)
@@ -224,12 +225,13 @@ def verdict(changes_: dict[str, Change], names: dict[str, str], max_drop: float,
         text = (f"INCONCLUSIVE: the interval of {'; '.join(parts)} straddles -{max_drop:.3f}, {budget}. "
                 "Neither within nor over the budget can be claimed.")
         if limited:
-            text += " Evaluation was limited (eval.limit): all of each task's examples would narrow the intervals."
+            text += f" Evaluation was limited ({settings[1]}): all of each task's examples would narrow the intervals."
     else:
         overall = PASS
         text = (f"PASS: every original task's 95% interval lies above -{max_drop:.3f} ({budget}); the largest "
                 f"drop is {names[worst]} ({_delta_with_ci(changes_[worst])}).")
-    return {"status": overall, "within_budget": overall == PASS, "max_drop": max_drop, "text": text,
+    return {"status": overall, "within_budget": overall == PASS, "max_drop": max_drop, "setting": settings[0],
+            "text": text,
             "largest_drop": {"task": names[worst], "drop": -changes_[worst].delta}, "undecided": undecided,
             "tasks": {names[s]: status[s] for s in changes_}}
 

@@ -110,16 +110,18 @@ def _curve_point(e: Evaluation) -> dict:
 
 
 def build_report(base: Evaluation, tuned: Evaluation, *, max_drop: float, curve: list[Evaluation],
-                 provenance: dict, final_note: str, method: dict | None = None) -> dict:
+                 provenance: dict, final_note: str, method: dict | None = None,
+                 settings: tuple[str, str] = ("eval.max_drop", "eval.limit")) -> dict:
     """The report.json record. `curve` is every evaluation during training (the base is added as step 0);
     `final_note` says which checkpoint final/ is and why (e.g. "step 120, the best within budget"); `method` says
-    how comparisons name and group the run (mitigations.describe)."""
+    how comparisons name and group the run (mitigations.describe); `settings` what the verdict calls the budget and
+    the limit on examples."""
     lost = changes(base.tasks, tuned.tasks)
     gained = changes(base.targets, tuned.targets)
     names = {spec: base.tasks[spec].task for spec in base.tasks}
     limited = any(c.n < (base.tasks[s].available or c.n) for s, c in lost.items())
     return {
-        "verdict": verdict(lost, names, max_drop, limited),
+        "verdict": verdict(lost, names, max_drop, limited, settings),
         "tasks": {base.tasks[s].task: _task_record(c, base.tasks[s], tuned.tasks[s], True) for s, c in lost.items()},
         "targets": {base.targets[s].task: _task_record(c, base.targets[s], tuned.targets[s], False)
                     for s, c in gained.items()},
@@ -186,7 +188,8 @@ def _sections(report: dict) -> list[tuple[str, list[str], list[list[str]], str]]
     if report["tasks"]:
         out.append(("Original tasks (what the model must not forget)", TASK_HEADER + ["vs budget"],
                     _task_rows(report, "tasks"), f"Budget: a drop of at most {report['verdict']['max_drop']:.3f} "
-                                                 "(eval.max_drop) on every task."))
+                                                 f"({report['verdict'].get('setting', 'eval.max_drop')}) on every "
+                                                 "task."))
     if report["targets"]:
         out.append(("Target tasks (the new skill)", TASK_HEADER, _task_rows(report, "targets"), ""))
     others = _other_rows(report)
@@ -197,6 +200,13 @@ def _sections(report: dict) -> list[tuple[str, list[str], list[list[str]], str]]
         out.append(("Drift from the base model", ["texts the base wrote", "KL(base ‖ tuned) per token [95% CI]",
                                                   "perplexity base", "perplexity tuned", "ratio", "texts", "tokens"],
                     _drift_rows(report), ""))
+    if report.get("unpaired"):
+        rows = [[task, _fmt(z["base"]), _fmt(z["tuned"]), f"{z['z']:+.2f}", f"{z['p']:.3f}"]
+                for task, z in report["unpaired"].items()]
+        out.append(("For reference: lm-eval's unpaired comparison", ["task", "base", "tuned", "z", "p"], rows,
+                    "lm-eval's scripts/model_comparator.py: a z-test on the two aggregate scores and their standard "
+                    "errors, as if the two runs had scored unrelated examples. The tables above pair each example "
+                    "with itself, so only the examples that flipped count."))
     if len(report["curve"]) > 1:
         names = list(report["curve"][0]["tasks"]) + list(report["curve"][0]["targets"])
         kinds = list(report["curve"][-1]["kl"])
@@ -220,8 +230,12 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def _footer(report: dict) -> list[tuple[str, str]]:
     p = report["provenance"]
     versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items() if v)
-    return [("run", report.get("method", UNNAMED)["label"]), ("final/", report["final"]["why"]),
-            ("seed", "-" if p["seed"] is None else str(p["seed"])), ("versions", versions), ("git", p["git"] or "-"),
+    logs = p.get("lm_eval")  # `finetune compare` of two lm-eval runs
+    made = [(side, f"{logs[side]['model']} ({logs[side]['results']}, lm-eval {logs[side]['lm_eval_version']})")
+            for side in ("base", "tuned")] + \
+        [("not compared", "; ".join(logs["not_compared"]) + " (not 0 or 1 per example)")] * bool(logs["not_compared"]) \
+        if logs else [("final/", report["final"]["why"]), ("seed", "-" if p["seed"] is None else str(p["seed"]))]
+    return [("run", report.get("method", UNNAMED)["label"]), *made, ("versions", versions), ("git", p["git"] or "-"),
             ("date", p["date"])]
 
 
