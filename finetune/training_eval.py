@@ -17,6 +17,7 @@ from accelerate.utils import broadcast_object_list
 from .measure.evaluate import ForgettingEval
 from .reports.forgetting import FAIL, budget_status, choose_best
 from .measure.gather import whole_model
+from .measure.lm_eval_samples import write_lm_eval_logs
 from .mitigations import describe
 from .recipe import Recipe
 from .reports.report import build_report, provenance, write_report
@@ -95,5 +96,9 @@ class TrainingEval:
         report = build_report(fe.base, chosen, max_drop=section.max_drop, curve=fe.curve,
                               provenance=provenance(self.recipe), final_note=note, method=describe(self.recipe))
         write_report(self.run.path / "forgetting", report)
+        for line in write_lm_eval_logs(self.run.path / "forgetting" / "lm-eval", {"base": fe.base, "tuned": chosen},
+                                       {"base": self.recipe.model.path, "tuned": str(self.run.final)},
+                                       chat=section.apply_chat_template, limit=section.limit):
+            self.accelerator.print(f"note: {line}")
         self.accelerator.print(f"forgetting report: {self.run.path / 'forgetting' / 'report.html'} — "
                                f"{report['verdict']['text']}")

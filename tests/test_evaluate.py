@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import finetune.measure.evaluate as evaluate
 from finetune.measure.drift import kl_drift
-from finetune.measure.evaluate import ForgettingEval
+from finetune.measure.evaluate import ForgettingEval, without_logs
 from finetune.measure.saved import evaluate_saved
 from finetune.measure.tasks import evaluate_tasks
 from finetune.reports.forgetting import choose_best
@@ -195,7 +195,7 @@ def test_fine_tuning_on_a_conflicting_task_forgets_the_original(section, tasks, 
     assert best.step == 60  # with any drop allowed, the step that learned most
     # A run resumed from step 5 keeps the points it made up to there, and drops the later ones.
     resumed = ForgettingEval(spec, section, tokenizer, curve_file=curve_file, resumed_step=5)
-    assert [e.step for e in resumed.curve] == [5] and resumed.curve[0] == fe.curve[0]
+    assert [e.step for e in resumed.curve] == [5] and resumed.curve[0] == without_logs(fe.curve[0])  # kept small
     assert len(curve_file.read_text().splitlines()) == 1
 
 

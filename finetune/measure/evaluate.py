@@ -175,6 +175,8 @@ class ForgettingEval:
             paths = {spec: self._cache_path("base_eval", settings, task_fingerprint(tasks, self.section.limit))
                      for spec, (_, tasks) in loaded.items()}
             scores = {spec: from_dict(TaskScore, _read_json(path)) for spec, path in paths.items() if path.is_file()}
+            # Entries cached before finetune kept lm-eval's samples are measured again, once, to have them.
+            scores = {spec: score for spec, score in scores.items() if score.log}
             missing = [spec for spec in specs if spec not in scores]
             texts_paths = {kind: self._cache_path("drift", kind, PROMPTS[kind], NEW_TOKENS, SAMPLING_SEED)
                            for kind in kinds if kind not in self.texts}
@@ -230,7 +232,7 @@ class ForgettingEval:
         if self.curve_file is not None:
             self.curve_file.parent.mkdir(parents=True, exist_ok=True)
             with open(self.curve_file, "a", encoding="utf-8") as f:
-                f.write(json.dumps(to_dict(point)) + "\n")
+                f.write(json.dumps(to_dict(without_logs(point))) + "\n")
         return point
 
     def _load_base(self, device: torch.device):
@@ -253,6 +255,15 @@ class ForgettingEval:
         if _is_peft(tuned):
             return AdapterDisabled(tuned)
         return self._load_base(next(tuned.parameters()).device)
+
+
+def without_logs(e: Evaluation) -> Evaluation:
+    """The evaluation without lm-eval's per-example samples: a curve point kept small (the report saves the final
+    model's in lm-eval's layout)."""
+    def bare(scores):
+        return {spec: dataclasses.replace(score, log={}) for spec, score in scores.items()}
+
+    return dataclasses.replace(e, tasks=bare(e.tasks), targets=bare(e.targets))
 
 
 def eval_device() -> torch.device:

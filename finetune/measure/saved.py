@@ -13,6 +13,7 @@ from ..model import load_model, load_tokenizer
 from ..recipe import EvalSection, ModelSection, Recipe
 from ..reports.report import build_report, provenance, write_report
 from .evaluate import ForgettingEval, eval_device
+from .lm_eval_samples import write_lm_eval_logs
 from .tasks import EvalError
 
 
@@ -51,7 +52,17 @@ def evaluate_saved(base: ModelSection, tuned: Path, section: EvalSection, out_di
     report = build_report(fe.base, tuned_eval, max_drop=section.max_drop, curve=[], provenance=provenance(recipe),
                           final_note=final_note or f"{tuned} as saved", method=method)
     write_report(out_dir, report)
+    _write_samples(out_dir, fe, tuned_eval, base.path, str(tuned), section)
     return report
+
+
+def _write_samples(out_dir: Path, fe: ForgettingEval, tuned_eval, base_name: str, tuned_name: str,
+                   section: EvalSection) -> None:
+    """Both models' per-example results in lm-eval's layout, beside the report (out_dir/lm-eval/base, .../tuned)."""
+    for line in write_lm_eval_logs(out_dir / "lm-eval", {"base": fe.base, "tuned": tuned_eval},
+                                   {"base": base_name, "tuned": tuned_name}, chat=section.apply_chat_template,
+                                   limit=section.limit):
+        print(f"note: {line}", file=sys.stderr)
 
 
 def _load_checkpoint_weights(model, checkpoint: Path) -> None:
@@ -95,6 +106,7 @@ def evaluate_checkpoints(run: Path, recipe: Recipe, section: EvalSection, out_di
                           final_note=f"{run / 'final'}, after step {last.step}; the curve adds every checkpoint "
                                      "the run kept", method=method)
     write_report(out_dir, report)
+    _write_samples(out_dir, fe, last, recipe.model.path, str(run / "final"), section)
     return report
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import logging
 import random
 from collections.abc import Iterator
@@ -187,6 +188,7 @@ def _score(name: str, tasks: dict, out: dict) -> TaskScore:
                 score.answers[key] = str(sample["filtered_resps"][0])
                 score.expected[key] = str(sample["target"])
             score.prompts[key] = str(task.doc_to_text(sample["doc"]))[-PROMPT_CHARS:]
+    score.log = _lm_eval_log(leaves, out)
     # One task: lm-eval's aggregate. A group: the mean over all its examples (lm-eval's group mean may weight
     # its tasks equally instead, which the per-example pairing could not reproduce).
     score.value = float(out["results"][leaves[0]][f"{metric},{filter_name}"]) if len(leaves) == 1 else \
@@ -194,6 +196,20 @@ def _score(name: str, tasks: dict, out: dict) -> TaskScore:
     score.chance = sum(1 / k for k in options) / len(options) if options and len(options) == len(score.examples) \
         else None
     return score
+
+
+LOGGED = ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
+
+
+def _lm_eval_log(leaves: list[str], out: dict) -> dict[str, dict]:
+    """Each leaf's part of lm-eval's output as its --log_samples would save it (lm_eval_samples.py writes it with
+    lm-eval's own writer), through JSON as lm-eval serialises it."""
+    from lm_eval.utils import handle_non_serializable
+
+    # In document order: under several ranks lm-eval gathers each rank's share in turn.
+    kept = {leaf: {"samples": sorted(out["samples"][leaf], key=lambda s: (s["doc_id"], s["filter"])),
+                   **{key: out[key].get(leaf) for key in LOGGED}} for leaf in leaves}
+    return json.loads(json.dumps(kept, default=handle_non_serializable, ensure_ascii=False))
 
 
 @preserved_rng()

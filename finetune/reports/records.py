@@ -22,6 +22,9 @@ class TaskScore:
     answers: dict[str, str] = field(default_factory=dict)  # per example: the chosen option or the extracted reply
     prompts: dict[str, str] = field(default_factory=dict)  # per example: the question (no few-shot, no template)
     expected: dict[str, str] = field(default_factory=dict)  # per example: the right answer
+    # leaf task -> what lm-eval's --log_samples writes of it (results, config, per-example samples), JSON-safe, so a
+    # report can save it in lm-eval's own layout; empty where not kept (the curve file leaves it out)
+    log: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
