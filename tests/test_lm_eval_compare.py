@@ -56,7 +56,8 @@ def logs(tmp_path_factory, tiny_model) -> dict[str, Path]:
     shutil.copytree(tiny_model, tuned)
     weights = load_file(tuned / "model.safetensors")
     g = torch.Generator().manual_seed(0)
-    weights = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=g) if v.dim() > 1 else v for k, v in weights.items()}
+    weights = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=g) if v.dim() > 1 else v
+               for k, v in weights.items()}
     save_file(weights, tuned / "model.safetensors", metadata={"format": "pt"})
     both = ("--tasks", "general_knowledge,instruction_following", "--limit", str(LIMIT))
     return {"base": lm_eval(tiny_model, root / "base", tasks, *both),
