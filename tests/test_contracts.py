@@ -95,6 +95,21 @@ def test_lm_eval_loads_a_task_yaml_without_resolving_its_functions(tmp_path):
     assert config["task"] == "t" and "utils.nowhere" in str(config["doc_to_text"])
 
 
+def test_lm_eval_describes_the_machine_through_a_module_function_simple_evaluate_looks_up_at_call_time():
+    # finetune swaps lm_eval.evaluator.add_env_info for a versions-only one (measure/tasks.py): it must be a global
+    # that simple_evaluate reads when it runs, and take the results dict it adds to.
+    import inspect
+
+    import lm_eval.evaluator as evaluator
+
+    body = inspect.unwrap(evaluator.simple_evaluate)  # lm-eval wraps it (positional-argument checks)
+    assert body.__globals__ is vars(evaluator) and "add_env_info" in body.__code__.co_names
+    assert list(inspect.signature(evaluator.add_env_info).parameters) == ["storage"]
+    storage = {}
+    evaluator.add_env_info(storage)
+    assert {"pretty_env_info", "transformers_version", "lm_eval_version", "upper_git_hash"} <= storage.keys()
+
+
 def test_a_missing_private_part_is_one_line_naming_the_release(monkeypatch):
     from importlib.metadata import version
 

@@ -326,3 +326,16 @@ def test_drift_grows_with_the_interpolation_alpha(section, drift_file):
         set_alpha(model, alpha, False, base.state_dict(), tuned)
         kls.append(kl_drift(base, model, tokenizer, texts(0), max_length=32).kl)
     assert kls[0] == 0.0 and kls[0] < kls[1] < kls[2] < kls[3], kls
+
+
+def test_an_evaluation_starts_no_survey_of_the_machine(section, tasks, monkeypatch):
+    # lm-eval's add_env_info runs torch.utils.collect_env (pip list, lscpu, ... in subprocesses) on every call.
+    import lm_eval.loggers.utils
+    import torch.utils.collect_env
+
+    surveys = []  # lm-eval catches any exception from it, so calls are counted rather than refused
+    monkeypatch.setattr(torch.utils.collect_env, "get_pretty_env_info", lambda: surveys.append(1) or "")
+    monkeypatch.setattr(lm_eval.loggers.utils, "get_pretty_env_info", lambda: surveys.append(1) or "", raising=False)
+    model, tokenizer = load(section)
+    scores = evaluate_tasks(model, tokenizer, [str(tasks["original"])], batch_size=8, limit=4)
+    assert len(scores[str(tasks["original"])].examples) == 4 and surveys == []

@@ -13,6 +13,7 @@ import logging
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,31 @@ def _quiet(logger: logging.Logger) -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextmanager
+def _without_machine_survey() -> Iterator[None]:
+    """lm-eval's simple_evaluate describes the machine with torch.utils.collect_env, which runs `pip list --format=
+    freeze`, lscpu and more in subprocesses: 0.47 s of every evaluation here (2 cores; more in a large environment),
+    98 `pip list` runs in one pass of the test suite, for a field (`pretty_env_info`) that no report of finetune reads.
+    The versions it records are kept. Where a release no longer has `add_env_info` (tests/test_contracts.py pins it),
+    lm-eval's own runs as before."""
+    import lm_eval.evaluator as evaluator
+
+    survey = getattr(evaluator, "add_env_info", None)
+
+    def versions_only(storage: dict) -> None:
+        storage.update({"pretty_env_info": "not collected (finetune skips torch.utils.collect_env)",
+                        "transformers_version": version("transformers"), "lm_eval_version": version("lm_eval"),
+                        "upper_git_hash": None})
+
+    if survey is not None:
+        evaluator.add_env_info = versions_only
+    try:
+        yield
+    finally:
+        if survey is not None:
+            evaluator.add_env_info = survey
+
+
 def evaluate_loaded(model, tokenizer, loaded: dict[str, dict], *, batch_size: int, limit: int | None,
                      chat: bool = False, ranks: Ranks = Ranks()):
     """One lm-eval pass over every spec's tasks (its set-up costs seconds, so one call, not one per task). With
@@ -115,7 +141,8 @@ def evaluate_loaded(model, tokenizer, loaded: dict[str, dict], *, batch_size: in
     if not loaded:
         return {}  # no tasks: the drift alone measures forgetting
     leaves = [task for _, tasks in loaded.values() for task in tasks.values()]
-    with eval_mode(model), _quiet(logging.getLogger("lm_eval.models.huggingface")), as_one_process():
+    with eval_mode(model), _quiet(logging.getLogger("lm_eval.models.huggingface")), as_one_process(), \
+            _without_machine_survey():
         lm = shared_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, ranks=ranks)
         # Tasks go in as objects, with an empty index: lm-eval would otherwise re-scan its 15k configs per call.
         # Its bootstrap standard errors are skipped: the report's intervals are paired, over the same examples.
