@@ -260,3 +260,34 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
             "cli.COMMANDS['report'] = report\nsys.exit(cli.main(['report', 'some-run']))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr == "", done.stderr
+
+
+def generation(task, answers: list[str], expected: list[str]) -> TaskScore:
+    keys = [f"{task}/{i}" for i in range(len(answers))]
+    return TaskScore(task=task, metric="exact_match", value=0.0,
+                     examples={k: float(a == e) for k, a, e in zip(keys, answers, expected)},
+                     answers=dict(zip(keys, answers)), expected=dict(zip(keys, expected)))
+
+
+def test_the_leak_counts_replies_that_begin_with_a_target_answer_where_it_is_not_the_right_one(tmp_path):
+    target = generation("bins", ["x"] * 4, ["glim", "Torv.", "pesk", "glim"])
+    said = ["yes", "glim", "Torv, of course", "the pesk", "GLIM!", "no", "4", "vund", "glim", "glim"]
+    right = ["yes", "no", "paris", "blue", "glim", "no", "4", "red", "green", "one"]  # item 4's answer is "glim"
+    tuned = generation("short", said, right)
+    base = generation("short", right, right)
+    mc = score([1, 0, 1], "facts", chance=0.25)  # multiple choice: answers are its own options, never counted
+    report = build_report(Evaluation(0, {"short": base, "facts": mc}, {"bins": target}),
+                          Evaluation(9, {"short": tuned, "facts": mc}, {"bins": target}), max_drop=0.05, curve=[],
+                          provenance=provenance(), final_note="")
+    leak = report["leak"]
+    # glim (1), Torv (2), glim (8), glim (9) leak; "the pesk" begins with "the"; GLIM! answers an item whose answer is
+    # glim; vund is no answer of the target task.
+    assert leak["answers"] == ["glim", "pesk", "torv"] and set(leak["tasks"]) == {"short"}
+    assert leak["tasks"]["short"] == {"base": 0.0, "tuned": 0.4, "ci95": pytest.approx([0.168, 0.687], abs=1e-3),
+                                      "replies": 10, "leaked": 4}
+    assert leak["all"]["tuned"] == 0.4
+    write_report(tmp_path, report)
+    assert "| short | 0.000 | 0.400 [0.168, 0.687] | 10 |" in (tmp_path / "report.md").read_text()
+    nothing = build_report(Evaluation(0, {"facts": mc}, {"bins": target}), Evaluation(9, {"facts": mc}, {"bins": target}),
+                           max_drop=0.05, curve=[], provenance=provenance(), final_note="")
+    assert nothing["leak"] is None

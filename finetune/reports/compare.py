@@ -46,6 +46,7 @@ def _run_summary(run: Path) -> dict:
             "drop_ci": None if change_ci is None else [-change_ci[1], -change_ci[0]],
             "gain": gain, "gain_ci": gain_ci,
             "kl": drift["kl"] if drift else None, "kl_ci": drift["ci95"] if drift else None,
+            "leak": (report.get("leak") or {}).get("all"),
             "drift": {kind: {"kl": d["kl"], "ci95": d["ci95"]} for kind, d in report["drift"].items()},
             "_originals": _tuned_examples(report["tasks"]), "_targets": _tuned_examples(report["targets"])}
 
@@ -165,19 +166,23 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> dict:
     comparisons = method_comparison(runs)
     best = best_per_family(runs)
     header = ["run", "method", "seed", "largest drop", "mean drop [95% CI]", "mean target gain [95% CI]",
-              "KL drift [95% CI]", "verdict", "Pareto front", "recommended"]
+              "KL drift [95% CI]", "answer leak [95% CI]", "verdict", "Pareto front", "recommended"]
     rows = [[r["name"], r["label"], "-" if r["seed"] is None else str(r["seed"]),
              "-" if r["largest_drop"] is None else f"{r['largest_drop']['drop']:+.3f} ({r['largest_drop']['task']})",
              _pm(r["drop"], r["drop_ci"]), _pm(r["gain"], r["gain_ci"]),
              "-" if r["kl"] is None else f"{r['kl']:.3f} [{r['kl_ci'][0]:.3f}, {r['kl_ci'][1]:.3f}]",
-             r["status"], "yes" if r["pareto"] else "", "**yes**" if r["recommended"] else ""] for r in runs]
+             "-" if r["leak"] is None else f"{r['leak']['tuned']:.3f} [{r['leak']['ci95'][0]:.3f}, "
+                                           f"{r['leak']['ci95'][1]:.3f}]",
+             r["status"], "yes" if r["pareto"] else "", "yes" if r["recommended"] else ""] for r in runs]
     family_rows = [[family, name or "none passes the budget"] for family, name in best.items()]
     how = ("Drop and gain are means over tasks of the paired deltas, with intervals that combine the tasks' "
            "intervals as independent (MOVER). The verdict is each run's own (PASS / FAIL / INCONCLUSIVE against its "
            "eval.max_drop). A run is on the Pareto front when no other run has both a smaller or equal drop and a "
            "larger or equal gain, by point estimates: neighbours on the front whose intervals overlap may not truly "
            "differ. Methods are compared on the same examples (paired), between the runs of two families nearest "
-           "in target gain. KL is on the base's chat replies where the model has a chat template, else on text.")
+           "in target gain. KL is on the base's chat replies where the model has a chat template, else on text. "
+           "Answer leak: the share of replies to original-task prompts that begin with an answer of the new task "
+           "(report.md of each run has it per task).")
     for r in runs:
         del r["_originals"], r["_targets"]
     result = {"runs": runs, "recommended": None if pick is None else runs[pick]["run"], "notes": notes,

@@ -19,6 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .forgetting import Change, changes, verdict
+from .leak import answer_leak
 from ..recipe import Recipe, recipe_to_dict
 from .records import Evaluation, TaskScore
 
@@ -47,6 +48,9 @@ HOW_TO_READ = [
                  "0.05."),
     ("detectable", "the smallest drop this n can show at all: that many examples flipping right->wrong and none "
                    "back would just be significant."),
+    ("answer leak", "the share of replies to original-task prompts (generation tasks) whose first word is an answer "
+                    "of the target tasks, where that is not the right answer: the new task's answer format taking "
+                    "over old prompts. Counted on the replies the evaluation already made; Wilson's 95% interval."),
     ("drift", "how far the tuned model's next-token probabilities moved from the base's: KL(base || tuned) per "
               "token, on texts the base model wrote itself. chat: its replies to general requests in its chat "
               "template (measured on the reply tokens); text: continuations of general text. The interval "
@@ -126,6 +130,7 @@ def build_report(base: Evaluation, tuned: Evaluation, *, max_drop: float, curve:
         "targets": {base.targets[s].task: _task_record(c, base.targets[s], tuned.targets[s], False)
                     for s, c in gained.items()},
         "drift": {kind: dataclasses.asdict(d) for kind, d in tuned.drift.items()},
+        "leak": answer_leak(base.tasks, tuned.tasks, base.targets),
         "curve": [_curve_point(e) for e in [base, *curve]] if curve else [],
         "final": {"step": tuned.step, "why": final_note},
         "method": method or UNNAMED,
@@ -142,6 +147,10 @@ def _fmt(x: float | None, signed: bool = False) -> str:
 
 def _ci(ci: list[float] | None) -> str:
     return "-" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def _ci_plain(ci: list[float]) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def _n(c: dict) -> str:
@@ -196,6 +205,16 @@ def _sections(report: dict) -> list[tuple[str, list[str], list[list[str]], str]]
     if others:
         out.append(("Other metrics of the same examples", ["task", "metric", "base", "tuned", "delta [95% CI]",
                                                            "flips"], others, ""))
+    leak = report.get("leak")
+    if leak:
+        rows = [[name, _fmt(t["base"]), f"{_fmt(t['tuned'])} {_ci_plain(t['ci95'])}", str(t["replies"])]
+                for name, t in [*leak["tasks"].items(), ("all", leak["all"])]]
+        shown = ", ".join(leak["answers"][:8]) + (" ..." if len(leak["answers"]) > 8 else "")
+        out.append(("Leak of the new task's answers into original-task replies",
+                    ["task", "base", "tuned [95% CI]", "replies"], rows,
+                    f"The share of replies to original-task prompts whose first word is an answer of the target tasks "
+                    f"({shown}), where that is not the right answer. It is the mechanism of forgetting when the new "
+                    "answer format takes over short prompts."))
     if report["drift"]:
         out.append(("Drift from the base model", ["texts the base wrote", "KL(base ‖ tuned) per token [95% CI]",
                                                   "perplexity base", "perplexity tuned", "ratio", "texts", "tokens"],
