@@ -180,7 +180,16 @@ FORMATS = {
 }
 
 
-def make_encoder(tokenizer, fmt: str, columns: dict[str, str], max_length: int, train_on: str):
+def with_system(row: dict, system: str) -> tuple[dict, str]:
+    """A chat row with `system` as its first message (DatasetSpec.system), or why it cannot take one."""
+    messages = row["messages"]
+    if any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
+        return row, "the row has a system message of its own, which the dataset's `system` would contradict"
+    return {**row, "messages": [{"role": "system", "content": system}, *messages]}, ""
+
+
+def make_encoder(tokenizer, fmt: str, columns: dict[str, str], max_length: int, train_on: str,
+                 system: str | None = None):
     """A batched `datasets.map` function: rows in, `input_ids`/`target`/`error`/`truncated` out."""
     spec = FORMATS[fmt]
     names = {f: columns.get(f, f) for f in spec.fields}
@@ -190,6 +199,8 @@ def make_encoder(tokenizer, fmt: str, columns: dict[str, str], max_length: int, 
         for j, index in enumerate(indices):
             row = {f: batch[col][j] if col in batch else None for f, col in names.items()}
             error = spec.check(row)
+            if not error and system is not None:
+                row, error = with_system(row, system)
             ids, target = ([], []) if error else spec.encode(tokenizer, row)
             if train_on == "all":
                 target = [1] * len(ids)
@@ -216,7 +227,7 @@ def encode_dataset(spec: DatasetSpec, tokenizer, data: DataSection, stats: DataS
     if missing:
         raise DataError(f"{spec.path}: column(s) {missing} missing for format `{spec.format}`; it has "
                         f"{raw.column_names}. Map them with `columns: {{{fmt.fields[0]}: your_column}}`.")
-    encoder = make_encoder(tokenizer, spec.format, spec.columns, data.max_length, data.train_on)
+    encoder = make_encoder(tokenizer, spec.format, spec.columns, data.max_length, data.train_on, spec.system)
     # The main process tokenizes alone (the other ranks wait, then read datasets' cache): every core is free.
     procs = data.num_proc or (len(os.sched_getaffinity(0)) if len(raw) > 10_000 else 1)
     with progress_bars(show=len(raw) > 10_000):  # a bar worth showing: tokenizing takes seconds or more

@@ -196,7 +196,8 @@ def _check_rows(recipe: Recipe, key: str, spec: DatasetSpec, tokenizer) -> None:
             raise PreflightError(f"{key}: format `{spec.format}` needs a chat template; the tokenizer of "
                                  f"{recipe.model.path} has none, so set `data.chat_template` or use format "
                                  "`instruction`.")
-        encode = make_encoder(tokenizer, spec.format, spec.columns, recipe.data.max_length, recipe.data.train_on)
+        encode = make_encoder(tokenizer, spec.format, spec.columns, recipe.data.max_length, recipe.data.train_on,
+                              spec.system)
         batch = {col: [r.get(col) for r in rows] for col in columns}
         encoded = encode(batch, list(range(len(rows))))
         problems = [(i, why) for i, why in enumerate(encoded["error"]) if why]

@@ -93,6 +93,9 @@ class DatasetSpec:
         {},
         "rename map from our field names (text; instruction, input, output; messages) to the dataset's columns",
     )
+    system: str | None = _f(None, "format chat: a system message put first in every row of this dataset, so what it "
+                                  "teaches is tied to that prompt (ask for it with the same system prompt, e.g. the "
+                                  "target task's `description`); null = the rows as they are")
 
 
 @dataclass
@@ -476,6 +479,9 @@ def _check(recipe: Recipe, src: str, stem: str) -> None:
                 raise RecipeError(f"{src}: `{key}`: file {spec.path} does not exist{_near(_expand(spec.path))} "
                                   f"(paths are relative to the folder you run from, {Path.cwd()}).")
             spec.path = str(_expand(spec.path)) if _looks_local(spec.path) else spec.path
+            if spec.system is not None and spec.format != "chat":
+                raise RecipeError(f"{src}: `{group}[{i}].system` is a system message for chat rows; this dataset's "
+                                  f"format is `{spec.format}`. Use format chat, or remove `system`.")
     if recipe.data.validation and recipe.data.val_fraction:
         raise RecipeError(f"{src}: set either `data.validation` or `data.val_fraction`, not both.")
     if recipe.train.warmup_steps and recipe.train.max_steps and recipe.train.warmup_steps > recipe.train.max_steps:

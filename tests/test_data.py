@@ -34,6 +34,24 @@ def test_chat_targets_are_the_assistant_turns_only(tmp_path, tokenizer):
     assert "hello" in context and "again" in context and "be brief" in context and "one" not in context
 
 
+def test_a_datasets_system_message_comes_first_in_each_row_and_is_never_a_target(tmp_path, tokenizer):
+    rows = chat_rows(3)
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    spec = DatasetSpec(path=str(path), format="chat", system="sort into bins")
+    ds = encode_dataset(spec, tokenizer, _data(path), DataStats())
+    plain = encode_dataset(DatasetSpec(path=str(path), format="chat"), tokenizer, _data(path), DataStats())
+    for with_system, without in zip(ds, plain):
+        text = tokenizer.decode(with_system["input_ids"])
+        assert text.startswith("<|im_start|>system\nsort into bins<|im_end|>\n")
+        assert text.endswith(tokenizer.decode(without["input_ids"]))  # the row itself, unchanged after it
+        assert _target_text(tokenizer, with_system["input_ids"], with_system["target"]) == \
+            _target_text(tokenizer, without["input_ids"], without["target"])
+    rows[1]["messages"].insert(0, {"role": "system", "content": "its own"})
+    path = write_jsonl(tmp_path / "own.jsonl", rows)
+    with pytest.raises(DataError, match=r"own\.jsonl: 1 bad row\(s\).*row 1: the row has a system message of its own"):
+        build_datasets(DataSection(train=[DatasetSpec(path=str(path), format="chat", system="x")]), tokenizer, seed=0)
+
+
 def test_train_on_all_makes_every_token_a_target(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "c.jsonl", chat_rows(2))
     ds = encode_dataset(DatasetSpec(path=str(path), format="chat"), tokenizer, _data(path, train_on="all"),

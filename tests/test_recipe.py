@@ -131,3 +131,12 @@ def test_shipped_recipes_validate(monkeypatch):
     assert recipes
     for path in recipes:
         load_recipe(path)
+
+
+def test_a_system_message_is_for_chat_datasets_only(tmp_path, base):
+    base["data"]["train"][0]["system"] = "sort into bins"
+    with pytest.raises(RecipeError, match=r"`data\.train\[0\]\.system` is a system message for chat rows; this "
+                                          r"dataset's format is `text`"):
+        _load(tmp_path, base)
+    assert _load(tmp_path, base, ["data.train=[{path: " + base["data"]["train"][0]["path"] +
+                                  ", format: chat, system: sort into bins}]"]).data.train[0].system == "sort into bins"
