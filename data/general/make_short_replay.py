@@ -70,6 +70,7 @@ ONE_WORD = re.compile(r"[\w\"'.!-]+")  # the base's reply in the format to keep:
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from finetune.files import atomic_write_text
     from finetune.model import resolve_model_path
     from finetune.recipe import ModelSection
 
@@ -93,9 +94,7 @@ def main() -> None:
         reply = reply.split("\n")[0]
         if ONE_WORD.fullmatch(reply):
             rows.append({"messages": [*messages, {"role": "assistant", "content": reply}]})
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(args.out)
+    atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
     print(f"{len(rows)} of {len(PROMPTS)} prompts answered in one word -> {args.out}")
 
 
