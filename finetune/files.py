@@ -1,5 +1,5 @@
 """Files a run writes and reads again: written aside then renamed (a crash never leaves half a file that a later
-run would trust), JSON-lines that a crash may have cut short."""
+run would trust), JSON-lines that a crash may have cut short, and the folders new runs and reports go to."""
 
 from __future__ import annotations
 
@@ -47,3 +47,14 @@ def next_free_dir(path: Path) -> Path:
     while (candidate := path.with_name(f"{path.name}-{n}")).exists():
         n += 1
     return candidate
+
+
+def report_dir(out: Path | None, default: Path) -> Path:
+    """The folder a new report goes to: `out` as given, refused if it holds anything (nothing is overwritten); else
+    `default`, or its next free sibling (-2, -3, ...) when that one holds files (an earlier report stays as it is)."""
+    chosen = out or default
+    if chosen.exists() and (chosen.is_file() or any(chosen.iterdir())):
+        if out:
+            raise UserError(f"{out} already holds files; nothing is overwritten. Choose another --out.")
+        chosen = next_free_dir(chosen)
+    return chosen

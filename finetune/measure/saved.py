@@ -119,7 +119,7 @@ def eval_command(tuned: Path, base_path: str, *, tasks: list[str] | None, target
 
     from ..card import refresh_model_card
     from ..checkpoint import RunDir
-    from ..files import next_free_dir
+    from ..files import report_dir
     from ..mitigations import describe
     from ..preflight import check_sources
     from ..quiet import libraries
@@ -138,11 +138,8 @@ def eval_command(tuned: Path, base_path: str, *, tasks: list[str] | None, target
     base = dataclasses.replace(recipe.model, path=base_path) if recipe else ModelSection(path=base_path)
     print_main(*check_sources(base, section), file=sys.stderr)
     libraries()
-    chosen = out or (tuned / "forgetting" if tuned.is_dir() and recipe else Path("forgetting"))
-    if chosen.exists() and any(chosen.iterdir()):
-        if out:
-            raise EvalError(f"{out} already holds files; nothing is overwritten. Choose another --out.")
-        chosen = next_free_dir(chosen)  # the run's own report stays as training wrote it
+    # A run's own report, if any, stays as training wrote it.
+    chosen = report_dir(out, tuned / "forgetting" if tuned.is_dir() and recipe else Path("forgetting"))
     if checkpoints:
         report = evaluate_checkpoints(tuned, dataclasses.replace(recipe, model=base), section, chosen,
                                       method=describe(recipe))

@@ -22,12 +22,8 @@ import torch
 from ..errors import UpstreamChanged, UserError
 from ..model import eval_mode
 from ..quiet import silence_lm_eval
-from ..reports.records import TaskScore
+from ..reports.records import PROMPT_CHARS, SUPPORTED_METRICS, TaskScore, chosen_option
 from .sharing import Ranks, as_one_process, shared_lm_class
-
-# Metrics whose per-example scores are 0 or 1, as the paired statistics need (forgetting.py).
-SUPPORTED_METRICS = ("acc", "acc_norm", "exact_match")
-PROMPT_CHARS = 400  # of each example's question kept for the report (the end, where the question is)
 
 
 class EvalError(UserError):
@@ -113,7 +109,7 @@ def _without_machine_survey() -> Iterator[None]:
     98 `pip list` runs in one pass of the test suite, for a field (`pretty_env_info`) that no report of finetune reads.
     The versions it records are kept. Where a release no longer has `add_env_info` (tests/test_contracts.py pins it),
     lm-eval's own runs as before."""
-    import lm_eval.evaluator as evaluator
+    from lm_eval import evaluator
 
     survey = getattr(evaluator, "add_env_info", None)
 
@@ -178,13 +174,7 @@ def _chosen_option(task, sample: dict, metric: str) -> tuple[str, str]:
     """(what the model answered, the right answer) for one multiple-choice sample, as lm-eval scored `metric`."""
     choices = task.doc_to_choice(sample["doc"])
     lls = [resp[0] for resp in sample["filtered_resps"]][:len(choices)]
-    if metric == "acc_norm":  # lm-eval's normalisation: the log-likelihood per character of the option
-        lls = [ll / max(len(c), 1) for ll, c in zip(lls, choices)]
-    pick = max(range(len(lls)), key=lambda i: lls[i])
-    gold = sample["target"]
-    gold = gold[0] if isinstance(gold, list) else gold
-    expected = choices[gold] if isinstance(gold, int) and 0 <= gold < len(choices) else str(gold)
-    return choices[pick], expected
+    return chosen_option(choices, lls, sample["target"], metric)
 
 
 def _score(name: str, tasks: dict, out: dict) -> TaskScore:

@@ -13,11 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from .records import Evaluation, TaskScore
+from .records import (
+    PROMPT_CHARS,
+    SUPPORTED_METRICS,
+    Evaluation,
+    TaskScore,
+    chosen_option,
+)
 
 SAMPLE_KEYS = ("doc_id", "doc_hash", "prompt_hash", "filter", "metrics", "arguments", "filtered_resps", "target")
-PROMPT_CHARS = 400  # of each example's prompt kept for the report (the end, where the question is)
-PREFERRED = ("acc", "acc_norm", "exact_match")  # a task's headline metric, as finetune's own evaluation picks it
 
 
 class LogError(UserError):
@@ -128,7 +132,7 @@ def choose_metrics(runs: list[LmEvalRun], leaf: str) -> tuple[tuple[str, str], l
     skipped = [f"{m} ({f})" for m, f in pairs if (m, f) not in binary]
     chosen = ((runs[0].results["configs"][leaf].get("metadata") or {}).get("headline_metric"))
     ranked = ([p for p in binary if p[0] == chosen] if chosen else []) + \
-        [p for name in PREFERRED for p in binary if p[0] == name] + binary
+        [p for name in SUPPORTED_METRICS for p in binary if p[0] == name] + binary
     if not ranked:
         raise LogError(f"task {leaf}: none of its metrics ({', '.join(skipped) or 'none'}) is 0 or 1 per example, "
                        "which finetune's paired tests need; leave it out with --tasks.")
@@ -178,12 +182,8 @@ def _answers(run: LmEvalRun, leaf: str, line: dict, metric: str) -> tuple[str, s
     delimiter = config.get("target_delimiter", " ")
     choices = [o[len(delimiter):] if isinstance(o, str) and o.startswith(delimiter) else str(o) for o in options]
     lls = [float(r[0]) for r in line["filtered_resps"]][:len(choices)]
-    if metric == "acc_norm":  # lm-eval's normalisation: the log-likelihood per character of the option
-        lls = [ll / max(len(c), 1) for ll, c in zip(lls, choices)]
-    pick = max(range(len(lls)), key=lambda i: lls[i]) if lls else None
-    target = str(line["target"])
-    expected = choices[int(target)] if target.isdigit() and int(target) < len(choices) else target
-    return (choices[pick] if pick is not None else ""), expected, len(choices)
+    target = str(line["target"])  # the log keeps the right option's index as text
+    return *chosen_option(choices, lls, int(target) if target.isdigit() else target, metric), len(choices)
 
 
 def task_score(run: LmEvalRun, name: str, leaves: list[str], headline: dict[str, tuple[str, str]],
@@ -287,18 +287,14 @@ def compare_logs(base_path: Path, tuned_path: Path, *, max_drop: float, tasks: l
                  target_tasks: list[str] | None, out: Path | None) -> tuple[dict, Path, Compared]:
     """`finetune compare BASE TUNED`: the paired report of two lm-eval runs, written to `out` (which must not hold
     files yet), else to ./forgetting-lm-eval or its next free sibling. Returns (report, the folder, what was read)."""
-    from ..files import next_free_dir
+    from ..files import report_dir
     from .report import UNNAMED, build_report, provenance, write_report
 
     base, tuned = find_run(base_path), find_run(tuned_path)
     if base.results_file.resolve() == tuned.results_file.resolve():
         raise LogError(f"{base_path} and {tuned_path} are the same lm-eval run ({base.results_file}).")
     compared = read_pair(base, tuned, tasks, target_tasks)
-    chosen = out or Path("forgetting-lm-eval")
-    if chosen.exists() and (chosen.is_file() or any(chosen.iterdir())):
-        if out:
-            raise LogError(f"{out} already holds files; nothing is overwritten. Choose another --out.")
-        chosen = next_free_dir(chosen)
+    chosen = report_dir(out, Path("forgetting-lm-eval"))
     made = provenance()
     made["lm_eval"] = {side: {"model": run.model, "results": str(run.results_file.resolve()),
                               "lm_eval_version": run.results.get("lm_eval_version")}

@@ -1,6 +1,7 @@
 """What an evaluation measured, as plain records: one model's scores per task, its drift from the base, and one
 measurement of a run. They round-trip through JSON by their own fields (`to_dict` / `from_dict`), so a field added
-here is saved and read back everywhere (report.json, curve.jsonl, the base-result cache). No torch here."""
+here is saved and read back everywhere (report.json, curve.jsonl, the base-result cache). Beside them, what
+both the evaluation and the reader of lm-eval's logs need to read lm-eval's samples alike. No torch here."""
 
 from __future__ import annotations
 
@@ -8,6 +9,22 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+
+# Metrics whose per-example scores are 0 or 1, as the paired statistics need (forgetting.py), in the order a task's
+# headline metric is picked among them.
+SUPPORTED_METRICS = ("acc", "acc_norm", "exact_match")
+PROMPT_CHARS = 400  # of each example's question kept for the report (the end, where the question is)
+
+
+def chosen_option(choices: list[str], lls: list[float], gold, metric: str) -> tuple[str, str]:
+    """(the option a multiple-choice model picked, as lm-eval scores `metric`, and the right option) from each
+    option's log-likelihood; `gold` is the right option's index (a list: its first) or the answer itself."""
+    if metric == "acc_norm":  # lm-eval's normalisation: the log-likelihood per character of the option
+        lls = [ll / max(len(c), 1) for ll, c in zip(lls, choices)]
+    pick = max(range(len(lls)), key=lambda i: lls[i]) if lls else None
+    gold = gold[0] if isinstance(gold, list) else gold
+    expected = choices[gold] if isinstance(gold, int) and 0 <= gold < len(choices) else str(gold)
+    return (choices[pick] if pick is not None else ""), expected
 
 
 @dataclass
