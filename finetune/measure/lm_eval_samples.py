@@ -1,7 +1,8 @@
 """finetune's evaluations saved in lm-eval's --log_samples layout, by lm-eval's own writer, beside report.json:
 `forgetting/lm-eval/base/` and `forgetting/lm-eval/tuned/`, each a results_<date>.json and one
-samples_<task>_<date>.jsonl per task. `finetune compare` reads them back like any lm-eval run's (reports/lm_eval_logs.py), so a finetune
-evaluation can be compared with one lm-eval ran elsewhere, and other tools can read ours.
+samples_<task>_<date>.jsonl per task. `finetune compare` reads them back like any lm-eval run's
+(reports/lm_eval_logs.py), so a finetune evaluation can be compared with one lm-eval ran elsewhere, and other tools
+can read ours.
 """
 
 from __future__ import annotations

@@ -249,11 +249,14 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def _footer(report: dict) -> list[tuple[str, str]]:
     p = report["provenance"]
     versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items() if v)
-    logs = p.get("lm_eval")  # `finetune compare` of two lm-eval runs
-    made = [(side, f"{logs[side]['model']} ({logs[side]['results']}, lm-eval {logs[side]['lm_eval_version']})")
-            for side in ("base", "tuned")] + \
-        [("not compared", "; ".join(logs["not_compared"]) + " (not 0 or 1 per example)")] * bool(logs["not_compared"]) \
-        if logs else [("final/", report["final"]["why"]), ("seed", "-" if p["seed"] is None else str(p["seed"]))]
+    logs = p.get("lm_eval")  # `finetune compare` of two lm-eval runs: what was compared, not a run's final/
+    if logs is None:
+        made = [("final/", report["final"]["why"]), ("seed", "-" if p["seed"] is None else str(p["seed"]))]
+    else:
+        made = [(side, f"{logs[side]['model']} ({logs[side]['results']}, lm-eval {logs[side]['lm_eval_version']})")
+                for side in ("base", "tuned")]
+        if logs["not_compared"]:
+            made.append(("not compared", "; ".join(logs["not_compared"]) + " (not 0 or 1 per example)"))
     return [("run", report.get("method", UNNAMED)["label"]), *made, ("versions", versions), ("git", p["git"] or "-"),
             ("date", p["date"])]
 
