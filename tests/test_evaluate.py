@@ -339,3 +339,23 @@ def test_an_evaluation_starts_no_survey_of_the_machine(section, tasks, monkeypat
     model, tokenizer = load(section)
     scores = evaluate_tasks(model, tokenizer, [str(tasks["original"])], batch_size=8, limit=4)
     assert len(scores[str(tasks["original"])].examples) == 4 and surveys == []
+
+
+def test_shared_prefixes_give_lm_evals_own_log_likelihoods(section, tasks):
+    # Each prompt encoded once for its four options must give what lm-eval's own path gives, option by option,
+    # including options of several tokens (scored after the repeated cache of the prompt).
+    model, tokenizer = load(section)
+    spec = str(tasks["original"])
+    assert max(len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) for a in ANSWERS) > 1
+    own, shared = (evaluate_tasks(model, tokenizer, [spec], batch_size=4, limit=None, share_prefixes=s)[spec]
+                   for s in (False, True))
+
+    def lls(score):
+        return [[float(r[0][0]) for r in s["resps"]] for s in score.log["original"]["samples"]]
+
+    assert len(lls(shared)) == len(ITEMS)
+    assert [x for q in lls(shared) for x in q] == pytest.approx([x for q in lls(own) for x in q], abs=1e-4)
+    assert shared.examples == own.examples and shared.answers == own.answers
+    # and the greedy flags (lm-eval's is_greedy) agree
+    assert [[r[0][1] for r in s["resps"]] for s in shared.log["original"]["samples"]] == \
+        [[r[0][1] for r in s["resps"]] for s in own.log["original"]["samples"]]

@@ -24,6 +24,7 @@ from ..files import atomic_write_text, read_jsonl
 from ..model import load_model, resolve_model_path
 from ..recipe import EvalSection, ModelSection
 from ..reports.records import Evaluation, TaskScore, from_dict, to_dict
+from . import prefix_sharing
 from .drift import (
     NEW_TOKENS,
     PROMPTS,
@@ -165,7 +166,8 @@ class ForgettingEval:
         model about to be trained; a peft model's adapter is switched off), or None to load them when needed."""
         specs = self.section.tasks + self.section.target_tasks
         settings = {"lm_eval": version("lm_eval"), "limit": self.section.limit, "batch_size": self.section.batch_size,
-                    "chat": self.section.apply_chat_template}
+                    "chat": self.section.apply_chat_template,
+                    **({"scoring": prefix_sharing.SCORING} if self.section.share_prefixes else {})}
         loaded = {spec: load_tasks(spec) for spec in specs}
         kinds = {"text": sample_texts, **({"chat": sample_chat} if self.tokenizer.chat_template else {})}
         # The main process alone reads the cache and decides what is missing, so that every rank takes the same
@@ -189,7 +191,8 @@ class ForgettingEval:
                 if missing:
                     fresh = evaluate_loaded(base, self.tokenizer, {spec: loaded[spec] for spec in missing},
                                              batch_size=self.section.batch_size, limit=self.section.limit,
-                                             chat=self.section.apply_chat_template, ranks=self.ranks)
+                                             chat=self.section.apply_chat_template,
+                                             share_prefixes=self.section.share_prefixes, ranks=self.ranks)
                     for spec, score in fresh.items():
                         if self.ranks.main:
                             _write_json(paths[spec], to_dict(score))
@@ -221,7 +224,8 @@ class ForgettingEval:
                   file=sys.stderr)
         scores = evaluate_tasks(model, self.tokenizer, self.section.tasks + self.section.target_tasks,
                                 batch_size=self.section.batch_size, limit=self.section.limit,
-                                chat=self.section.apply_chat_template, ranks=self.ranks)
+                                chat=self.section.apply_chat_template,
+                                share_prefixes=self.section.share_prefixes, ranks=self.ranks)
         base = self._base_beside(model)
         # Chat texts are rendered by the template, special tokens included; raw texts get the tokenizer's own.
         drift = {kind: kl_drift(base, model, self.tokenizer, texts, max_length=self.section.drift_max_length,

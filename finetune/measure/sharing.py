@@ -81,13 +81,19 @@ def shared_lm_class():
     own; lm-eval itself sees one process. Only the main process shows lm-eval's progress bars."""
     from lm_eval.models.huggingface import HFLM
 
+    from . import prefix_sharing
+
     def document(request) -> tuple:
         return request.task_name, request.doc_id
 
     class SharedHFLM(HFLM):
-        def __init__(self, *args, ranks: Ranks, **kwargs):
+        def __init__(self, *args, ranks: Ranks, share_prefixes: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
-            self.ranks = ranks
+            self.ranks, self.share_prefixes = ranks, share_prefixes
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+            shared = prefix_sharing.loglikelihoods(self, requests) if self.share_prefixes else None
+            return shared if shared is not None else super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
 
         def _shared(self, method: str, requests, disable_tqdm: bool):
             score = getattr(super(), method)

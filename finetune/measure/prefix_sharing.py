@@ -1,0 +1,65 @@
+"""Log-likelihoods with each context encoded once: a multiple-choice question's options share its prompt, and lm-eval's
+HF model runs the prompt again for every option (its `_loglikelihood_tokens` encodes context + continuation whole;
+its own "TODO: lump together requests with the same context"). Here the context runs once, its key/value cache is
+repeated for the options, and only the options' own tokens run after it; the context's logits are kept at its last
+position alone (`logits_to_keep=1`), where the first option token is predicted.
+
+The numbers are lm-eval's up to float rounding: the same positions attend to the same keys, computed in another
+grouping (a cache instead of one pass). bench/eval_speed.py counts the examples whose score differs from lm-eval's
+own path on the demo's suites; the cache key of the base's scores names the path, so a base and a tuned model are
+always scored the same way.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+SCORING = "shared-prefix-1"  # in the base cache's key: scores from another path are not paired with these
+
+
+def loglikelihoods(lm, requests: list) -> list[tuple[float, bool]] | None:
+    """(sum of log-probabilities of the continuation, whether greedy decoding would produce it) per lm-eval request
+    ((key, context tokens, continuation tokens)), in their order; None where the model is not a plain causal LM
+    whose whole input fits (lm-eval's own path handles those: seq2seq, truncation from the left)."""
+    if lm.backend != "causal" or any(len(ctx) + len(cont) > lm.max_length + 1 for _, ctx, cont in requests):
+        return None
+    by_context: dict[tuple, list[int]] = defaultdict(list)
+    for i, (_, ctx, _) in enumerate(requests):
+        by_context[tuple(ctx)].append(i)
+    out: list[tuple[float, bool] | None] = [None] * len(requests)
+    autocast = torch.autocast(device_type=lm.device.type, dtype=lm.mixed_precision_dtype,
+                              enabled=lm.mixed_precision_dtype is not None)
+    with torch.no_grad(), autocast:
+        for ctx, members in by_context.items():
+            for i, answer in zip(members, _score_group(lm, list(ctx), [requests[i][2] for i in members])):
+                out[i] = answer
+                if requests[i][0] is not None:
+                    lm.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+    return out
+
+
+def _score_group(lm, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
+    device = lm.device
+    first = lm.model(input_ids=torch.tensor([ctx], device=device), use_cache=True, logits_to_keep=1)
+    first_lp = F.log_softmax(first.logits[0, -1], dim=-1, dtype=lm.softmax_dtype)  # predicts each option's 1st token
+    longest = max(len(c) for c in conts)
+    rest_lp = None
+    if longest > 1:
+        # The options' tokens after their first, right-padded: padding comes after every real token, so under the
+        # causal mask no real position sees it.
+        # transformers 5.25 renamed `past_key_values` to `cache` (the old name warns until 5.40).
+        name = "cache" if hasattr(first, "cache") else "past_key_values"
+        cache = getattr(first, name)
+        cache.batch_repeat_interleave(len(conts))
+        rows = torch.tensor([c[:-1] + [c[-1]] * (longest - len(c)) for c in conts], device=device)
+        logits = lm.model(input_ids=rows, use_cache=False, **{name: cache}).logits
+        rest_lp = F.log_softmax(logits, dim=-1, dtype=lm.softmax_dtype)  # [options, longest - 1, vocab]
+    answers = []
+    for k, cont in enumerate(conts):
+        lps = [first_lp] + ([rest_lp[k, j] for j in range(len(cont) - 1)] if len(cont) > 1 else [])
+        total = sum(float(lp[t]) for lp, t in zip(lps, cont))
+        answers.append((total, all(int(lp.argmax()) == t for lp, t in zip(lps, cont))))
+    return answers
