@@ -118,6 +118,9 @@ class KLToBaseSection:
     datasets: list[DatasetSpec] = _f([], "general prompts (any format; chat rows in the chat template) on whose target "
                                          "tokens the tuned model's next-token distributions are kept near the base's")
     rows_per_step: int = _pos("rows of that data per optimizer update, over all processes together", 4)
+    first_tokens: int | None = _f(None, "only the first N tokens of each reply are kept near the base (where its "
+                                        "format is decided); null = every reply token",
+                                  lambda v: v is None or v > 0, "an integer > 0 or null")
 
 
 @dataclass

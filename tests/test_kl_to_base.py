@@ -245,3 +245,12 @@ def weights_of_rank(run_dir, rank: int) -> dict:
     from safetensors.torch import load_file
 
     return load_file(run_dir / f"rank{rank}.safetensors")
+
+
+def test_first_tokens_keeps_only_the_start_of_each_reply():
+    # Two rows: replies (runs of target positions) of several lengths, one at the very start and one at the end.
+    keep = torch.tensor([[0, 1, 1, 1, 0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 1, 0, 0, 0, 1, 1]]).bool()
+    assert kl_to_base.first_of_each_run(keep, 2).long().tolist() == [[0, 1, 1, 0, 0, 0, 1, 1, 0, 0],
+                                                                      [1, 1, 0, 0, 1, 0, 0, 0, 1, 1]]
+    assert torch.equal(kl_to_base.first_of_each_run(keep, 10), keep)
+    assert not kl_to_base.first_of_each_run(torch.zeros(1, 4, dtype=torch.bool), 3).any()

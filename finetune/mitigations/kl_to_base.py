@@ -77,7 +77,7 @@ def regularizer(recipe, ctx) -> KLToBase | None:
     if recipe.lora is None:
         ctx.accelerator.print("kl_to_base: loading a frozen copy of the base model (full fine-tuning)")
         base = load_model(recipe.model, None).requires_grad_(False).eval().to(ctx.accelerator.device)
-    return KLToBase(ctx.model, ctx.accelerator, stream, collate, section.weight, base)
+    return KLToBase(ctx.model, ctx.accelerator, stream, collate, section.weight, base, section.first_tokens)
 
 
 def _checkpoint_with(accelerator, stream: PromptStream) -> None:
@@ -140,9 +140,10 @@ class KLToBase:
 
     name = "kl_to_base"
 
-    def __init__(self, model, accelerator, stream: PromptStream, collate: Collator, weight: float, base=None):
+    def __init__(self, model, accelerator, stream: PromptStream, collate: Collator, weight: float, base=None,
+                 first_tokens: int | None = None):
         self.model, self.accelerator, self.stream, self.collate = model, accelerator, stream, collate
-        self.weight, self.base = weight, base
+        self.weight, self.base, self.first_tokens = weight, base, first_tokens
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def apply(self) -> torch.Tensor:
@@ -175,6 +176,8 @@ class KLToBase:
         batch = send_to_device(self.collate(rows), self.accelerator.device)
         batch.pop("n_tokens")
         keep = batch.pop("labels") != IGNORE  # [rows, T]: positions whose next token is a target
+        if self.first_tokens is not None:
+            keep = first_of_each_run(keep, self.first_tokens)
         with torch.no_grad():
             base = _log_probs(self._base_logits(batch, keep))  # [positions, vocab]
         # The tuned model in the mode the loop keeps it in: dropout and activation checkpointing as for the task loss.
@@ -187,6 +190,20 @@ class KLToBase:
                 return logits_at(self.base, batch, keep)
         with eval_mode(self.model), self.model.disable_adapter():  # the base's own predictions, no dropout
             return logits_at(self.model, batch, keep)
+
+
+def first_of_each_run(keep: torch.Tensor, n: int) -> torch.Tensor:
+    """`keep` ([rows, T], bool) with only the first `n` positions of each run of consecutive true positions left
+    true: the first tokens of each reply, where "spurious forgetting" (Zheng et al., ICLR 2025) finds a fine-tune
+    overwrites the base's answer format."""
+    k = keep.long()
+    run_start = k.clone()
+    run_start[:, 1:] = k[:, 1:] * (1 - k[:, :-1])  # 1 where a run begins
+    run_id = run_start.cumsum(dim=1)
+    positions = torch.arange(keep.shape[1], device=keep.device).expand_as(k)
+    start_of_run = torch.zeros_like(k).masked_scatter_(run_start.bool(), positions[run_start.bool()])
+    start = start_of_run.cummax(dim=1).values  # each position's run start (runs begin in increasing order)
+    return keep & (positions - start < n) & (run_id > 0)
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
