@@ -359,3 +359,28 @@ def test_shared_prefixes_give_lm_evals_own_log_likelihoods(section, tasks):
     # and the greedy flags (lm-eval's is_greedy) agree
     assert [[r[0][1] for r in s["resps"]] for s in shared.log["original"]["samples"]] == \
         [[r[0][1] for r in s["resps"]] for s in own.log["original"]["samples"]]
+
+
+def test_shared_prefixes_generate_what_lm_evals_own_path_generates(section, tmp_path, monkeypatch):
+    # In the chat template every prompt begins with the same system turn: that prefix is encoded once per batch,
+    # the rows are laid out as prefix, padding, rest, and greedy generation must give lm-eval's own replies.
+    from finetune.measure import prefix_sharing
+
+    task = str(write_generation_task(tmp_path / "gen"))
+    # Prompts of several lengths, so that every batch is left-padded and the rows must be laid out anew.
+    write_jsonl(tmp_path / "gen" / "gen.jsonl", [{"item": " ".join([r["item"]] * (1 + i % 3)), "answer": ANSWERS[r["label"]]}
+                                                for i, r in enumerate(task_rows(0))])
+    model, tokenizer = load(section)
+    calls = []
+    real = prefix_sharing.generate_with_shared_prefix
+    monkeypatch.setattr(prefix_sharing, "generate_with_shared_prefix", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    own, shared = (evaluate_tasks(model, tokenizer, [task], batch_size=4, limit=None, chat=True, share_prefixes=s)[task]
+                   for s in (False, True))
+    assert len(calls) == len(ITEMS) // 4  # every batch went through it
+    prompts = [tokenizer(s["arguments"][0][0], add_special_tokens=False)["input_ids"]
+               for s in own.log["gen"]["samples"]]
+    common = next(i for i in range(min(map(len, prompts))) if len({p[i] for p in prompts}) > 1)
+    assert common >= 8  # long enough to be shared, not left to lm-eval's path
+    replies = [[s["resps"] for s in score.log["gen"]["samples"]] for score in (own, shared)]
+    assert replies[0] == replies[1] and shared.examples == own.examples  # the whole replies, not only first words
+    assert len({str(r) for r in replies[0]}) > 1  # replies that differ by prompt: the comparison is not vacuous

@@ -63,3 +63,27 @@ def _score_group(lm, ctx: list[int], conts: list[list[int]]) -> list[tuple[float
         total = sum(float(lp[t]) for lp, t in zip(lps, cont))
         answers.append((total, all(int(lp.argmax()) == t for lp, t in zip(lps, cont))))
     return answers
+
+
+def generate_with_shared_prefix(lm, generate, context: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+    """lm-eval's batched generation (`generate`: HFLM._model_generate) with the rows' common prefix (the few-shot
+    turns, the system prompt) encoded once: each left-padded row becomes prefix, padding, the rest of its prompt, so
+    the prefix sits in the same place in every row, its key/value cache is computed once and repeated for the rows,
+    and only the rest runs per row. The same width as lm-eval's batch, so its own slicing of the replies holds."""
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(context, attention_mask)]
+    shortest = min(len(r) for r in rows)
+    prefix = 0
+    while prefix < shortest - 1 and all(r[prefix] == rows[0][prefix] for r in rows):
+        prefix += 1  # at least one token of each row is left to run with the generation
+    if prefix < 8 or len(rows) < 2:
+        return generate(context=context, attention_mask=attention_mask, **kwargs)
+    width, pad = context.shape[1], lm.tokenizer.pad_token_id or 0
+    ids = torch.tensor([r[:prefix] + [pad] * (width - len(r)) + r[prefix:] for r in rows], device=context.device)
+    mask = torch.tensor([[1] * prefix + [0] * (width - len(r)) + [1] * (len(r) - prefix) for r in rows],
+                        device=context.device)
+    with torch.no_grad():
+        first = lm.model(input_ids=ids[:1, :prefix], use_cache=True, logits_to_keep=1)
+    name = "cache" if hasattr(first, "cache") else "past_key_values"
+    cache = getattr(first, name)
+    cache.batch_repeat_interleave(len(rows))
+    return generate(context=ids, attention_mask=mask, **{name: cache}, **kwargs)

@@ -95,6 +95,14 @@ def shared_lm_class():
             shared = prefix_sharing.loglikelihoods(self, requests) if self.share_prefixes else None
             return shared if shared is not None else super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
 
+        def _model_generate(self, context, max_length: int, stop: list[str], **kwargs):
+            if not self.share_prefixes or kwargs.get("attention_mask") is None or self.backend != "causal":
+                return super()._model_generate(context, max_length, stop, **kwargs)
+            mask = kwargs.pop("attention_mask")
+            return prefix_sharing.generate_with_shared_prefix(
+                self, lambda **kw: super(SharedHFLM, self)._model_generate(max_length=max_length, stop=stop, **kw),
+                context, mask, **kwargs)
+
         def _shared(self, method: str, requests, disable_tqdm: bool):
             score = getattr(super(), method)
             return self.ranks.map(requests, lambda mine: score(mine, disable_tqdm or not self.ranks.main),
