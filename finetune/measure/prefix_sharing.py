@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-SCORING = "shared-prefix-1"  # in the base cache's key: scores from another path are not paired with these
+SCORING = "shared-prefix-2"  # in the base cache's key: scores from another path are not paired with these
 
 
 def loglikelihoods(lm, requests: list) -> list[tuple[float, bool]] | None:

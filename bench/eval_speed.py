@@ -1,0 +1,152 @@
+"""How fast finetune evaluates forgetting, part by part, against lm-eval's own path on the same model and tasks.
+
+Loads the recipe's base model once and times, on the recipe's original and target tasks and the drift texts:
+  - multiple choice (log-likelihoods) and generation tasks, each three ways: lm-eval's HF model as `lm_eval --model hf`
+    runs it (the reference a user would otherwise pick; the same in-memory model, so loading is not timed) at batch 8
+    (finetune's evaluation before eval.share_prefixes) and at the recipe's eval.batch_size, then finetune's path
+    (eval.share_prefixes: each multiple-choice prompt once for its options, each batch's common prompt prefix once);
+    and how many examples score differently between the first and the last;
+  - drift: the KL of the model against itself on the base's drift texts (two forward passes per text, as for a tuned
+    model), and the base's one-time sampling of those texts;
+  - training, for scale: the median tokens/s of a finished run's metrics.jsonl (--train-run), and its 60-update time.
+
+    python bench/eval_speed.py                         # the demo's recipe and suites; writes bench/eval_speed.md
+    python bench/eval_speed.py --train-run runs/demo-lora
+
+Tokens count what each request holds (prompt and continuation, or prompt and generated reply), the same unit for
+both paths, so tokens/s ratios are time ratios. Figures are of the machine that ran it (CPU flags in the header).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tokens_of(tokenizer, score) -> int:
+    """Tokens the logged requests of one TaskScore hold: prompt + option for each option of a multiple-choice
+    example; prompt + generated reply for a generation (each request's arguments: prompt, option or settings)."""
+    def length(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    count = 0
+    for log in score.log.values():
+        for sample in log["samples"]:
+            for (prompt, second), resp in zip(sample["arguments"], sample["resps"]):
+                count += length(prompt) + length(second if isinstance(second, str) else str(resp[0]))
+    return count
+
+
+def timed(work, *args, **kwargs):
+    start = time.perf_counter()
+    value = work(*args, **kwargs)
+    return value, time.perf_counter() - start
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    found = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f" {f}" in flags]
+    return ", ".join(found) or "none of amx_bf16/avx512_bf16/avx512f/avx2"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", default="recipes/demo-lora.yaml")
+    p.add_argument("--limit", type=int, help="examples per task, and drift prompts per kind (default: all)")
+    p.add_argument("--train-run", help="a finished run folder: its training tokens/s and time, for scale")
+    p.add_argument("--out", default=str(ROOT / "bench" / "eval_speed.md"))
+    args = p.parse_args()
+
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from finetune.measure.drift import (
+        NEW_TOKENS,
+        PROMPTS,
+        kl_drift,
+        sample_chat,
+        sample_texts,
+    )
+    from finetune.measure.tasks import evaluate_tasks, load_tasks
+    from finetune.model import load_model, load_tokenizer
+    from finetune.quiet import silence_lm_eval
+    from finetune.recipe import load_recipe
+
+    silence_lm_eval()
+    recipe = load_recipe(args.recipe)
+    tokenizer = load_tokenizer(recipe.model)
+    model = load_model(recipe.model, None).eval()
+    ev = recipe.eval
+    kinds = {spec: load_tasks(spec)[1] for spec in ev.tasks + ev.target_tasks}
+    choice = [s for s, t in kinds.items() if all(x.OUTPUT_TYPE == "multiple_choice" for x in t.values())]
+    generation = [s for s in kinds if s not in choice]
+    rows, notes = [], []
+
+    def row(part, path, items, tokens, seconds):
+        rows.append({"part": part, "path": path, "items": items, "tokens": tokens, "seconds": round(seconds, 2),
+                     "items_per_s": round(items / seconds, 2), "tokens_per_s": round(tokens / seconds, 1)})
+        print(f"{part:<26} {path:<28} {items:>5} items {tokens:>7} tokens {seconds:7.1f} s", file=sys.stderr)
+
+    paths = [("lm-eval HFLM, batch 8 (before)", 8, False), (f"lm-eval HFLM, batch {ev.batch_size}", ev.batch_size, False),
+             (f"finetune shared prefixes, batch {ev.batch_size}", ev.batch_size, True)]
+    for part, specs in (("multiple choice", choice), ("generation", generation)):
+        if not specs:
+            continue
+        scored = {}
+        for name, batch, share in paths:
+            scores, seconds = timed(evaluate_tasks, model, tokenizer, specs, batch_size=batch, limit=args.limit,
+                                    chat=ev.apply_chat_template, share_prefixes=share)
+            scored[name] = scores
+            row(part, name, sum(len(scores[s].examples) for s in specs), sum(tokens_of(tokenizer, scores[s]) for s in specs),
+                seconds)
+        reference, ours = scored[paths[0][0]], scored[paths[-1][0]]
+        items = sum(len(reference[s].examples) for s in specs)
+        changed = sum(reference[s].examples[k] != ours[s].examples[k] for s in specs for k in reference[s].examples)
+        notes.append(f"{part}: {changed} of {items} examples score differently between lm-eval's path at batch 8 and "
+                     f"finetune's ({'; '.join(f'{s}: {reference[s].value:.3f} vs {ours[s].value:.3f}' for s in specs)}).")
+    for kind, sample in (("text", sample_texts), ("chat", sample_chat)):
+        prompts = PROMPTS[kind][:args.limit]  # all of them without --limit
+        texts, s_sample = timed(sample, model, tokenizer, prompts, new_tokens=NEW_TOKENS, seed=0)
+        row(f"drift sampling ({kind}, base)", "finetune (batched generate)", len(prompts), len(prompts) * NEW_TOKENS,
+            s_sample)
+        drift, s_drift = timed(kl_drift, model, model, tokenizer, texts, max_length=ev.drift_max_length,
+                               special_tokens=kind != "chat")
+        row(f"drift KL ({kind})", "finetune (2 forwards/text)", drift.texts, 2 * drift.tokens, s_drift)
+    train = {}
+    if args.train_run:
+        lines = [json.loads(x) for x in (Path(args.train_run) / "metrics.jsonl").read_text().splitlines() if x]
+        steps = [x for x in lines if "tokens_per_s" in x]
+        train = {"run": args.train_run, "updates": steps[-1]["step"], "tokens": steps[-1]["tokens"],
+                 "tokens_per_s": round(statistics.median(x["tokens_per_s"] for x in steps), 1)}
+        train["seconds"] = round(train["tokens"] / train["tokens_per_s"], 1)
+    header = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU flags: {cpu_flags()}; "
+              f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32; model {recipe.model.path}; "
+              f"eval batch {ev.batch_size}, chat template {ev.apply_chat_template}, limit {args.limit or 'none'}.")
+    table = ["| part | path | items | tokens | seconds | items/s | tokens/s |", "|---|---|---|---|---|---|---|"]
+    table += [f"| {r['part']} | {r['path']} | {r['items']} | {r['tokens']:,} | {r['seconds']} | {r['items_per_s']} | "
+              f"{r['tokens_per_s']:,} |" for r in rows]
+    if train:
+        table.append(f"| training ({train['run']}) | finetune train | {train['updates']} updates | "
+                     f"{train['tokens']:,} | {train['seconds']} | - | {train['tokens_per_s']:,} |")
+    text = "\n".join([header, "", *table, "", *notes]) + "\n"
+    Path(args.out).write_text(text, encoding="utf-8")
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows, "train": train,
+                                                               "notes": notes}, indent=1) + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
