@@ -80,6 +80,18 @@ def reply(model, tokenizer, messages: list[dict], *, max_new_tokens: int, temper
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def trained_system_prompts(run: Path) -> dict[str, str]:
+    """{dataset path: system prompt} for the run's training datasets that were given one (`data.train[].system`)."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    datasets = (recipe.get("data") or {}).get("train") or []
+    return {d["path"]: d["system"] for d in datasets if isinstance(d, dict) and d.get("system")}
+
+
 def chat(run: Path, *, base: str | None, system: str | None, max_new_tokens: int, temperature: float) -> int:
     model, tokenizer, what = load(run, base)
     interactive = sys.stdin.isatty()
@@ -88,6 +100,10 @@ def chat(run: Path, *, base: str | None, system: str | None, max_new_tokens: int
     if interactive:
         template = "its chat template" if tokenizer.chat_template else "no chat template: plain continuation"
         print(f"chatting with {what}, {template}. /reset starts over; /exit or Ctrl-D ends.")
+        if not system:
+            for path, prompt in trained_system_prompts(run).items():
+                print(f"{path} was trained under a system prompt of its own; to ask for what it taught, start with "
+                      f"--system {json.dumps(prompt)}")
     while True:
         try:
             line = input("you> ") if interactive else sys.stdin.readline()

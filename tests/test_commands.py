@@ -298,3 +298,13 @@ def test_the_model_card_takes_the_verdict_of_a_later_finetune_eval(tmp_path, tin
     assert f"**{verdict}**" in card.read_text() and "No forgetting report" not in card.read_text()
     # Only the card is rewritten: final/ stays as training saved it (a GGUF base is not resolved again).
     assert {p.name: p.stat().st_ino for p in (run_dir / "final").iterdir() if p != card} == saved
+
+
+def test_chat_names_the_system_prompt_a_dataset_was_trained_under(tmp_path):
+    from finetune.chat import trained_system_prompts
+
+    (tmp_path / "recipe.yaml").write_text("data:\n  train:\n    - {path: a.jsonl, format: chat, system: Sort words.}\n"
+                                          "    - {path: b.jsonl, format: chat}\n", encoding="utf-8")
+    assert trained_system_prompts(tmp_path) == {"a.jsonl": "Sort words."}
+    (tmp_path / "recipe.yaml").write_text("data:\n  train: [{path: b.jsonl, format: chat}]\n", encoding="utf-8")
+    assert trained_system_prompts(tmp_path) == {} and trained_system_prompts(tmp_path / "missing") == {}
