@@ -341,11 +341,14 @@ def test_an_evaluation_starts_no_survey_of_the_machine(section, tasks, monkeypat
     assert len(scores[str(tasks["original"])].examples) == 4 and surveys == []
 
 
-def test_shared_prefixes_give_lm_evals_own_log_likelihoods(section, tasks):
+def test_shared_prefixes_give_lm_evals_own_log_likelihoods(section, tmp_path):
     # Each prompt encoded once for its four options must give what lm-eval's own path gives, option by option,
-    # including options of several tokens (scored after the repeated cache of the prompt).
+    # including options of several tokens (scored after the repeated cache of the prompt), with prompts of several
+    # lengths in one left-padded batch.
     model, tokenizer = load(section)
-    spec = str(tasks["original"])
+    spec = str(write_task(tmp_path / "mc", "original", 0))
+    write_jsonl(tmp_path / "mc" / "original.jsonl", [{**r, "item": " ".join([r["item"]] * (1 + i % 3))}
+                                                     for i, r in enumerate(task_rows(0))])
     assert max(len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) for a in ANSWERS) > 1
     own, shared = (evaluate_tasks(model, tokenizer, [spec], batch_size=4, limit=None, share_prefixes=s)[spec]
                    for s in (False, True))

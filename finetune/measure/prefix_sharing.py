@@ -17,7 +17,10 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-SCORING = "shared-prefix-2"  # in the base cache's key: scores from another path are not paired with these
+SCORING = "shared-prefix-3"  # in the base cache's key: scores from another path are not paired with these
+
+
+TOKENS_PER_PASS = 4096  # prompt tokens (padding included) per forward pass: a batch, not one question at a time
 
 
 def loglikelihoods(lm, requests: list) -> list[tuple[float, bool]] | None:
@@ -29,39 +32,61 @@ def loglikelihoods(lm, requests: list) -> list[tuple[float, bool]] | None:
     by_context: dict[tuple, list[int]] = defaultdict(list)
     for i, (_, ctx, _) in enumerate(requests):
         by_context[tuple(ctx)].append(i)
+    groups = sorted(by_context.items(), key=lambda g: len(g[0]))  # similar lengths together: little padding
     out: list[tuple[float, bool] | None] = [None] * len(requests)
     autocast = torch.autocast(device_type=lm.device.type, dtype=lm.mixed_precision_dtype,
                               enabled=lm.mixed_precision_dtype is not None)
     with torch.no_grad(), autocast:
-        for ctx, members in by_context.items():
-            for i, answer in zip(members, _score_group(lm, list(ctx), [requests[i][2] for i in members])):
-                out[i] = answer
-                if requests[i][0] is not None:
-                    lm.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+        start = 0
+        while start < len(groups):
+            end = start + 1
+            while end < len(groups) and (end + 1 - start) * len(groups[end][0]) <= TOKENS_PER_PASS:
+                end += 1
+            batch = groups[start:end]
+            answers = _score_groups(lm, [list(ctx) for ctx, _ in batch],
+                                    [[requests[i][2] for i in members] for _, members in batch])
+            for (_, members), group_answers in zip(batch, answers):
+                for i, answer in zip(members, group_answers):
+                    out[i] = answer
+                    if requests[i][0] is not None:
+                        lm.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            start = end
     return out
 
 
-def _score_group(lm, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
-    device = lm.device
-    first = lm.model(input_ids=torch.tensor([ctx], device=device), use_cache=True, logits_to_keep=1)
-    first_lp = F.log_softmax(first.logits[0, -1], dim=-1, dtype=lm.softmax_dtype)  # predicts each option's 1st token
-    longest = max(len(c) for c in conts)
+def _score_groups(lm, contexts: list[list[int]], conts: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:
+    """The answers of each context's continuations. The contexts run as one left-padded batch whose last position
+    predicts every option's first token; each context's cache is then repeated once per option, and the options'
+    further tokens run after it, right-padded, at the positions they hold after their own context."""
+    device, width = lm.device, max(len(c) for c in contexts)
+    pad = lm.tokenizer.pad_token_id or 0
+    ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], device=device)
+    mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    first = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    first_lp = F.log_softmax(first.logits[:, -1], dim=-1, dtype=lm.softmax_dtype)  # [contexts, vocab]
+    owner = [g for g, options in enumerate(conts) for _ in options]  # the context of each option row
+    options = [c for group in conts for c in group]
+    longest = max(len(c) for c in options)
     rest_lp = None
     if longest > 1:
-        # The options' tokens after their first, right-padded: padding comes after every real token, so under the
-        # causal mask no real position sees it.
         # transformers 5.25 renamed `past_key_values` to `cache` (the old name warns until 5.40).
         name = "cache" if hasattr(first, "cache") else "past_key_values"
         cache = getattr(first, name)
-        cache.batch_repeat_interleave(len(conts))
-        rows = torch.tensor([c[:-1] + [c[-1]] * (longest - len(c)) for c in conts], device=device)
-        logits = lm.model(input_ids=rows, use_cache=False, **{name: cache}).logits
+        cache.batch_select_indices(torch.tensor(owner, device=device))  # repeated indices repeat a context's cache
+        # Each option's tokens but its last, right-padded: the logits at step j predict its token j + 1.
+        rows = torch.tensor([c[:-1] + [pad] * (longest - len(c)) for c in options], device=device)
+        starts = torch.tensor([len(contexts[g]) for g in owner], device=device)
+        rest_mask = torch.cat([mask[owner], torch.ones_like(rows)], dim=1)  # padding after a row's tokens: unseen
+        rest_positions = starts[:, None] + torch.arange(longest - 1, device=device)[None]
+        logits = lm.model(input_ids=rows, attention_mask=rest_mask, position_ids=rest_positions, use_cache=False,
+                          **{name: cache}).logits
         rest_lp = F.log_softmax(logits, dim=-1, dtype=lm.softmax_dtype)  # [options, longest - 1, vocab]
-    answers = []
-    for k, cont in enumerate(conts):
-        lps = [first_lp] + ([rest_lp[k, j] for j in range(len(cont) - 1)] if len(cont) > 1 else [])
+    answers: list[list[tuple[float, bool]]] = [[] for _ in contexts]
+    for k, (g, cont) in enumerate(zip(owner, options)):
+        lps = [first_lp[g]] + [rest_lp[k, j] for j in range(len(cont) - 1)]
         total = sum(float(lp[t]) for lp, t in zip(lps, cont))
-        answers.append((total, all(int(lp.argmax()) == t for lp, t in zip(lps, cont))))
+        answers[g].append((total, all(int(lp.argmax()) == t for lp, t in zip(lps, cont))))
     return answers
 
 
