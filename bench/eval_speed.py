@@ -1,9 +1,9 @@
 """How fast finetune evaluates forgetting, part by part, against lm-eval's own path on the same model and tasks.
 
 Loads the recipe's base model once and times, on the recipe's original and target tasks and the drift texts:
-  - multiple choice (log-likelihoods) and generation tasks, each three ways: lm-eval's HF model as `lm_eval --model hf`
-    runs it (the reference a user would otherwise pick; the same in-memory model, so loading is not timed) at batch 8
-    (finetune's evaluation before eval.share_prefixes) and at the recipe's eval.batch_size, then finetune's path
+  - multiple choice (log-likelihoods) and generation tasks: lm-eval's HF model as `lm_eval --model hf` runs it (the
+    reference a user would otherwise pick; the same in-memory model, so loading is not timed) at batch 8 (finetune's
+    evaluation before eval.share_prefixes), for generation also at the recipe's eval.batch_size, then finetune's path
     (eval.share_prefixes: each multiple-choice prompt once for its options, each batch's common prompt prefix once);
     and how many examples score differently between the first and the last;
   - drift: the KL of the model against itself on the base's drift texts (two forward passes per text, as for a tuned
@@ -105,7 +105,9 @@ def main() -> int:
         if not specs:
             continue
         scored = {}
-        for name, batch, share in paths:
+        # lm-eval's log-likelihood batches are dense prompt + option rows: their batch size changes little on a CPU,
+        # so multiple choice is timed at batch 8 and in finetune's path only.
+        for name, batch, share in (paths if part == "generation" else [paths[0], paths[-1]]):
             scores, seconds = timed(evaluate_tasks, model, tokenizer, specs, batch_size=batch, limit=args.limit,
                                     chat=ev.apply_chat_template, share_prefixes=share)
             scored[name] = scores
