@@ -1,6 +1,6 @@
-"""Mitigations are judged on data they were not shaped around: no shipped replay, KL or Fisher row (data/general/)
-repeats or nearly repeats an item of a shipped evaluation suite (data/tasks/, data/new_task/ test items) or a
-drift prompt."""
+"""Mitigations are judged on data they were not shaped around: no shipped training, replay, KL or Fisher row
+(data/general/, data/new_task/train.jsonl) repeats or nearly repeats an item of a shipped original-task suite
+(data/tasks/) or a drift prompt, and no replay, KL or Fisher row repeats a target-task test item either."""
 
 import difflib
 import json
@@ -15,10 +15,10 @@ def normalised(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
-def training_prompts() -> dict[str, str]:
-    """Every user turn of every shipped replay/KL/Fisher file, by where it is."""
+def training_prompts(paths) -> dict[str, str]:
+    """Every user turn of the given chat files, by where it is."""
     out = {}
-    for path in sorted((ROOT / "data" / "general").glob("*.jsonl")):
+    for path in paths:
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             for m in json.loads(line)["messages"]:
                 if m["role"] == "user":
@@ -26,9 +26,9 @@ def training_prompts() -> dict[str, str]:
     return out
 
 
-def evaluated_prompts() -> set[str]:
+def evaluated_prompts(paths) -> set[str]:
     items = set()
-    for path in [*(ROOT / "data" / "tasks").glob("*.jsonl"), ROOT / "data" / "new_task" / "test.jsonl"]:
+    for path in paths:
         for line in path.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
             text = row.get("question") or row.get("prompt") or row["messages"][0]["content"]
@@ -37,13 +37,29 @@ def evaluated_prompts() -> set[str]:
     return items | {normalised(p if isinstance(p, str) else json.dumps(p)) for kind in drift.values() for p in kind}
 
 
+SUITES = sorted((ROOT / "data" / "tasks").glob("*.jsonl"))
+GENERAL = sorted((ROOT / "data" / "general").glob("*.jsonl"))
+
+
+def near_repeats(trained: dict[str, str], evaluated: set[str]) -> list[tuple[str, str]]:
+    return [(where, other) for where, text in trained.items() for other in evaluated
+            if difflib.SequenceMatcher(None, text, other).quick_ratio() >= NEAR
+            and difflib.SequenceMatcher(None, text, other).ratio() >= NEAR]
+
+
 def test_no_replay_kl_or_fisher_row_repeats_or_nearly_repeats_an_evaluated_prompt():
-    trained, evaluated = training_prompts(), evaluated_prompts()
-    assert len(trained) > 50 and len(evaluated) > 300  # the files were found
-    close = [(where, other) for where, text in trained.items() for other in evaluated
-             if difflib.SequenceMatcher(None, text, other).quick_ratio() >= NEAR
-             and difflib.SequenceMatcher(None, text, other).ratio() >= NEAR]
+    trained = training_prompts(GENERAL)
+    evaluated = evaluated_prompts([*SUITES, ROOT / "data" / "new_task" / "test.jsonl"])
+    assert len(trained) > 50 and len(evaluated) > 1200  # the files were found (three suites of 420 items)
+    close = near_repeats(trained, evaluated)
     assert not close, close[:5]
+
+
+def test_no_training_row_of_the_new_task_repeats_an_original_task_item():
+    # The target task's own test items are left out here: its training rows share their templates by design.
+    trained = training_prompts([ROOT / "data" / "new_task" / "train.jsonl"])
+    close = near_repeats(trained, evaluated_prompts(SUITES))
+    assert len(trained) > 300 and not close, close[:5]
 
 
 def test_the_check_sees_a_near_repeat():
@@ -51,3 +67,12 @@ def test_the_check_sees_a_near_repeat():
     a, b = normalised("What is the capital of France?"), normalised("what's the capital of france")
     c = normalised("What is the capital of Peru?")
     assert difflib.SequenceMatcher(None, a, b).ratio() >= NEAR > difflib.SequenceMatcher(None, a, c).ratio()
+
+
+def test_the_named_zorblax_rows_are_the_training_rows_that_name_zorblax():
+    # recipes/demo-lora-format.yaml trains these without the system prompt as well: they must be the rows of the
+    # training file whose question names the task, no more (no test item, no other row), no fewer.
+    rows = (ROOT / "data" / "new_task" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    named = (ROOT / "data" / "new_task" / "train_named.jsonl").read_text(encoding="utf-8").splitlines()
+    assert named == [r for r in rows if "zorblax" in json.loads(r)["messages"][0]["content"].lower()]
+    assert 0 < len(named) < len(rows)
