@@ -254,3 +254,14 @@ def test_first_tokens_keeps_only_the_start_of_each_reply():
                                                                       [1, 1, 0, 0, 1, 0, 0, 0, 1, 1]]
     assert torch.equal(kl_to_base.first_of_each_run(keep, 10), keep)
     assert not kl_to_base.first_of_each_run(torch.zeros(1, 4, dtype=torch.bool), 3).any()
+
+
+def test_the_run_is_named_by_its_kl_positions_and_its_system_prompt(tmp_path, tiny_model, general):
+    from finetune.mitigations import method_label
+
+    recipe = make_recipe(tmp_path, tiny_model)
+    plain = load_recipe(recipe, [kl_override(general)])
+    assert method_label(plain).endswith("KL to base 1") and "system prompt" not in method_label(plain)
+    first = load_recipe(recipe, [kl_override(general), "train.kl_to_base.first_tokens=4",
+                                 f"data.train=[{{path: {general}, format: chat, system: Sort words.}}]"])
+    assert method_label(first).endswith("system prompt, KL to base 1 (first 4 tokens)")

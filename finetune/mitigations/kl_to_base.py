@@ -50,7 +50,9 @@ class KLToBaseError(UserError):
 
 def label(recipe) -> str | None:
     section = recipe.train.kl_to_base
-    return f"KL to base {section.weight:g}" if section else None
+    if section is None:
+        return None
+    return f"KL to base {section.weight:g}" + (f" (first {section.first_tokens} tokens)" if section.first_tokens else "")
 
 
 def regularizer(recipe, ctx) -> KLToBase | None:
