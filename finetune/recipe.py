@@ -242,8 +242,8 @@ _DEFAULT_SECTIONS = ("data", "train", "eval", "output")
 # Keys whose change does not change the trained weights: a resumed run may differ in these.
 RESULT_NEUTRAL_KEYS = frozenset(
     {"output.save_every", "output.keep", "train.log_every", "train.trackers", "train.eval_every", "data.num_proc",
-     "model.cache_dir", "model.name", "eval.tasks", "eval.target_tasks", "eval.limit", "eval.batch_size", "eval.share_prefixes", "eval.drift_texts",
-     "eval.drift_max_length", "eval.apply_chat_template"}
+     "model.cache_dir", "model.name", "eval.tasks", "eval.target_tasks", "eval.limit", "eval.batch_size",
+     "eval.share_prefixes", "eval.drift_texts", "eval.drift_max_length", "eval.apply_chat_template"}
 )
 
 

@@ -1,8 +1,8 @@
-"""Log-likelihoods with each context encoded once: a multiple-choice question's options share its prompt, and lm-eval's
-HF model runs the prompt again for every option (its `_loglikelihood_tokens` encodes context + continuation whole;
-its own "TODO: lump together requests with the same context"). Here the context runs once, its key/value cache is
-repeated for the options, and only the options' own tokens run after it; the context's logits are kept at its last
-position alone (`logits_to_keep=1`), where the first option token is predicted.
+"""Prompts encoded once where lm-eval encodes them again (`eval.share_prefixes`). A multiple-choice question's options
+share its prompt, and lm-eval's HF model runs the prompt again for every option (its `_loglikelihood_tokens` encodes
+context + continuation whole; its own "TODO: lump together requests with the same context"): here the contexts run
+once, their key/value caches are repeated for the options, and only the options' own tokens run after them. A
+generation batch's rows share their system prompt and few-shot turns: that prefix runs once for the batch.
 
 The numbers are lm-eval's up to float rounding: the same positions attend to the same keys, computed in another
 grouping (a cache instead of one pass). bench/eval_speed.py counts the examples whose score differs from lm-eval's
@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 
 SCORING = "shared-prefix-3"  # in the base cache's key: scores from another path are not paired with these
-
-
 TOKENS_PER_PASS = 4096  # prompt tokens (padding included) per forward pass: a batch, not one question at a time
 
 
@@ -54,6 +52,13 @@ def loglikelihoods(lm, requests: list) -> list[tuple[float, bool]] | None:
     return out
 
 
+def _cache_of(output) -> tuple[str, object]:
+    """(the keyword a forward pass takes its key/value cache by, the cache `output` holds): transformers 5.25 renamed
+    `past_key_values` to `cache` (the old name warns until 5.40)."""
+    name = "cache" if hasattr(output, "cache") else "past_key_values"
+    return name, getattr(output, name)
+
+
 def _score_groups(lm, contexts: list[list[int]], conts: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:
     """The answers of each context's continuations. The contexts run as one left-padded batch whose last position
     predicts every option's first token; each context's cache is then repeated once per option, and the options'
@@ -70,9 +75,7 @@ def _score_groups(lm, contexts: list[list[int]], conts: list[list[list[int]]]) -
     longest = max(len(c) for c in options)
     rest_lp = None
     if longest > 1:
-        # transformers 5.25 renamed `past_key_values` to `cache` (the old name warns until 5.40).
-        name = "cache" if hasattr(first, "cache") else "past_key_values"
-        cache = getattr(first, name)
+        name, cache = _cache_of(first)
         cache.batch_select_indices(torch.tensor(owner, device=device))  # repeated indices repeat a context's cache
         # Each option's tokens but its last, right-padded: the logits at step j predict its token j + 1.
         rows = torch.tensor([c[:-1] + [pad] * (longest - len(c)) for c in options], device=device)
@@ -108,7 +111,6 @@ def generate_with_shared_prefix(lm, generate, context: torch.Tensor, attention_m
                         device=context.device)
     with torch.no_grad():
         first = lm.model(input_ids=ids[:1, :prefix], use_cache=True, logits_to_keep=1)
-    name = "cache" if hasattr(first, "cache") else "past_key_values"
-    cache = getattr(first, name)
+    name, cache = _cache_of(first)
     cache.batch_repeat_interleave(len(rows))
     return generate(context=ids, attention_mask=mask, **{name: cache}, **kwargs)

@@ -201,11 +201,10 @@ def first_of_each_run(keep: torch.Tensor, n: int) -> torch.Tensor:
     k = keep.long()
     run_start = k.clone()
     run_start[:, 1:] = k[:, 1:] * (1 - k[:, :-1])  # 1 where a run begins
-    run_id = run_start.cumsum(dim=1)
     positions = torch.arange(keep.shape[1], device=keep.device).expand_as(k)
     start_of_run = torch.zeros_like(k).masked_scatter_(run_start.bool(), positions[run_start.bool()])
     start = start_of_run.cummax(dim=1).values  # each position's run start (runs begin in increasing order)
-    return keep & (positions - start < n) & (run_id > 0)
+    return keep & (positions - start < n)
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
