@@ -123,3 +123,69 @@ def test_a_missing_private_part_is_one_line_naming_the_release(monkeypatch):
     message = str(raised.value)
     assert f"accelerate {version('accelerate')} no longer has `Accelerator._models" in message
     assert "\n" not in message and "requirements.lock" in message
+
+
+def _hflm(base_dir, spy):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.model import load_tokenizer
+    from finetune.recipe import ModelSection
+
+    tokenizer = load_tokenizer(ModelSection(path=str(base_dir)))
+    return spy(pretrained=AutoModelForCausalLM.from_pretrained(base_dir), tokenizer=tokenizer, batch_size=2), tokenizer
+
+
+def test_lm_eval_scores_log_likelihoods_through_the_token_level_method_finetune_overrides(base_dir):
+    """SharedHFLM._loglikelihood_tokens (measure/prefix_sharing.py) receives (key, context ids, continuation ids)
+    per request and returns (log-likelihood, greedy) in the same order; it reads the attributes below."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    seen = []
+
+    class Spy(HFLM):
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+            seen.extend(requests)
+            return [(-float(i), i % 2 == 0) for i in range(len(requests))]
+
+    lm, tokenizer = _hflm(base_dir, Spy)
+    pairs = [("Q: what is a? A:", " one"), ("Q: what is b? A:", " two")]
+    requests = [Instance("loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)]
+    assert lm.loglikelihood(requests) == [(-0.0, True), (-1.0, False)]
+    assert [key for key, _, _ in seen] == pairs
+    for (context, continuation), (_, context_ids, continuation_ids) in zip(pairs, seen):
+        assert tokenizer.decode(context_ids + continuation_ids) == context + continuation
+        assert continuation_ids and tokenizer.decode(continuation_ids).strip() == continuation.strip()
+    assert lm.backend == "causal" and isinstance(lm.max_length, int) and isinstance(lm.device, torch.device)
+    assert lm.mixed_precision_dtype is None and lm.softmax_dtype is None and callable(lm.cache_hook.add_partial)
+
+
+def test_lm_eval_generates_through_a_method_given_the_padded_prompts_and_their_mask(base_dir):
+    """SharedHFLM._model_generate (measure/prefix_sharing.py) is called with left-padded prompt ids and an
+    `attention_mask` keyword, and lm-eval's own one passes the ids as `input_ids` and every other keyword (a cache
+    among them) on to the model's generate."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    calls = []
+
+    class Spy(HFLM):
+        def _model_generate(self, context, max_length, stop, **kwargs):
+            calls.append((context, kwargs))
+            return super()._model_generate(context, max_length, stop, **kwargs)
+
+    lm, tokenizer = _hflm(base_dir, Spy)
+    given = []
+    generate = lm.model.generate
+    lm.model.generate = lambda **kw: given.append(kw) or generate(**{k: v for k, v in kw.items() if k != "marker"})
+    prompts = ["Q: what is a? A:", "Q: what is a much longer b? A:"]
+    requests = [Instance("generate_until", doc={}, arguments=(p, {"until": ["\n"], "max_gen_toks": 3}), idx=i)
+                for i, p in enumerate(prompts)]
+    assert len(lm.generate_until(requests)) == 2
+    (context, kwargs), = calls
+    mask = kwargs["attention_mask"]
+    assert context.shape == mask.shape and context.shape[0] == 2
+    assert [tokenizer.decode(ids[m.bool()]) for ids, m in zip(context, mask)] == prompts[::-1]  # longest first
+    assert mask[1, 0] == 0 and mask[:, -1].all()  # left padding
+    lm._model_generate(context, max_length=context.shape[1] + 2, stop=["\n"], attention_mask=mask, marker=1)
+    assert given[-1]["input_ids"] is context and given[-1]["marker"] == 1 and given[-1]["attention_mask"] is mask
