@@ -3,6 +3,7 @@ against itself, the caches, and a model that visibly forgets what it was pre-tra
 
 import dataclasses
 import json
+import math
 import random
 from pathlib import Path
 
@@ -328,6 +329,38 @@ def test_drift_grows_with_the_interpolation_alpha(section, drift_file):
     assert kls[0] == 0.0 and kls[0] < kls[1] < kls[2] < kls[3], kls
 
 
+def test_drift_in_batches_is_each_texts_own_kl(section, monkeypatch):
+    import finetune.measure.drift as drift
+
+    base, tokenizer = load(section)
+    tuned, _ = load(section)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    # Texts of many lengths (so batches pad), one measured from a character on, one too short to measure.
+    items = [t * (1 + i % 3) for i, t in enumerate(texts(0)[:9])] + [[texts(1)[0], 10], "a"]
+    monkeypatch.setattr(drift, "TOKENS_PER_PASS", 64)  # several batches of several texts
+    batched = kl_drift(base, tuned, tokenizer, items, max_length=32)
+    kl = tokens = lp_base = lp_tuned = 0.0
+    for item in items:  # each text alone, unpadded, by hand
+        text, start = (item, 0) if isinstance(item, str) else item
+        enc = tokenizer(text, truncation=True, max_length=32, return_offsets_mapping=True)
+        measured = [t for t, (begin, _) in enumerate(enc["offset_mapping"]) if t > 0 and begin >= start]
+        ids = torch.tensor([enc["input_ids"]])
+        with torch.no_grad():
+            b, t = (torch.log_softmax(m(input_ids=ids).logits[0].double(), -1) for m in (base, tuned))
+        for pos in measured:
+            before, token = pos - 1, ids[0, pos]
+            kl += float((b[before].exp() * (b[before] - t[before])).sum())
+            lp_base, lp_tuned = lp_base + float(b[before, token]), lp_tuned + float(t[before, token])
+            tokens += 1
+    assert batched.tokens == tokens and batched.texts == len(items) - 1
+    assert batched.kl == pytest.approx(kl / tokens, rel=1e-5) and batched.kl > 0.01
+    assert batched.ppl_base == pytest.approx(math.exp(-lp_base / tokens), rel=1e-5)
+    assert batched.ppl_tuned == pytest.approx(math.exp(-lp_tuned / tokens), rel=1e-5)
+
+
 def test_an_evaluation_starts_no_survey_of_the_machine(section, tasks, monkeypatch):
     # lm-eval's add_env_info runs torch.utils.collect_env (pip list, lscpu, ... in subprocesses) on every call.
     import lm_eval.loggers.utils
@@ -341,17 +374,24 @@ def test_an_evaluation_starts_no_survey_of_the_machine(section, tasks, monkeypat
     assert len(scores[str(tasks["original"])].examples) == 4 and surveys == []
 
 
-def test_shared_prefixes_give_lm_evals_own_log_likelihoods(section, tmp_path):
+@pytest.mark.parametrize("chat", [False, True])
+def test_shared_prefixes_give_lm_evals_own_log_likelihoods(section, tmp_path, monkeypatch, chat):
     # Each prompt encoded once for its four options must give what lm-eval's own path gives, option by option,
     # including options of several tokens (scored after the repeated cache of the prompt), with prompts of several
-    # lengths in one left-padded batch.
+    # lengths in one left-padded batch; in the chat template the prompts' common system turn runs once per batch.
+    from finetune.measure import prefix_sharing
+
+    prefixes = []
+    real = prefix_sharing._common_prefix
+    monkeypatch.setattr(prefix_sharing, "_common_prefix", lambda rows: prefixes.append(real(rows)) or prefixes[-1])
     model, tokenizer = load(section)
     spec = str(write_task(tmp_path / "mc", "original", 0))
     write_jsonl(tmp_path / "mc" / "original.jsonl", [{**r, "item": " ".join([r["item"]] * (1 + i % 3))}
                                                      for i, r in enumerate(task_rows(0))])
     assert max(len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) for a in ANSWERS) > 1
-    own, shared = (evaluate_tasks(model, tokenizer, [spec], batch_size=4, limit=None, share_prefixes=s)[spec]
+    own, shared = (evaluate_tasks(model, tokenizer, [spec], batch_size=4, limit=None, chat=chat, share_prefixes=s)[spec]
                    for s in (False, True))
+    assert prefixes and (min(prefixes) >= prefix_sharing.MIN_PREFIX if chat else max(prefixes) == 0)
 
     def lls(score):
         return [[float(r[0][0]) for r in s["resps"]] for s in score.log["original"]["samples"]]

@@ -31,6 +31,7 @@ PROMPTS = json.loads(Path(__file__).with_name("drift_prompts.json").read_text(en
 NEW_TOKENS = 48  # sampled per prompt: long enough to leave the prompt's topic, short enough to stay coherent
 SAMPLING_SEED = 0
 GENERATION_BATCH = 20  # prompts sampled together (left-padded): the same texts for a seed, ten times faster
+TOKENS_PER_PASS = 1024  # drift tokens (padding included) per forward pass; both models' logits are held at once
 
 
 class DriftError(UserError):
@@ -53,13 +54,6 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
-def _next_token_log_probs(model, ids: torch.Tensor) -> torch.Tensor:
-    """[T-1, vocab] float64 log-probabilities of the token after each prefix of `ids` ([T]), last prefix excluded."""
-    logits = model(input_ids=ids[None]).logits[0, :-1]  # [T-1, vocab]
-    return torch.log_softmax(logits.double(), dim=-1)
-
-
 def kl_drift(base_model, tuned_model, tokenizer, texts: list, *, max_length: int, special_tokens: bool = True,
              ranks: Ranks = Ranks()) -> Drift:
     """Mean per-token KL(P_base || P_tuned) over the measured tokens of `texts`, both perplexities, and a bootstrap
@@ -67,12 +61,13 @@ def kl_drift(base_model, tuned_model, tokenizer, texts: list, *, max_length: int
     or [text, start]: only tokens that begin at or after character `start` are measured. With several `ranks`, each
     measures its share of the texts; the sums run over all texts in their order, as in one process.
 
-    One text per forward pass, no padding: identical weights see identical inputs and give bit-identical logits,
-    so the KL is exactly 0.0 for a model compared with itself. Everything after the logits is float64."""
+    Texts run in right-padded batches of similar length, the same batches through both models: identical weights see
+    identical inputs and give bit-identical logits, so the KL is exactly 0.0 for a model compared with itself.
+    Everything after the logits is float64."""
     with eval_mode(base_model), eval_mode(tuned_model):
-        measured = ranks.map(texts, lambda share: [_measure(base_model, tuned_model, tokenizer, item,
-                                                            max_length=max_length, special_tokens=special_tokens)
-                                                   for item in share], what="drift texts")
+        measured = ranks.map(texts, lambda share: _measure_all(base_model, tuned_model, tokenizer, share,
+                                                               max_length=max_length, special_tokens=special_tokens),
+                             what="drift texts")
     measured = [m for m in measured if m is not None]  # texts with nothing to predict
     kl_per_text = [kl for kl, _, _, _ in measured]
     tokens_per_text = [n for _, n, _, _ in measured]
@@ -86,20 +81,47 @@ def kl_drift(base_model, tuned_model, tokenizer, texts: list, *, max_length: int
                  texts=len(kl_per_text))
 
 
-def _measure(base_model, tuned_model, tokenizer, item, *, max_length: int, special_tokens: bool) \
-        -> tuple[float, int, float, float] | None:
+@torch.no_grad()
+def _measure_all(base_model, tuned_model, tokenizer, items: list, *, max_length: int, special_tokens: bool) \
+        -> list[tuple[float, int, float, float] | None]:
     """(KL summed over the text's measured tokens, their number, their log-likelihood under the base, under the
-    tuned model) for one drift text; None when it has no token to measure."""
+    tuned model) for each drift text, in order; None for a text with no token to measure. Texts of similar length
+    share a forward pass (bench/eval_speed.py measures the gain over one text per pass)."""
+    encoded = [_encode(tokenizer, item, max_length=max_length, special_tokens=special_tokens) for item in items]
+    order = sorted((i for i, e in enumerate(encoded) if e is not None), key=lambda i: len(encoded[i][0]))
+    out: list[tuple[float, int, float, float] | None] = [None] * len(items)
+    device = _device(tuned_model)
+    start = 0
+    while start < len(order):
+        end = start + 1  # sorted by length: the last text of a batch is its longest
+        while end < len(order) and (end + 1 - start) * len(encoded[order[end]][0]) <= TOKENS_PER_PASS:
+            end += 1
+        batch = [encoded[i] for i in order[start:end]]
+        width = len(batch[-1][0])
+        ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in batch], device=device)
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=device)
+        base_logits = base_model(input_ids=ids, attention_mask=mask).logits
+        tuned_logits = tuned_model(input_ids=ids, attention_mask=mask).logits
+        for row, i in enumerate(order[start:end]):
+            out[i] = _compare(base_logits[row], tuned_logits[row], ids[row], encoded[i][1])
+        start = end
+    return out
+
+
+def _encode(tokenizer, item, *, max_length: int, special_tokens: bool) -> tuple[list[int], list[int]] | None:
+    """(token ids, the positions whose token is measured) of one drift text; None when it has none."""
     text, start = (item, 0) if isinstance(item, str) else item
     enc = tokenizer(text, truncation=True, max_length=max_length, add_special_tokens=special_tokens,
                     return_offsets_mapping=True)
     measured = [t for t, (begin, _) in enumerate(enc["offset_mapping"]) if t > 0 and begin >= start]
-    if not measured:
-        return None
-    ids = torch.tensor(enc["input_ids"], device=_device(tuned_model))
+    return (enc["input_ids"], measured) if measured else None
+
+
+def _compare(base_logits: torch.Tensor, tuned_logits: torch.Tensor, ids: torch.Tensor, measured: list[int]) \
+        -> tuple[float, int, float, float]:
     rows = torch.tensor(measured, device=ids.device) - 1  # the prefix that predicts each measured token
-    base_lp = _next_token_log_probs(base_model, ids)[rows]
-    tuned_lp = _next_token_log_probs(tuned_model, ids)[rows]
+    base_lp = torch.log_softmax(base_logits[rows].double(), dim=-1)
+    tuned_lp = torch.log_softmax(tuned_logits[rows].double(), dim=-1)
     # kl_div(input, target) = sum target_p * (log target_p - input): KL(base || tuned) per position.
     kl = torch.nn.functional.kl_div(tuned_lp, base_lp, log_target=True, reduction="sum").item()
     targets = ids[rows + 1, None]
