@@ -1,8 +1,9 @@
 """Prompts encoded once where lm-eval encodes them again (`eval.share_prefixes`). A multiple-choice question's options
 share its prompt, and lm-eval's HF model runs the prompt again for every option (its `_loglikelihood_tokens` encodes
 context + continuation whole; its own "TODO: lump together requests with the same context"): here the contexts run
-once, their key/value caches are repeated for the options, and only the options' own tokens run after them. A
-generation batch's rows share their system prompt and few-shot turns: that prefix runs once for the batch.
+once, their key/value caches are repeated for the options, and only the options' own tokens run after them. The
+prompts of a batch share their system turn (and fixed few-shot turns, in generation too): that prefix runs once for
+the batch.
 
 The numbers are lm-eval's up to float rounding: the same positions attend to the same keys, computed in another
 grouping (a cache instead of one pass). bench/eval_speed.py counts the examples whose score differs from lm-eval's
@@ -17,8 +18,9 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-SCORING = "shared-prefix-3"  # in the base cache's key: scores from another path are not paired with these
+SCORING = "shared-prefix-4"  # in the base cache's key: scores from another path are not paired with these
 TOKENS_PER_PASS = 4096  # prompt tokens (padding included) per forward pass: a batch, not one question at a time
+MIN_PREFIX = 8  # shared tokens worth a forward pass of their own
 
 
 def loglikelihoods(lm, requests: list) -> list[tuple[float, bool]] | None:
@@ -60,15 +62,29 @@ def _cache_of(output) -> tuple[str, object]:
 
 
 def _score_groups(lm, contexts: list[list[int]], conts: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:
-    """The answers of each context's continuations. The contexts run as one left-padded batch whose last position
-    predicts every option's first token; each context's cache is then repeated once per option, and the options'
-    further tokens run after it, right-padded, at the positions they hold after their own context."""
-    device, width = lm.device, max(len(c) for c in contexts)
+    """The answers of each context's continuations. The contexts' common prefix (the system turn of a chat template,
+    fixed few-shot turns) runs once and its cache is repeated for them; the rest of each context runs as one batch,
+    laid out prefix, padding, rest, whose last position predicts every option's first token. Each context's cache is
+    then repeated once per option, and the options' further tokens run after it, right-padded, at the positions they
+    hold after their own context."""
+    device = lm.device
     pad = lm.tokenizer.pad_token_id or 0
-    ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], device=device)
-    mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    first = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    prefix = _common_prefix(contexts)
+    rests = [c[prefix:] for c in contexts]
+    width = max(len(r) for r in rests)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rests], device=device)
+    rest_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rests], device=device)
+    positions = prefix + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+    mask = torch.cat([torch.ones(len(rests), prefix, dtype=rest_mask.dtype, device=device), rest_mask], dim=1)
+    shared = {}
+    if prefix:
+        head = lm.model(input_ids=torch.tensor([contexts[0][:prefix]], device=device), use_cache=True,
+                        logits_to_keep=1)
+        name, cache = _cache_of(head)
+        cache.batch_repeat_interleave(len(rests))
+        shared = {name: cache}
+    first = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                     **shared)
     first_lp = F.log_softmax(first.logits[:, -1], dim=-1, dtype=lm.softmax_dtype)  # [contexts, vocab]
     owner = [g for g, options in enumerate(conts) for _ in options]  # the context of each option row
     options = [c for group in conts for c in group]
@@ -80,9 +96,9 @@ def _score_groups(lm, contexts: list[list[int]], conts: list[list[list[int]]]) -
         # Each option's tokens but its last, right-padded: the logits at step j predict its token j + 1.
         rows = torch.tensor([c[:-1] + [pad] * (longest - len(c)) for c in options], device=device)
         starts = torch.tensor([len(contexts[g]) for g in owner], device=device)
-        rest_mask = torch.cat([mask[owner], torch.ones_like(rows)], dim=1)  # padding after a row's tokens: unseen
-        rest_positions = starts[:, None] + torch.arange(longest - 1, device=device)[None]
-        logits = lm.model(input_ids=rows, attention_mask=rest_mask, position_ids=rest_positions, use_cache=False,
+        option_mask = torch.cat([mask[owner], torch.ones_like(rows)], dim=1)  # padding after a row's tokens: unseen
+        option_positions = starts[:, None] + torch.arange(longest - 1, device=device)[None]
+        logits = lm.model(input_ids=rows, attention_mask=option_mask, position_ids=option_positions, use_cache=False,
                           **{name: cache}).logits
         rest_lp = F.log_softmax(logits, dim=-1, dtype=lm.softmax_dtype)  # [options, longest - 1, vocab]
     answers: list[list[tuple[float, bool]]] = [[] for _ in contexts]
@@ -93,17 +109,24 @@ def _score_groups(lm, contexts: list[list[int]], conts: list[list[list[int]]]) -
     return answers
 
 
+def _common_prefix(rows: list[list[int]]) -> int:
+    """How many leading tokens every row shares, leaving at least one token of each row to run after them; 0 where
+    fewer than MIN_PREFIX are shared (not worth a pass of their own) or there is only one row."""
+    shortest = min(len(r) for r in rows)
+    prefix = 0
+    while prefix < shortest - 1 and all(r[prefix] == rows[0][prefix] for r in rows):
+        prefix += 1
+    return prefix if prefix >= MIN_PREFIX and len(rows) > 1 else 0
+
+
 def generate_with_shared_prefix(lm, generate, context: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
     """lm-eval's batched generation (`generate`: HFLM._model_generate) with the rows' common prefix (the few-shot
     turns, the system prompt) encoded once: each left-padded row becomes prefix, padding, the rest of its prompt, so
     the prefix sits in the same place in every row, its key/value cache is computed once and repeated for the rows,
     and only the rest runs per row. The same width as lm-eval's batch, so its own slicing of the replies holds."""
     rows = [ids[mask.bool()].tolist() for ids, mask in zip(context, attention_mask)]
-    shortest = min(len(r) for r in rows)
-    prefix = 0
-    while prefix < shortest - 1 and all(r[prefix] == rows[0][prefix] for r in rows):
-        prefix += 1  # at least one token of each row is left to run with the generation
-    if prefix < 8 or len(rows) < 2:
+    prefix = _common_prefix(rows)
+    if not prefix:
         return generate(context=context, attention_mask=attention_mask, **kwargs)
     width, pad = context.shape[1], lm.tokenizer.pad_token_id or 0
     ids = torch.tensor([r[:prefix] + [pad] * (width - len(r)) + r[prefix:] for r in rows], device=context.device)
