@@ -76,3 +76,23 @@ def test_the_named_zorblax_rows_are_the_training_rows_that_name_zorblax():
     named = (ROOT / "data" / "new_task" / "train_named.jsonl").read_text(encoding="utf-8").splitlines()
     assert named == [r for r in rows if "zorblax" in json.loads(r)["messages"][0]["content"].lower()]
     assert 0 < len(named) < len(rows)
+
+
+def test_the_distilled_rows_are_the_short_replies_without_their_example_turns():
+    # data/general/format_distilled.jsonl must be what make_format_replay.distilled makes of format_replay.jsonl:
+    # each short instruction alone with the base's reply after example turns, minus replies copied from an example.
+    import sys
+
+    sys.path.insert(0, str(ROOT / "data" / "general"))
+    from make_format_replay import distilled
+
+    general = ROOT / "data" / "general"
+    replay = [json.loads(r) for r in (general / "format_replay.jsonl").read_text(encoding="utf-8").splitlines()]
+    shipped = [json.loads(r) for r in (general / "format_distilled.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert shipped == distilled(replay) and 50 < len(shipped) < len(replay)
+    assert all(len(r["messages"]) == 2 and len(r["messages"][1]["content"].split()) == 1 for r in shipped)
+    copied = {"messages": [{"role": "user", "content": "Give back the word \"fig\""},
+                           {"role": "assistant", "content": "lamp"}]}
+    with_shots = {"messages": [{"role": "user", "content": "Type the word \"lamp\"."},
+                               {"role": "assistant", "content": "lamp"}, *copied["messages"]]}
+    assert distilled([with_shots]) == [] and distilled([copied]) == []  # copied from an example; no example turns

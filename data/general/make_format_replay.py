@@ -15,6 +15,14 @@ project; tests/test_shipped_data.py checks that none repeats or nearly repeats a
 Every reply is the base's greedy one (the base's own targets: replaying them, or keeping the base's next-token
 distributions on them, pulls toward what the base did, not toward a text written elsewhere).
 
+It also writes format_distilled.jsonl, for `data.replay` only: each short instruction alone, with the reply the base
+gave it after the example turns (context distillation, in the manner of SDFT's base-written targets). Replayed, it
+ties the one-word format to the instruction itself, so an instruction asked with no example turns before it is
+answered in its format too, where the base and a tuned model without it answer in a sentence. Replies that repeat
+an example turn's answer the instruction does not contain ("Give me back the word parsnip" -> "lamp") are the
+example turns' doing, not an answer, and are left out. Not for `kl_to_base`: there the base's own zero-shot
+distributions, the sentence, would be the target.
+
     python data/general/make_format_replay.py [--model models/SmolLM2-135M-Instruct.Q4_1.gguf]
 """
 
@@ -55,6 +63,21 @@ def conversations(prompts: dict[str, list[str]], rng: random.Random) -> list[tup
     return out
 
 
+def distilled(rows: list[dict]) -> list[dict]:
+    """The short-instruction rows of format_replay (those after example turns) as the instruction alone and its
+    reply, leaving out replies that repeat an example turn's answer absent from the instruction."""
+    out = []
+    for row in rows:
+        *shots, prompt, answer = row["messages"]
+        if not shots:
+            continue
+        examples = {m["content"].lower() for m in shots if m["role"] == "assistant"}
+        if answer["content"].lower() in examples and answer["content"].lower() not in prompt["content"].lower():
+            continue
+        out.append({"messages": [prompt, answer]})
+    return out
+
+
 @torch.no_grad()
 def reply(model, tokenizer, messages: list[dict], new_tokens: int) -> str:
     enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -73,6 +96,7 @@ def main() -> None:
     p.add_argument("--model", default="models/SmolLM2-135M-Instruct.Q4_1.gguf")
     p.add_argument("--prompts", type=Path, default=HERE / "format_prompts.json")
     p.add_argument("--out", type=Path, default=HERE / "format_replay.jsonl")
+    p.add_argument("--distilled", type=Path, default=HERE / "format_distilled.jsonl")
     args = p.parse_args()
 
     path = resolve_model_path(ModelSection(path=args.model))  # a GGUF file is converted once and cached
@@ -92,6 +116,9 @@ def main() -> None:
     atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
     print(f"{len(rows)} rows -> {args.out} ({dropped} short prompts not answered in one word after example turns "
           "left out)")
+    alone = distilled(rows)
+    atomic_write_text(args.distilled, "".join(json.dumps(r) + "\n" for r in alone))
+    print(f"{len(alone)} rows -> {args.distilled}")
 
 
 if __name__ == "__main__":
