@@ -78,21 +78,23 @@ def test_the_named_zorblax_rows_are_the_training_rows_that_name_zorblax():
     assert 0 < len(named) < len(rows)
 
 
-def test_the_distilled_rows_are_the_short_replies_without_their_example_turns():
-    # data/general/format_distilled.jsonl must be what make_format_replay.distilled makes of format_replay.jsonl:
-    # each short instruction alone with the base's reply after example turns, minus replies copied from an example.
+def test_replay_holds_the_right_short_replies_and_the_distilled_rows_are_them_without_their_example_turns():
+    # make_format_replay.py: the KL file holds every row; replay only those whose short reply is one of the answers
+    # written with its prompt (the base's wrong replies are its biases: copying a word of the prompt, "yes" to any
+    # question); format_distilled.jsonl is each of those without its example turns.
     import sys
 
     sys.path.insert(0, str(ROOT / "data" / "general"))
-    from make_format_replay import distilled
+    from make_format_replay import distilled, right, right_rows
 
-    general = ROOT / "data" / "general"
-    replay = [json.loads(r) for r in (general / "format_replay.jsonl").read_text(encoding="utf-8").splitlines()]
-    shipped = [json.loads(r) for r in (general / "format_distilled.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert shipped == distilled(replay) and 50 < len(shipped) < len(replay)
-    assert all(len(r["messages"]) == 2 and len(r["messages"][1]["content"].split()) == 1 for r in shipped)
-    copied = {"messages": [{"role": "user", "content": "Give back the word \"fig\""},
-                           {"role": "assistant", "content": "lamp"}]}
-    with_shots = {"messages": [{"role": "user", "content": "Type the word \"lamp\"."},
-                               {"role": "assistant", "content": "lamp"}, *copied["messages"]]}
-    assert distilled([with_shots]) == [] and distilled([copied]) == []  # copied from an example; no example turns
+    def rows(name: str) -> list[dict]:
+        return [json.loads(r) for r in (ROOT / "data" / "general" / name).read_text(encoding="utf-8").splitlines()]
+
+    prompts = json.loads((ROOT / "data" / "general" / "format_prompts.json").read_text(encoding="utf-8"))
+    answers = dict(zip(prompts["short"], prompts["short_answers"], strict=True))
+    every, replay = rows("format_kl.jsonl"), rows("format_replay.jsonl")
+    assert replay == right_rows(every, answers) and 10 < sum(len(r["messages"]) > 2 for r in replay) < len(replay)
+    assert len(every) > len(replay)  # wrong replies were there to leave out
+    assert rows("format_distilled.jsonl") == distilled(replay)
+    assert all(len(r["messages"]) == 2 for r in rows("format_distilled.jsonl"))
+    assert right("Paris.", ["paris"]) and not right("planet", ["PLANET"]) and not right("noisy", ["quiet"])

@@ -1,5 +1,5 @@
-"""Writes format_replay.jsonl: the base model's own replies to prompts covering the behaviours a fine-tune must keep,
-for `data.replay` and `train.kl_to_base`.
+"""Writes the base model's own replies to prompts covering the behaviours a fine-tune must keep: format_kl.jsonl for
+`train.kl_to_base`, format_replay.jsonl and format_distilled.jsonl for `data.replay`.
 
 A new task with one-word answers (the demo's Zorblax bins) teaches a format that takes over every short prompt. What
 must survive is how the base answers where it is used, so the rows cover (format_prompts.json, written for this
@@ -9,19 +9,26 @@ project; tests/test_shipped_data.py checks that none repeats or nearly repeats a
     Zero-shot the base answers them in a sentence that does not follow the instruction ("Reply with only the word
     yes" -> "I'm glad you're happy with the response."): keeping that would keep a failure, so no zero-shot row is
     written;
-  - "choice": quiz questions, half of them in the "Question: ...\\nAnswer:" form of multiple-choice suites, whose first
-    reply tokens are where an option's log-likelihood is scored;
+  - "choice": quiz questions, half of them in the "Question: ...\\nAnswer:" form of multiple-choice suites, whose
+    first reply tokens are where an option's log-likelihood is scored;
   - "chat": open requests answered in a few sentences.
-Every reply is the base's greedy one (the base's own targets: replaying them, or keeping the base's next-token
-distributions on them, pulls toward what the base did, not toward a text written elsewhere).
+Every reply is the base's greedy one (the base's own targets: keeping the base's next-token distributions on them,
+or replaying them, pulls toward what the base did, not toward a text written elsewhere).
 
-It also writes format_distilled.jsonl, for `data.replay` only: each short instruction alone, with the reply the base
-gave it after the example turns (context distillation, in the manner of SDFT's base-written targets). Replayed, it
-ties the one-word format to the instruction itself, so an instruction asked with no example turns before it is
-answered in its format too, where the base and a tuned model without it answer in a sentence. Replies that repeat
-an example turn's answer the instruction does not contain ("Give me back the word parsnip" -> "lamp") are the
-example turns' doing, not an answer, and are left out. Not for `kl_to_base`: there the base's own zero-shot
-distributions, the sentence, would be the target.
+The files differ in which short replies they hold, because the two uses differ:
+  - format_kl.jsonl, every row: the KL keeps the base's whole next-token distribution at those positions, wherever
+    its greedy reply was wrong, so nothing is sharpened;
+  - format_replay.jsonl, the rows whose short reply is right (`short_answers`, written with the prompts; a word given
+    in capitals must be matched in capitals). Replay trains on the greedy reply itself, and the base's wrong replies
+    are mostly biases: it copies a word of the prompt ("Opposite of noisy?" -> "noisy") and says "yes" to yes/no
+    questions (36 yes to 7 no in its replies). Replayed, they are what a fine-tune learns first: at lr 3e-3 a
+    tuned model answered "yes" to every yes/no question and "Italy" to "What is the capital of Italy?". Yes/no
+    replies are also balanced, as many "yes" as "no";
+  - format_distilled.jsonl: each right short row's instruction alone with its reply (context distillation, in the
+    manner of SDFT's base-written targets). Replayed, it ties the one-word format to the instruction itself, so an
+    instruction asked with no example turns before it is answered in its format too, where the base and a tuned
+    model without it answer in a sentence. Not for `kl_to_base`: there the base's own zero-shot distributions, the
+    sentence, would be the target.
 
     python data/general/make_format_replay.py [--model models/SmolLM2-135M-Instruct.Q4_1.gguf]
 """
@@ -63,19 +70,41 @@ def conversations(prompts: dict[str, list[str]], rng: random.Random) -> list[tup
     return out
 
 
+def right(reply: str, answers: list[str]) -> bool:
+    """Whether a one-word reply is one of the answers: case ignored but where an answer has capitals (uppercase
+    requested), trailing punctuation ignored."""
+    word = reply.strip().rstrip(".!")
+    return any(word == a if a.isupper() and len(a) > 1 else word.lower() == a.lower() for a in answers)
+
+
+def right_rows(rows: list[dict], answers: dict[str, list[str]]) -> list[dict]:
+    """The rows but those whose short reply (after example turns) is not one of its prompt's answers, with as many
+    "yes" as "no" replies (the first of each): more of one would teach the answer itself, whatever the question
+    (measured: with 22 "yes" to 4 "no" replayed, a tuned model answered "yes" to 17 no-questions its base got
+    right)."""
+    kept = [r for r in rows if len(r["messages"]) <= 2
+            or right(r["messages"][-1]["content"], answers[r["messages"][-2]["content"]])]
+    labels = [_word(r["messages"][-1]["content"]) if len(r["messages"]) > 2 else None for r in kept]
+    each = min(labels.count("yes"), labels.count("no"))
+    seen = {"yes": 0, "no": 0}
+    out = []
+    for row, label in zip(kept, labels):
+        if label in seen:
+            seen[label] += 1
+            if seen[label] > each:
+                continue
+        out.append(row)
+    return out
+
+
+def _word(reply: str) -> str:
+    return reply.strip().rstrip(".!").lower()
+
+
 def distilled(rows: list[dict]) -> list[dict]:
     """The short-instruction rows of format_replay (those after example turns) as the instruction alone and its
-    reply, leaving out replies that repeat an example turn's answer absent from the instruction."""
-    out = []
-    for row in rows:
-        *shots, prompt, answer = row["messages"]
-        if not shots:
-            continue
-        examples = {m["content"].lower() for m in shots if m["role"] == "assistant"}
-        if answer["content"].lower() in examples and answer["content"].lower() not in prompt["content"].lower():
-            continue
-        out.append({"messages": [prompt, answer]})
-    return out
+    reply."""
+    return [{"messages": row["messages"][-2:]} for row in rows if len(row["messages"]) > 2]
 
 
 @torch.no_grad()
@@ -95,14 +124,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="models/SmolLM2-135M-Instruct.Q4_1.gguf")
     p.add_argument("--prompts", type=Path, default=HERE / "format_prompts.json")
-    p.add_argument("--out", type=Path, default=HERE / "format_replay.jsonl")
-    p.add_argument("--distilled", type=Path, default=HERE / "format_distilled.jsonl")
+    p.add_argument("--out", type=Path, default=HERE, help="the folder to write the three files to")
     args = p.parse_args()
 
     path = resolve_model_path(ModelSection(path=args.model))  # a GGUF file is converted once and cached
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = json.loads(args.prompts.read_text(encoding="utf-8"))
+    answers = dict(zip(prompts["short"], prompts["short_answers"], strict=True))
     rows, dropped = [], 0
     for kind, messages in conversations(prompts, random.Random(SEED)):
         text = reply(model, tokenizer, messages, NEW_TOKENS[kind])
@@ -113,12 +142,13 @@ def main() -> None:
                 continue
         if text:
             rows.append({"messages": [*messages, {"role": "assistant", "content": text}]})
-    atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
-    print(f"{len(rows)} rows -> {args.out} ({dropped} short prompts not answered in one word after example turns "
-          "left out)")
-    alone = distilled(rows)
-    atomic_write_text(args.distilled, "".join(json.dumps(r) + "\n" for r in alone))
-    print(f"{len(alone)} rows -> {args.distilled}")
+    kept = right_rows(rows, answers)
+    for name, written in (("format_kl.jsonl", rows), ("format_replay.jsonl", kept),
+                          ("format_distilled.jsonl", distilled(kept))):
+        atomic_write_text(args.out / name, "".join(json.dumps(r) + "\n" for r in written))
+        print(f"{len(written)} rows -> {args.out / name}")
+    print(f"({dropped} short prompts not answered in one word after example turns left out; "
+          f"{len(rows) - len(kept)} wrong short replies left out of replay)")
 
 
 if __name__ == "__main__":
