@@ -6,8 +6,9 @@ Loads the recipe's base model once and times, on the recipe's original and targe
     evaluation before eval.share_prefixes), for generation also at the recipe's eval.batch_size, then finetune's path
     (eval.share_prefixes: each multiple-choice prompt once for its options, each batch's common prompt prefix once);
     and how many examples score differently between the first and the last;
-  - drift: the KL of the model against itself on the base's drift texts (two forward passes per text, as for a tuned
-    model), and the base's one-time sampling of those texts;
+  - drift: the KL of the model against itself on the base's drift texts (two forward passes, as for a tuned model),
+    one text per pass (finetune before batching them) and in finetune's batches, and the base's one-time sampling
+    of those texts;
   - training, for scale: the median tokens/s of a finished run's metrics.jsonl (--train-run), and its 60-update time.
 
     python bench/eval_speed.py                         # the demo's recipe and suites; writes bench/eval_speed.md
@@ -72,6 +73,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
+    import finetune.measure.drift as drift_module
     from finetune.measure.drift import (
         NEW_TOKENS,
         PROMPTS,
@@ -123,9 +125,13 @@ def main() -> int:
         texts, s_sample = timed(sample, model, tokenizer, prompts, new_tokens=NEW_TOKENS, seed=0)
         row(f"drift sampling ({kind}, base)", "finetune (batched generate)", len(prompts), len(prompts) * NEW_TOKENS,
             s_sample)
-        drift, s_drift = timed(kl_drift, model, model, tokenizer, texts, max_length=ev.drift_max_length,
-                               special_tokens=kind != "chat")
-        row(f"drift KL ({kind})", "finetune (2 forwards/text)", drift.texts, 2 * drift.tokens, s_drift)
+        batched = drift_module.TOKENS_PER_PASS
+        for name, per_pass in (("one text per pass (before)", 1), (f"finetune, {batched} tokens per pass", batched)):
+            drift_module.TOKENS_PER_PASS = per_pass  # 1: every batch holds one text, as before batching
+            drift, s_drift = timed(kl_drift, model, model, tokenizer, texts, max_length=ev.drift_max_length,
+                                   special_tokens=kind != "chat")
+            row(f"drift KL ({kind})", name, drift.texts, 2 * drift.tokens, s_drift)
+        drift_module.TOKENS_PER_PASS = batched
     train = {}
     if args.train_run:
         lines = [json.loads(x) for x in (Path(args.train_run) / "metrics.jsonl").read_text().splitlines() if x]
