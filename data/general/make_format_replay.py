@@ -21,8 +21,8 @@ The files differ in which short replies they hold, because the two uses differ:
   - format_replay.jsonl, the rows whose short reply is right (`short_answers`, written with the prompts; a word given
     in capitals must be matched in capitals). Replay trains on the greedy reply itself, and the base's wrong replies
     are mostly biases: it copies a word of the prompt ("Opposite of noisy?" -> "noisy") and says "yes" to yes/no
-    questions (36 yes to 7 no in its replies). Replayed, they are what a fine-tune learns first: at lr 3e-3 a
-    tuned model answered "yes" to every yes/no question and "Italy" to "What is the capital of Italy?". Yes/no
+    questions (15 yes to 7 no in its replies). Replayed, they are what a fine-tune learns first: at lr 3e-3 a
+    tuned model answered "yes" to 22 no-questions its base got right and "Italy" to "What is the capital of Italy?". Yes/no
     replies are also balanced, as many "yes" as "no";
   - format_distilled.jsonl: each right short row's instruction alone with its reply (context distillation, in the
     manner of SDFT's base-written targets). Replayed, it ties the one-word format to the instruction itself, so an
@@ -80,8 +80,8 @@ def right(reply: str, answers: list[str]) -> bool:
 def right_rows(rows: list[dict], answers: dict[str, list[str]]) -> list[dict]:
     """The rows but those whose short reply (after example turns) is not one of its prompt's answers, with as many
     "yes" as "no" replies (the first of each): more of one would teach the answer itself, whatever the question
-    (measured: with 22 "yes" to 4 "no" replayed, a tuned model answered "yes" to 17 no-questions its base got
-    right)."""
+    (measured: with 22 "yes" to 4 "no" replayed, a tuned model answered "yes" to 16 no-questions its base got
+    right; balanced, 11)."""
     kept = [r for r in rows if len(r["messages"]) <= 2
             or right(r["messages"][-1]["content"], answers[r["messages"][-2]["content"]])]
     labels = [_word(r["messages"][-1]["content"]) if len(r["messages"]) > 2 else None for r in kept]
