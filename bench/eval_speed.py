@@ -4,7 +4,8 @@ Loads the recipe's base model once and times, on the recipe's original and targe
   - multiple choice (log-likelihoods) and generation tasks: lm-eval's HF model as `lm_eval --model hf` runs it (the
     reference a user would otherwise pick; the same in-memory model, so loading is not timed) at batch 8 (finetune's
     evaluation before eval.share_prefixes), for generation also at the recipe's eval.batch_size, then finetune's path
-    (eval.share_prefixes: each multiple-choice prompt once for its options, each batch's common prompt prefix once);
+    (eval.share_prefixes: each multiple-choice prompt once for its options, each batch's common prompt prefix once;
+    for multiple choice also without the common prefix, the path before it);
     and how many examples score differently between the first and the last;
   - drift: the KL of the model against itself on the base's drift texts (two forward passes, as for a tuned model),
     one text per pass (finetune before batching them) and in finetune's batches, and the base's one-time sampling
@@ -74,6 +75,7 @@ def main() -> int:
     import torch
 
     import finetune.measure.drift as drift_module
+    from finetune.measure import prefix_sharing
     from finetune.measure.drift import (
         NEW_TOKENS,
         PROMPTS,
@@ -95,6 +97,7 @@ def main() -> int:
     choice = [s for s, t in kinds.items() if all(x.OUTPUT_TYPE == "multiple_choice" for x in t.values())]
     generation = [s for s in kinds if s not in choice]
     rows, notes = [], []
+    common_prefix = prefix_sharing.MIN_PREFIX
 
     def row(part, path, items, tokens, seconds):
         rows.append({"part": part, "path": path, "items": items, "tokens": tokens, "seconds": round(seconds, 2),
@@ -102,6 +105,7 @@ def main() -> int:
         print(f"{part:<26} {path:<28} {items:>5} items {tokens:>7} tokens {seconds:7.1f} s", file=sys.stderr)
 
     paths = [("lm-eval HFLM, batch 8 (before)", 8, False), (f"lm-eval HFLM, batch {ev.batch_size}", ev.batch_size, False),
+             (f"finetune, each question's prompt once, batch {ev.batch_size}", ev.batch_size, "per question"),
              (f"finetune shared prefixes, batch {ev.batch_size}", ev.batch_size, True)]
     for part, specs in (("multiple choice", choice), ("generation", generation)):
         if not specs:
@@ -109,9 +113,11 @@ def main() -> int:
         scored = {}
         # lm-eval's log-likelihood batches are dense prompt + option rows: their batch size changes little on a CPU,
         # so multiple choice is timed at batch 8 and in finetune's path only.
-        for name, batch, share in (paths if part == "generation" else [paths[0], paths[-1]]):
+        # Multiple choice: the prompts' common prefix shared too, or (the path before it) each prompt run whole once.
+        for name, batch, share in (paths[:2] + paths[3:] if part == "generation" else [paths[0], *paths[2:]]):
+            prefix_sharing.MIN_PREFIX = 10 ** 9 if share == "per question" else common_prefix
             scores, seconds = timed(evaluate_tasks, model, tokenizer, specs, batch_size=batch, limit=args.limit,
-                                    chat=ev.apply_chat_template, share_prefixes=share)
+                                    chat=ev.apply_chat_template, share_prefixes=bool(share))
             scored[name] = scores
             row(part, name, sum(len(scores[s].examples) for s in specs), sum(tokens_of(tokenizer, scores[s]) for s in specs),
                 seconds)
