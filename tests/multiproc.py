@@ -152,12 +152,12 @@ def assert_forgetting_measured_as_in_one_process(tmp_path, base_dir, tasks, conf
     assert seen in proc.stdout
     two_dir = one_dir.parent / "eval-two"
     # The base's scores and texts come from the cache the one-process run wrote; steps 2 and 4 are shared: each
-    # rank scored the requests of 8 of the 16 documents (8 per task) and half of each kind of drift text.
+    # rank scored the requests of 8 of the 16 documents (8 per task) and half of each kind's drift batches.
     pieces = shares(proc.stdout)
-    assert [p["what"] for p in pieces] == ["loglikelihood requests", "drift texts", "drift texts"] * 2, pieces
-    for piece in pieces:
-        assert piece["documents"] == (16 if piece["what"] == "loglikelihood requests" else 100), piece
-        assert [d for _, d in piece["ranks"]] == [piece["documents"] // 2] * 2, piece
+    assert [p["what"] for p in pieces] == ["loglikelihood requests", "drift batches", "drift batches"] * 2, pieces
+    for piece in pieces:  # drift texts go in batches made from all of them, dealt out in turn
+        total = 16 if piece["what"] == "loglikelihood requests" else piece["total"]
+        assert piece["documents"] == total and [d for _, d in piece["ranks"]] == [(total + 1) // 2, total // 2], piece
     reports = [json.loads((d / "forgetting" / "report.json").read_text()) for d in (one_dir, two_dir)]
     assert [p["step"] for p in reports[1]["curve"]] == [0, 2, 4]
     # Example by example, from the curve each run kept (step 2 mid-run, step 4 the last).

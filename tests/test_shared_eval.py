@@ -56,8 +56,11 @@ def test_two_ranks_measure_exactly_what_one_process_measures(tmp_path, base_dir,
     assert all(c[p] == cached[1][p] for c in cached[:1] for p in c if p.parts[0] == "drift")
 
     # Shared: the base's and the tuned model's requests (3 tasks of 7 documents: 11 and 10 documents per rank),
-    # then the tuned model's drift texts of each kind, 50 each.
+    # then the tuned model's drift texts of each kind, in batches made from all 100 texts and dealt out in turn.
     pieces = shares(proc.stdout)
-    assert [(p["what"], p["documents"], p["ranks"]) for p in pieces] == \
-        [("loglikelihood requests", 14, [(28, 7), (28, 7)]), ("generate_until requests", 7, [(4, 4), (3, 3)])] * 2 \
-        + [("drift texts", 100, [(50, 50), (50, 50)])] * 2, pieces
+    assert [(p["what"], p["documents"], p["ranks"]) for p in pieces[:4]] == \
+        [("loglikelihood requests", 14, [(28, 7), (28, 7)]), ("generate_until requests", 7, [(4, 4), (3, 3)])] * 2
+    drift = pieces[4:]
+    assert [p["what"] for p in drift] == ["drift batches"] * 2, pieces
+    assert all(p["total"] > 2 and [n for n, _ in p["ranks"]] == [(p["total"] + 1) // 2, p["total"] // 2]
+               for p in drift), drift

@@ -59,16 +59,20 @@ def kl_drift(base_model, tuned_model, tokenizer, texts: list, *, max_length: int
     """Mean per-token KL(P_base || P_tuned) over the measured tokens of `texts`, both perplexities, and a bootstrap
     interval over texts. Each text is a string, measured whole (every token but the first, which nothing predicts),
     or [text, start]: only tokens that begin at or after character `start` are measured. With several `ranks`, each
-    measures its share of the texts; the sums run over all texts in their order, as in one process.
+    measures its share of the batches; the sums run over all texts in their order, as in one process.
 
-    Texts run in right-padded batches of similar length, the same batches through both models: identical weights see
-    identical inputs and give bit-identical logits, so the KL is exactly 0.0 for a model compared with itself.
-    Everything after the logits is float64."""
+    Texts of similar length run in right-padded batches (bench/eval_speed.py measures the gain over one text per
+    pass), the same batches through both models: identical weights see identical inputs and give bit-identical
+    logits, so the KL is exactly 0.0 for a model compared with itself. The batches are made from all the texts
+    before the ranks share them out, so every text is measured in the same batch, to the bit, whatever the number of
+    ranks. Everything after the logits is float64."""
+    encoded = [_encode(tokenizer, item, max_length=max_length, special_tokens=special_tokens) for item in texts]
+    batches = _batches(encoded)
     with eval_mode(base_model), eval_mode(tuned_model):
-        measured = ranks.map(texts, lambda share: _measure_all(base_model, tuned_model, tokenizer, share,
-                                                               max_length=max_length, special_tokens=special_tokens),
-                             what="drift texts")
-    measured = [m for m in measured if m is not None]  # texts with nothing to predict
+        per_batch = ranks.map(batches, lambda share: [_measure_batch(base_model, tuned_model, [encoded[i] for i in b])
+                                                      for b in share], what="drift batches")
+    by_text = {i: m for batch, results in zip(batches, per_batch) for i, m in zip(batch, results)}
+    measured = [by_text[i] for i in sorted(by_text)]  # texts with nothing to predict are in no batch
     kl_per_text = [kl for kl, _, _, _ in measured]
     tokens_per_text = [n for _, n, _, _ in measured]
     tokens = sum(tokens_per_text)
@@ -81,31 +85,32 @@ def kl_drift(base_model, tuned_model, tokenizer, texts: list, *, max_length: int
                  texts=len(kl_per_text))
 
 
-@torch.no_grad()
-def _measure_all(base_model, tuned_model, tokenizer, items: list, *, max_length: int, special_tokens: bool) \
-        -> list[tuple[float, int, float, float] | None]:
-    """(KL summed over the text's measured tokens, their number, their log-likelihood under the base, under the
-    tuned model) for each drift text, in order; None for a text with no token to measure. Texts of similar length
-    share a forward pass (bench/eval_speed.py measures the gain over one text per pass)."""
-    encoded = [_encode(tokenizer, item, max_length=max_length, special_tokens=special_tokens) for item in items]
+def _batches(encoded: list) -> list[list[int]]:
+    """The indices of the texts to measure, by length, in batches of up to TOKENS_PER_PASS tokens (padding
+    included)."""
     order = sorted((i for i, e in enumerate(encoded) if e is not None), key=lambda i: len(encoded[i][0]))
-    out: list[tuple[float, int, float, float] | None] = [None] * len(items)
-    device = _device(tuned_model)
-    start = 0
+    batches, start = [], 0
     while start < len(order):
         end = start + 1  # sorted by length: the last text of a batch is its longest
         while end < len(order) and (end + 1 - start) * len(encoded[order[end]][0]) <= TOKENS_PER_PASS:
             end += 1
-        batch = [encoded[i] for i in order[start:end]]
-        width = len(batch[-1][0])
-        ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in batch], device=device)
-        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=device)
-        base_logits = base_model(input_ids=ids, attention_mask=mask).logits
-        tuned_logits = tuned_model(input_ids=ids, attention_mask=mask).logits
-        for row, i in enumerate(order[start:end]):
-            out[i] = _compare(base_logits[row], tuned_logits[row], ids[row], encoded[i][1])
+        batches.append(order[start:end])
         start = end
-    return out
+    return batches
+
+
+@torch.no_grad()
+def _measure_batch(base_model, tuned_model, batch: list[tuple[list[int], list[int]]]) \
+        -> list[tuple[float, int, float, float]]:
+    """(KL summed over the text's measured tokens, their number, their log-likelihood under the base, under the
+    tuned model) for each encoded text of one batch."""
+    device, width = _device(tuned_model), max(len(ids) for ids, _ in batch)
+    ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in batch], device=device)
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=device)
+    base_logits = base_model(input_ids=ids, attention_mask=mask).logits
+    tuned_logits = tuned_model(input_ids=ids, attention_mask=mask).logits
+    return [_compare(base_logits[row], tuned_logits[row], ids[row], measured)
+            for row, (_, measured) in enumerate(batch)]
 
 
 def _encode(tokenizer, item, *, max_length: int, special_tokens: bool) -> tuple[list[int], list[int]] | None:
