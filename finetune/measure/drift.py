@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..model import eval_mode
 from ..reports.forgetting import bootstrap_ratio
 from ..reports.records import Drift
+from .batches import by_length
 from .sharing import Ranks
 
 PROMPTS = json.loads(Path(__file__).with_name("drift_prompts.json").read_text(encoding="utf-8"))
@@ -89,14 +90,7 @@ def _batches(encoded: list) -> list[list[int]]:
     """The indices of the texts to measure, by length, in batches of up to TOKENS_PER_PASS tokens (padding
     included)."""
     order = sorted((i for i, e in enumerate(encoded) if e is not None), key=lambda i: len(encoded[i][0]))
-    batches, start = [], 0
-    while start < len(order):
-        end = start + 1  # sorted by length: the last text of a batch is its longest
-        while end < len(order) and (end + 1 - start) * len(encoded[order[end]][0]) <= TOKENS_PER_PASS:
-            end += 1
-        batches.append(order[start:end])
-        start = end
-    return batches
+    return [order[part] for part in by_length([len(encoded[i][0]) for i in order], TOKENS_PER_PASS)]
 
 
 @torch.no_grad()

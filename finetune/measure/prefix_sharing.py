@@ -18,6 +18,8 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from .batches import by_length
+
 SCORING = "shared-prefix-4"  # in the base cache's key: scores from another path are not paired with these
 TOKENS_PER_PASS = 4096  # prompt tokens (padding included) per forward pass: a batch, not one question at a time
 MIN_PREFIX = 8  # shared tokens worth a forward pass of their own
@@ -37,12 +39,8 @@ def loglikelihoods(lm, requests: list) -> list[tuple[float, bool]] | None:
     autocast = torch.autocast(device_type=lm.device.type, dtype=lm.mixed_precision_dtype,
                               enabled=lm.mixed_precision_dtype is not None)
     with torch.no_grad(), autocast:
-        start = 0
-        while start < len(groups):
-            end = start + 1
-            while end < len(groups) and (end + 1 - start) * len(groups[end][0]) <= TOKENS_PER_PASS:
-                end += 1
-            batch = groups[start:end]
+        for part in by_length([len(ctx) for ctx, _ in groups], TOKENS_PER_PASS):
+            batch = groups[part]
             answers = _score_groups(lm, [list(ctx) for ctx, _ in batch],
                                     [[requests[i][2] for i in members] for _, members in batch])
             for (_, members), group_answers in zip(batch, answers):
@@ -50,7 +48,6 @@ def loglikelihoods(lm, requests: list) -> list[tuple[float, bool]] | None:
                     out[i] = answer
                     if requests[i][0] is not None:
                         lm.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-            start = end
     return out
 
 
