@@ -104,24 +104,29 @@ def main() -> int:
                      "items_per_s": round(items / seconds, 2), "tokens_per_s": round(tokens / seconds, 1)})
         print(f"{part:<26} {path:<28} {items:>5} items {tokens:>7} tokens {seconds:7.1f} s", file=sys.stderr)
 
-    paths = [("lm-eval HFLM, batch 8 (before)", 8, False), (f"lm-eval HFLM, batch {ev.batch_size}", ev.batch_size, False),
-             (f"finetune, each question's prompt once, batch {ev.batch_size}", ev.batch_size, "per question"),
-             (f"finetune shared prefixes, batch {ev.batch_size}", ev.batch_size, True)]
+    # (name, batch size, eval.share_prefixes, whether a batch's common prefix runs once)
+    lm_eval_8 = ("lm-eval HFLM, batch 8 (before)", 8, False, False)
+    finetune_path = (f"finetune shared prefixes, batch {ev.batch_size}", ev.batch_size, True, True)
+    paths = {
+        # lm-eval's log-likelihood batches are dense prompt + option rows: their batch size changes little on a CPU,
+        # so multiple choice is timed at batch 8, and in finetune's path without the common prefix (the path before).
+        "multiple choice": [lm_eval_8, (f"finetune, each question's prompt once, batch {ev.batch_size}",
+                                        ev.batch_size, True, False), finetune_path],
+        "generation": [lm_eval_8, (f"lm-eval HFLM, batch {ev.batch_size}", ev.batch_size, False, False),
+                       finetune_path],
+    }
     for part, specs in (("multiple choice", choice), ("generation", generation)):
         if not specs:
             continue
         scored = {}
-        # lm-eval's log-likelihood batches are dense prompt + option rows: their batch size changes little on a CPU,
-        # so multiple choice is timed at batch 8 and in finetune's path only.
-        # Multiple choice: the prompts' common prefix shared too, or (the path before it) each prompt run whole once.
-        for name, batch, share in (paths[:2] + paths[3:] if part == "generation" else [paths[0], *paths[2:]]):
-            prefix_sharing.MIN_PREFIX = 10 ** 9 if share == "per question" else common_prefix
+        for name, batch, share, common in paths[part]:
+            prefix_sharing.MIN_PREFIX = common_prefix if common else 10 ** 9  # no prompt shares 10**9 tokens
             scores, seconds = timed(evaluate_tasks, model, tokenizer, specs, batch_size=batch, limit=args.limit,
-                                    chat=ev.apply_chat_template, share_prefixes=bool(share))
+                                    chat=ev.apply_chat_template, share_prefixes=share)
             scored[name] = scores
             row(part, name, sum(len(scores[s].examples) for s in specs), sum(tokens_of(tokenizer, scores[s]) for s in specs),
                 seconds)
-        reference, ours = scored[paths[0][0]], scored[paths[-1][0]]
+        reference, ours = scored[lm_eval_8[0]], scored[finetune_path[0]]
         items = sum(len(reference[s].examples) for s in specs)
         changed = sum(reference[s].examples[k] != ours[s].examples[k] for s in specs for k in reference[s].examples)
         notes.append(f"{part}: {changed} of {items} examples score differently between lm-eval's path at batch 8 and "
