@@ -73,7 +73,7 @@ def conversations(prompts: dict[str, list[str]], rng: random.Random) -> list[tup
 def right(reply: str, answers: list[str]) -> bool:
     """Whether a one-word reply is one of the answers: case ignored but where an answer has capitals (uppercase
     requested), trailing punctuation ignored."""
-    word = reply.strip().rstrip(".!")
+    word = _bare(reply)
     return any(word == a if a.isupper() and len(a) > 1 else word.lower() == a.lower() for a in answers)
 
 
@@ -84,7 +84,7 @@ def right_rows(rows: list[dict], answers: dict[str, list[str]]) -> list[dict]:
     right; balanced, 11)."""
     kept = [r for r in rows if len(r["messages"]) <= 2
             or right(r["messages"][-1]["content"], answers[r["messages"][-2]["content"]])]
-    labels = [_word(r["messages"][-1]["content"]) if len(r["messages"]) > 2 else None for r in kept]
+    labels = [_bare(r["messages"][-1]["content"]).lower() if len(r["messages"]) > 2 else None for r in kept]
     each = min(labels.count("yes"), labels.count("no"))
     seen = {"yes": 0, "no": 0}
     out = []
@@ -97,8 +97,9 @@ def right_rows(rows: list[dict], answers: dict[str, list[str]]) -> list[dict]:
     return out
 
 
-def _word(reply: str) -> str:
-    return reply.strip().rstrip(".!").lower()
+def _bare(reply: str) -> str:
+    """A one-word reply without surrounding space and trailing punctuation."""
+    return reply.strip().rstrip(".!")
 
 
 def distilled(rows: list[dict]) -> list[dict]:
