@@ -114,6 +114,7 @@ def model_card(recipe: Recipe, run: RunDir) -> str:
     lora = recipe.lora
     kind = method_kind(recipe).split()[0]  # QLoRA, LoRA or full
     method = (f"a {kind} adapter (r {lora.r}, alpha {lora.alpha:g}, modules {', '.join(lora.target_modules)}"
+              f"{f' of layers {lora.first_layer} up' if lora.first_layer else ''}"
               f"{', DoRA' if lora.use_dora else ''}{', rsLoRA' if lora.use_rslora else ''})" if lora
               else "full fine-tuning of every weight")
     source = f" (loaded from `{recipe.model.path}`)" if name and name != recipe.model.path else ""

@@ -165,10 +165,10 @@ def load_model(section: ModelSection, lora: LoraSection | None):
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            # peft expands the string "all-linear" itself (every linear layer but the output head).
-            target_modules="all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules,
+            target_modules=_targets(model, lora),
             use_dora=lora.use_dora,
             use_rslora=lora.use_rslora,
+            layers_to_transform=_adapted_layers(model, lora.first_layer),
             task_type="CAUSAL_LM",
         )
         with warnings.catch_warnings():
@@ -176,6 +176,29 @@ def load_model(section: ModelSection, lora: LoraSection | None):
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             model = peft.get_peft_model(model, config)
     return model
+
+
+def _targets(model, lora: LoraSection) -> str | list[str]:
+    """peft's target_modules. peft expands the string "all-linear" itself (every linear layer but the output head),
+    but refuses it beside `layers_to_transform`: then the same linears are named here."""
+    if lora.target_modules != ["all-linear"]:
+        return lora.target_modules
+    if not lora.first_layer:
+        return "all-linear"
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not head})
+
+
+def _adapted_layers(model, first: int) -> list[int] | None:
+    """The decoder layers LoRA adapts: all of them (None, peft's default) or those from `first` up."""
+    if first == 0:
+        return None
+    n = model.config.num_hidden_layers
+    if first >= n:
+        raise ModelError(f"`lora.first_layer: {first}` leaves no layer to adapt: the model has {n} decoder layers "
+                         f"(0 to {n - 1}); set it below {n}, or 0 to adapt every layer.")
+    return list(range(first, n))
 
 
 def lora_layers(model) -> list[tuple[torch.nn.Module, str]]:

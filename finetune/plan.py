@@ -263,7 +263,8 @@ def _precision(layout: Layout, recipe: Recipe, launch: Launch, engine: str) -> _
     zero = engine.startswith("ZeRO")
     half = mixed in ("bf16", "fp16")
     adapted = [l for l in layout.linears if lora and _adapted(l.name, lora.target_modules)]
-    trainable = (layout.layers * sum(lora.r * (l.inp + l.out) + (l.out if lora.use_dora else 0) for l in adapted)
+    # Activations are still counted for every layer (an upper bound when `first_layer` leaves the lower ones frozen).
+    trainable = ((layout.layers - lora.first_layer) * sum(lora.r * (l.inp + l.out) + (l.out if lora.use_dora else 0) for l in adapted)
                  if lora else layout.params)
     tb = 4 if lora else wb
     return _Precision(trainable, adapted, wb, tb, gb=(2 if half else 4) if zero else tb,
@@ -408,6 +409,8 @@ def plan(recipe: Recipe, launch: Launch, memory_gib: float) -> str:
     lora, quant = recipe.lora, recipe.model.quantization
     if lora:
         what = f"LoRA r={lora.r} on {', '.join(lora.target_modules)}"
+        if lora.first_layer:
+            what += f" of layers {lora.first_layer}-{layout.layers - 1}"
         if quant:
             what = f"QLoRA ({quant.bits}-bit {quant.type}{', double quant' if quant.double_quant else ''}), " + what
     else:

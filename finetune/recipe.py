@@ -185,6 +185,9 @@ class LoraSection:
     target_modules: list[str] = _f(["all-linear"], "module names to adapt; [all-linear] = every linear but the head")
     use_dora: bool = _f(False, "weight-decomposed LoRA (DoRA)")
     use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
+    first_layer: int = _nonneg("adapt the decoder layers from this one up (counted from 0 at the input); the layers "
+                               "below keep the base's weights, and with them its lower-level features; 0 = every "
+                               "layer", 0)
 
 
 @dataclass

@@ -20,7 +20,7 @@ KEYS = {
     "model": ["path", "dtype", "trust_remote_code", "attn_implementation", "gradient_checkpointing", "pth"],
     "data": ["train", "max_length", "packing", "train_on", "val_fraction", "on_bad_row", "maxlength"],
     "train": ["lr", "max_steps", "batch_size", "grad_accum", "seed", "schedule", "betas", "learning_rate"],
-    "lora": ["r", "alpha", "dropout", "target_modules", "use_dora", "rank"],
+    "lora": ["r", "alpha", "dropout", "target_modules", "use_dora", "rank", "first_layer"],
     "eval": ["tasks", "max_drop"],
     "output": ["dir", "save_every", "keep"],
     "bogus": ["x"],

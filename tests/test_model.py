@@ -64,6 +64,24 @@ def test_lora_trains_adapter_and_leaves_base_bit_identical(tiny_models, inputs, 
     assert any(not torch.equal(p, adapter_before[n]) for n, p in lora_params(model).items())
 
 
+def test_first_layer_adapts_only_the_layers_from_it_up_and_trains_nothing_below(tiny_model, inputs):
+    model = load_model(ModelSection(path=str(tiny_model)), LoraSection(r=4, first_layer=1))
+
+    adapted = {n for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted and all(".layers.1." in n for n in adapted)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and not any(".layers.0." in n for n in trainable)
+    full = load_model(ModelSection(path=str(tiny_model)), LoraSection(r=4))
+    assert {n.replace(".layers.0.", ".layers.1.") for n, m in full.named_modules() if hasattr(m, "lora_A")} == adapted
+    model(**inputs).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_a_first_layer_past_the_top_is_refused_with_the_key_and_the_layer_count(tiny_model):
+    with pytest.raises(ModelError, match=r"lora.first_layer: 2.*2 decoder layers \(0 to 1\)"):
+        load_model(ModelSection(path=str(tiny_model)), LoraSection(r=4, first_layer=2))
+
+
 def test_dora_rslora_and_listed_targets_reach_peft(tiny_model, inputs):
     lora = LoraSection(r=4, alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True, use_rslora=True)
     model = load_model(ModelSection(path=str(tiny_model)), lora)

@@ -71,6 +71,8 @@ def describe(recipe) -> dict:
     extras = [text for m in _modules() if hasattr(m, "label") and (text := m.label(recipe))]
     if any(spec.system for spec in recipe.data.train):
         extras.insert(0, "system prompt")  # the new data tied to a prompt of its own (data.train[].system)
+    if recipe.lora is not None and recipe.lora.first_layer:
+        extras.insert(0, f"layers {recipe.lora.first_layer} up")  # the lower layers frozen (lora.first_layer)
     return {"label": ", ".join([kind, f"lr {recipe.train.lr:g}", *extras]), "family": ", ".join([kind, *extras]),
             "lr": recipe.train.lr, "seed": recipe.train.seed, "tag": f"{recipe.train.lr:g}", "order": recipe.train.lr}
 
