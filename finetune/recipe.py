@@ -208,6 +208,10 @@ class EvalSection:
     share_prefixes: bool = _f(True, "encode a multiple-choice prompt once for all its options, and a batch's common "
                                     "prompt prefix (few-shot turns) once for its generations: lm-eval's scores up to "
                                     "float rounding, ~3x less compute; false = lm-eval's own path")
+    mixed_precision: Literal["auto", "no", "bf16"] = _f(
+        "auto", "autocast of evaluation forward passes (tasks and drift): auto = bf16 where the hardware computes in "
+                "it (GPUs with bf16, CPUs with AMX or AVX512-BF16), else none; scores may move by an example or two, "
+                "and the base's cached scores are kept apart per choice")
     apply_chat_template: bool = _f(False, "prompt the tasks through the tokenizer's chat template (instruct "
                                           "models; target tasks trained in chat format)")
     drift_texts: list[str] = _f([], "text files (.txt, one text per line) or .jsonl files (a `text` column) to "

@@ -94,7 +94,7 @@ class TrainingEval:
             note += "; no evaluated step stayed within the forgetting budget"
         shutil.rmtree(self.run.path / "best", ignore_errors=True)
         report = build_report(fe.base, chosen, max_drop=section.max_drop, curve=fe.curve,
-                              provenance=provenance(self.recipe), final_note=note, method=describe(self.recipe))
+                              provenance=provenance(self.recipe, fe.precision), final_note=note, method=describe(self.recipe))
         write_report(self.run.path / "forgetting", report)
         for line in write_lm_eval_logs(self.run.path / "forgetting" / "lm-eval", {"base": fe.base, "tuned": chosen},
                                        {"base": self.recipe.model.path, "tuned": str(self.run.final)},

@@ -13,6 +13,7 @@ from conftest import ANSWERS, ITEMS, fit, task_rows, texts, write_generation_tas
 from transformers import AutoModelForCausalLM
 
 import finetune.measure.evaluate as evaluate
+from finetune import precision
 from finetune.measure.drift import kl_drift
 from finetune.measure.evaluate import ForgettingEval, without_logs
 from finetune.measure.saved import evaluate_saved
@@ -20,7 +21,7 @@ from finetune.measure.tasks import evaluate_tasks
 from finetune.reports.forgetting import choose_best
 from finetune.model import load_tokenizer
 from finetune.recipe import EvalSection, ModelSection
-from finetune.reports.report import build_report, provenance
+from finetune.reports.report import build_report, provenance, render_markdown
 
 
 @pytest.fixture()
@@ -427,3 +428,54 @@ def test_shared_prefixes_generate_what_lm_evals_own_path_generates(section, tmp_
     replies = [[s["resps"] for s in score.log["gen"]["samples"]] for score in (own, shared)]
     assert replies[0] == replies[1] and shared.examples == own.examples  # the whole replies, not only first words
     assert len({str(r) for r in replies[0]}) > 1  # replies that differ by prompt: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("flags, setting, chosen", [
+    (set(), "auto", None), ({"amx_bf16", "amx_tile"}, "auto", torch.bfloat16), ({"avx512_bf16"}, "auto", torch.bfloat16),
+    ({"amx_bf16"}, "no", None), (set(), "bf16", torch.bfloat16)])
+def test_evaluation_precision_follows_the_cpus_bf16_units_unless_the_recipe_says(monkeypatch, flags, setting, chosen):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    dtype, why = precision.eval_autocast(setting, torch.device("cpu"))
+    assert dtype == chosen
+    assert ("amx_bf16" in why) == ("amx_bf16" in flags and setting == "auto")
+    assert ("slower" in why) == (not flags and setting != "no")  # bf16 where it is emulated is named as slower
+
+
+def test_bf16_evaluation_runs_every_forward_pass_in_bf16_and_caches_the_base_apart(section, tmp_path, drift_file,
+                                                                                  monkeypatch):
+    monkeypatch.setattr(precision, "cpu_flags", set)  # `auto` means no autocast on any machine running this
+    monkeypatch.setattr(evaluate, "PROMPTS", {"text": ["The weather today is"], "chat": ["Say hello."]})
+    monkeypatch.setattr(evaluate, "NEW_TOKENS", 4)
+    runs = []
+    real = evaluate.evaluate_loaded
+    monkeypatch.setattr(evaluate, "evaluate_loaded", lambda *a, **k: runs.append(k["autocast"]) or real(*a, **k))
+    model, tokenizer = load(section)
+    seen = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda m, args, out: seen.add(out.dtype))
+    tasks = [str(write_task(tmp_path / "mc", "original", 0)), str(write_generation_task(tmp_path / "gen"))]
+
+    def measure(setting: str):
+        seen.clear()
+        fe = ForgettingEval(EvalSection(tasks=tasks, limit=4, drift_texts=[str(drift_file)], mixed_precision=setting),
+                            section, tokenizer)
+        base = fe.evaluate_base(model)
+        measured = set(seen)
+        seen.clear()
+        tuned = fe.evaluate(model, step=1)
+        shown = render_markdown(build_report(base, tuned, max_drop=0.0, curve=[], final_note="",
+                                             provenance=provenance(None, fe.precision)))
+        assert f"- **evaluation**: {fe.precision}" in shown  # what was chosen, and why, in the report's footer
+        return base, tuned, measured, set(seen)
+
+    # The base's drift texts are sampled (once, cached, whatever the setting) by the first of these.
+    _, _, _, in_tuned = measure("no")
+    assert in_tuned == {torch.float32} and runs == [None]
+    base, tuned, in_base, in_tuned = measure("bf16")
+    assert in_base == in_tuned == {torch.bfloat16} and runs == [None, torch.bfloat16]  # tasks and drift alike
+    assert tuned.drift["text"].kl == 0.0 and tuned.drift["chat"].kl == 0.0  # same weights, same autocast
+    assert [tuned.tasks[t].examples for t in tasks] == [base.tasks[t].examples for t in tasks]
+    _, _, in_base, in_tuned = measure("auto")
+    assert not in_base and in_tuned == {torch.float32}  # `auto` chose no autocast here: the first cache entry
+    assert runs == [None, torch.bfloat16]

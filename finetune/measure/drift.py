@@ -56,7 +56,7 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 def kl_drift(base_model, tuned_model, tokenizer, texts: list, *, max_length: int, special_tokens: bool = True,
-             ranks: Ranks = Ranks()) -> Drift:
+             ranks: Ranks = Ranks(), autocast: torch.dtype | None = None) -> Drift:
     """Mean per-token KL(P_base || P_tuned) over the measured tokens of `texts`, both perplexities, and a bootstrap
     interval over texts. Each text is a string, measured whole (every token but the first, which nothing predicts),
     or [text, start]: only tokens that begin at or after character `start` are measured. With several `ranks`, each
@@ -66,12 +66,14 @@ def kl_drift(base_model, tuned_model, tokenizer, texts: list, *, max_length: int
     pass), the same batches through both models: identical weights see identical inputs and give bit-identical
     logits, so the KL is exactly 0.0 for a model compared with itself. The batches are made from all the texts
     before the ranks share them out, so every text is measured in the same batch, to the bit, whatever the number of
-    ranks. Everything after the logits is float64."""
+    ranks. Both models' forward passes run under `autocast` (a dtype) when it is set; everything after the logits is
+    float64."""
     encoded = [_encode(tokenizer, item, max_length=max_length, special_tokens=special_tokens) for item in texts]
     batches = _batches(encoded)
     with eval_mode(base_model), eval_mode(tuned_model):
-        per_batch = ranks.map(batches, lambda share: [_measure_batch(base_model, tuned_model, [encoded[i] for i in b])
-                                                      for b in share], what="drift batches")
+        per_batch = ranks.map(batches, lambda share: [
+            _measure_batch(base_model, tuned_model, [encoded[i] for i in b], autocast) for b in share],
+            what="drift batches")
     by_text = {i: m for batch, results in zip(batches, per_batch) for i, m in zip(batch, results)}
     measured = [by_text[i] for i in sorted(by_text)]  # texts with nothing to predict are in no batch
     kl_per_text = [kl for kl, _, _, _ in measured]
@@ -94,15 +96,16 @@ def _batches(encoded: list) -> list[list[int]]:
 
 
 @torch.no_grad()
-def _measure_batch(base_model, tuned_model, batch: list[tuple[list[int], list[int]]]) \
-        -> list[tuple[float, int, float, float]]:
+def _measure_batch(base_model, tuned_model, batch: list[tuple[list[int], list[int]]],
+                   autocast: torch.dtype | None = None) -> list[tuple[float, int, float, float]]:
     """(KL summed over the text's measured tokens, their number, their log-likelihood under the base, under the
     tuned model) for each encoded text of one batch."""
     device, width = _device(tuned_model), max(len(ids) for ids, _ in batch)
     ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in batch], device=device)
     mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=device)
-    base_logits = base_model(input_ids=ids, attention_mask=mask).logits
-    tuned_logits = tuned_model(input_ids=ids, attention_mask=mask).logits
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        base_logits = base_model(input_ids=ids, attention_mask=mask).logits
+        tuned_logits = tuned_model(input_ids=ids, attention_mask=mask).logits
     return [_compare(base_logits[row], tuned_logits[row], ids[row], measured)
             for row, (_, measured) in enumerate(batch)]
 

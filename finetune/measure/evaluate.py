@@ -22,6 +22,7 @@ import torch
 
 from ..files import atomic_write_text, read_jsonl
 from ..model import load_model, resolve_model_path
+from ..precision import eval_autocast
 from ..recipe import EvalSection, ModelSection
 from ..reports.records import Evaluation, TaskScore, from_dict, to_dict
 from . import prefix_sharing
@@ -146,6 +147,10 @@ class ForgettingEval:
         self.texts: dict[str, list] = {"text": read_texts(section.drift_texts)} if section.drift_texts else {}
         self.base: Evaluation | None = None
         self.ranks = ranks
+        # `precision`: what was chosen and why, for the run's output and the report's footer.
+        self.autocast, self.precision = eval_autocast(section.mixed_precision, eval_device())
+        if ranks.main and section.mixed_precision == "auto":
+            print(f"evaluation: {self.precision}", file=sys.stderr)
         self.curve_file = curve_file if ranks.main else None
         self.curve: list[Evaluation] = []  # every tuned evaluation, in step order
         if self.curve_file is not None and curve_file.is_file():
@@ -167,7 +172,8 @@ class ForgettingEval:
         specs = self.section.tasks + self.section.target_tasks
         settings = {"lm_eval": version("lm_eval"), "limit": self.section.limit, "batch_size": self.section.batch_size,
                     "chat": self.section.apply_chat_template,
-                    **({"scoring": prefix_sharing.SCORING} if self.section.share_prefixes else {})}
+                    **({"scoring": prefix_sharing.SCORING} if self.section.share_prefixes else {}),
+                    **({"autocast": str(self.autocast)} if self.autocast is not None else {})}
         loaded = {spec: load_tasks(spec) for spec in specs}
         kinds = {"text": sample_texts, **({"chat": sample_chat} if self.tokenizer.chat_template else {})}
         # The main process alone reads the cache and decides what is missing, so that every rank takes the same
@@ -192,7 +198,8 @@ class ForgettingEval:
                     fresh = evaluate_loaded(base, self.tokenizer, {spec: loaded[spec] for spec in missing},
                                              batch_size=self.section.batch_size, limit=self.section.limit,
                                              chat=self.section.apply_chat_template,
-                                             share_prefixes=self.section.share_prefixes, ranks=self.ranks)
+                                             share_prefixes=self.section.share_prefixes, ranks=self.ranks,
+                                             autocast=self.autocast)
                     for spec, score in fresh.items():
                         if self.ranks.main:
                             _write_json(paths[spec], to_dict(score))
@@ -225,11 +232,13 @@ class ForgettingEval:
         scores = evaluate_tasks(model, self.tokenizer, self.section.tasks + self.section.target_tasks,
                                 batch_size=self.section.batch_size, limit=self.section.limit,
                                 chat=self.section.apply_chat_template,
-                                share_prefixes=self.section.share_prefixes, ranks=self.ranks)
+                                share_prefixes=self.section.share_prefixes, ranks=self.ranks,
+                                autocast=self.autocast)
         base = self._base_beside(model)
         # Chat texts are rendered by the template, special tokens included; raw texts get the tokenizer's own.
         drift = {kind: kl_drift(base, model, self.tokenizer, texts, max_length=self.section.drift_max_length,
-                                special_tokens=kind != "chat", ranks=self.ranks) for kind, texts in self.texts.items()}
+                                special_tokens=kind != "chat", ranks=self.ranks, autocast=self.autocast)
+                 for kind, texts in self.texts.items()}
         point = Evaluation(step=step, tasks={s: scores[s] for s in self.section.tasks},
                            targets={s: scores[s] for s in self.section.target_tasks}, drift=drift)
         self.curve.append(point)

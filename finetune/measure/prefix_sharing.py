@@ -36,9 +36,7 @@ def loglikelihoods(lm, requests: list) -> list[tuple[float, bool]] | None:
         by_context[tuple(ctx)].append(i)
     groups = sorted(by_context.items(), key=lambda g: len(g[0]))  # similar lengths together: little padding
     out: list[tuple[float, bool] | None] = [None] * len(requests)
-    autocast = torch.autocast(device_type=lm.device.type, dtype=lm.mixed_precision_dtype,
-                              enabled=lm.mixed_precision_dtype is not None)
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), _autocast(lm):
         for part in by_length([len(ctx) for ctx, _ in groups], TOKENS_PER_PASS):
             batch = groups[part]
             answers = _score_groups(lm, [list(ctx) for ctx, _ in batch],
@@ -116,6 +114,12 @@ def _common_prefix(rows: list[list[int]]) -> int:
     return prefix if prefix >= MIN_PREFIX and len(rows) > 1 else 0
 
 
+def _autocast(lm) -> torch.autocast:
+    """lm-eval's own autocast around a forward pass (HFLM._model_call and _model_generate)."""
+    return torch.autocast(device_type=lm.device.type, dtype=lm.mixed_precision_dtype,
+                          enabled=lm.mixed_precision_dtype is not None)
+
+
 def generate_with_shared_prefix(lm, generate, context: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
     """lm-eval's batched generation (`generate`: HFLM._model_generate) with the rows' common prefix (the few-shot
     turns, the system prompt) encoded once: each left-padded row becomes prefix, padding, the rest of its prompt, so
@@ -129,7 +133,7 @@ def generate_with_shared_prefix(lm, generate, context: torch.Tensor, attention_m
     ids = torch.tensor([r[:prefix] + [pad] * (width - len(r)) + r[prefix:] for r in rows], device=context.device)
     mask = torch.tensor([[1] * prefix + [0] * (width - len(r)) + [1] * (len(r) - prefix) for r in rows],
                         device=context.device)
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(lm):  # as lm-eval's generate runs the rest
         first = lm.model(input_ids=ids[:1, :prefix], use_cache=True, logits_to_keep=1)
     name, cache = _cache_of(first)
     cache.batch_repeat_interleave(len(rows))

@@ -128,9 +128,10 @@ def _without_machine_survey() -> Iterator[None]:
 
 
 def evaluate_loaded(model, tokenizer, loaded: dict[str, dict], *, batch_size: int, limit: int | None,
-                     chat: bool = False, share_prefixes: bool = False, ranks: Ranks = Ranks()):
+                     chat: bool = False, share_prefixes: bool = False, ranks: Ranks = Ranks(), autocast=None):
     """One lm-eval pass over every spec's tasks (its set-up costs seconds, so one call, not one per task). With
-    several `ranks`, each scores the requests of its share of the documents and every rank gets all the scores."""
+    several `ranks`, each scores the requests of its share of the documents and every rank gets all the scores.
+    `autocast`: a dtype for lm-eval's own autocast of every forward pass (its `mixed_precision_dtype`), or None."""
     import lm_eval
 
     silence_lm_eval()
@@ -140,7 +141,7 @@ def evaluate_loaded(model, tokenizer, loaded: dict[str, dict], *, batch_size: in
     with eval_mode(model), _quiet(logging.getLogger("lm_eval.models.huggingface")), as_one_process(), \
             _without_machine_survey():
         lm = shared_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, ranks=ranks,
-                               share_prefixes=share_prefixes)
+                               share_prefixes=share_prefixes, mixed_precision_dtype=autocast)
         # Tasks go in as objects, with an empty index: lm-eval would otherwise re-scan its 15k configs per call.
         # Its bootstrap standard errors are skipped: the report's intervals are paired, over the same examples.
         # With `chat`, prompts go through the tokenizer's chat template (few-shot examples as earlier turns), as
@@ -232,9 +233,10 @@ def _lm_eval_log(leaves: list[str], out: dict) -> dict[str, dict]:
 
 @preserved_rng()
 def evaluate_tasks(model, tokenizer, tasks: list[str], *, batch_size: int, limit: int | None,
-                   chat: bool = False, share_prefixes: bool = False, ranks: Ranks = Ranks()) -> dict[str, TaskScore]:
+                   chat: bool = False, share_prefixes: bool = False, ranks: Ranks = Ranks(),
+                   autocast=None) -> dict[str, TaskScore]:
     """{spec: TaskScore} for lm-eval task names or task YAML files, scored by lm-eval on an in-memory model (a whole
     copy on each of `ranks`, which share the work)."""
     loaded = {spec: load_tasks(spec) for spec in tasks}
     return evaluate_loaded(model, tokenizer, loaded, batch_size=batch_size, limit=limit, chat=chat,
-                           share_prefixes=share_prefixes, ranks=ranks)
+                           share_prefixes=share_prefixes, ranks=ranks, autocast=autocast)

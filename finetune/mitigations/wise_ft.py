@@ -72,7 +72,7 @@ def interpolate(run_dir: Path, alphas: list[float], pick: bool) -> dict:
         point = fe.evaluate(model, step=None)
         folder = out / f"alpha-{alpha:g}"
         write_report(folder / "forgetting", build_report(
-            fe.base, point, max_drop=recipe.eval.max_drop, curve=[], provenance=provenance(recipe),
+            fe.base, point, max_drop=recipe.eval.max_drop, curve=[], provenance=provenance(recipe, fe.precision),
             final_note=f"weights interpolated at alpha={alpha:g} between the base (0) and {run_dir / 'final'} (1)",
             method=_at_alpha(describe(recipe), alpha)))
         folders.append(folder)

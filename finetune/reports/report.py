@@ -60,8 +60,9 @@ HOW_TO_READ = [
 ]
 
 
-def provenance(recipe: Recipe | None = None) -> dict:
-    """What made the report, as lm-eval's results say it: recipe, seed, package versions, git commit, date."""
+def provenance(recipe: Recipe | None = None, evaluation: str | None = None) -> dict:
+    """What made the report, as lm-eval's results say it: recipe, seed, package versions, git commit, date, and
+    `evaluation`: the precision the evaluation chose, and why (ForgettingEval.precision)."""
     versions = {}
     for name in PACKAGES:
         try:
@@ -73,7 +74,7 @@ def provenance(recipe: Recipe | None = None) -> dict:
                              text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):
         git = None
-    return {"recipe": recipe_to_dict(recipe) if recipe is not None else None,
+    return {"recipe": recipe_to_dict(recipe) if recipe is not None else None, "evaluation": evaluation,
             "seed": recipe.train.seed if recipe is not None else None, "versions": versions, "git": git,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
@@ -257,6 +258,8 @@ def _footer(report: dict) -> list[tuple[str, str]]:
                 for side in ("base", "tuned")]
         if logs["not_compared"]:
             made.append(("not compared", "; ".join(logs["not_compared"]) + " (not 0 or 1 per example)"))
+    if p.get("evaluation"):  # reports written before it was recorded have none
+        made.append(("evaluation", p["evaluation"]))
     return [("run", report.get("method", UNNAMED)["label"]), *made, ("versions", versions), ("git", p["git"] or "-"),
             ("date", p["date"])]
 
