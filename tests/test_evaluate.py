@@ -431,7 +431,8 @@ def test_shared_prefixes_generate_what_lm_evals_own_path_generates(section, tmp_
 
 
 @pytest.mark.parametrize("flags, setting, chosen", [
-    (set(), "auto", None), ({"amx_bf16", "amx_tile"}, "auto", torch.bfloat16), ({"avx512_bf16"}, "auto", torch.bfloat16),
+    (set(), "auto", None), ({"amx_bf16", "amx_tile"}, "auto", torch.bfloat16),
+    ({"avx512_bf16"}, "auto", torch.bfloat16),
     ({"amx_bf16"}, "no", None), (set(), "bf16", torch.bfloat16)])
 def test_evaluation_precision_follows_the_cpus_bf16_units_unless_the_recipe_says(monkeypatch, flags, setting, chosen):
     monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
