@@ -50,7 +50,8 @@ def evaluate_saved(base: ModelSection, tuned: Path, section: EvalSection, out_di
     fe, model, _ = open_saved(base, tuned, section, recipe.data.chat_template if recipe else None)
     tuned_eval = fe.evaluate(model, step=None)
     report = build_report(fe.base, tuned_eval, max_drop=section.max_drop, curve=[],
-                          provenance=provenance(recipe, fe.precision), final_note=final_note or f"{tuned} as saved", method=method)
+                          provenance=provenance(recipe, fe.precision), final_note=final_note or f"{tuned} as saved",
+                          method=method)
     write_report(out_dir, report)
     _write_samples(out_dir, fe, tuned_eval, base.path, str(tuned), section)
     return report
@@ -103,8 +104,9 @@ def evaluate_checkpoints(run: Path, recipe: Recipe, section: EvalSection, out_di
     logged = read_jsonl(run / "metrics.jsonl")
     last = fe.evaluate(final, logged[-1]["step"] if logged else None)
     report = build_report(fe.base, last, max_drop=section.max_drop, curve=fe.curve,
-                          provenance=provenance(recipe, fe.precision), final_note=f"{run / 'final'}, after step {last.step}; the curve adds every checkpoint "
-                                     "the run kept", method=method)
+                          provenance=provenance(recipe, fe.precision),
+                          final_note=f"{run / 'final'}, after step {last.step}; the curve adds every checkpoint the "
+                                     "run kept", method=method)
     write_report(out_dir, report)
     _write_samples(out_dir, fe, last, recipe.model.path, str(run / "final"), section)
     return report
