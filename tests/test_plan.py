@@ -122,6 +122,14 @@ def test_qlora_weights_are_half_a_byte_plus_scales_and_float32_for_the_rest():
     assert estimate(layout, no_quant, one, "one device", True).parts["weights"] > 1.9 * weights
 
 
+def test_lora_from_a_layer_up_trains_only_those_layers_adapters():
+    r = recipe("llama3.1-8b-qlora-1gpu.yaml")
+    layout, one = load_layout(r.model), read_launch(None, None)
+    every = estimate(layout, r, one, "one device", True).trainable
+    upper = recipe("llama3.1-8b-qlora-1gpu.yaml", f"lora.first_layer={layout.layers - 8}")
+    assert estimate(layout, upper, one, "one device", True).trainable == every * 8 / layout.layers
+
+
 def test_shipped_8b_recipe_under_fsdp_prints_its_table_offline(capsys):
     assert cli.main(["plan", "recipes/llama3.1-8b-lora-alpaca.yaml", "--launch-config", "launch/fsdp.yaml"]) == 0
     out = capsys.readouterr().out
