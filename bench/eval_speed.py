@@ -54,12 +54,10 @@ def timed(work, *args, **kwargs):
 
 
 def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown"
-    found = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f" {f}" in flags]
-    return ", ".join(found) or "none of amx_bf16/avx512_bf16/avx512f/avx2"
+    from finetune.precision import cpu_flags as flags
+
+    found = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags()]
+    return ", ".join(found) or "none of amx_bf16/avx512_bf16/avx512f/avx2 (or unknown)"
 
 
 def main() -> int:
@@ -68,6 +66,10 @@ def main() -> int:
     p.add_argument("--limit", type=int, help="examples per task, and drift prompts per kind (default: all)")
     p.add_argument("--train-run", help="a finished run folder: its training tokens/s and time, for scale")
     p.add_argument("--out", default=str(ROOT / "bench" / "eval_speed.md"))
+    p.add_argument("--bf16", action="store_true",
+                   help="also run finetune's path under bf16 autocast (eval.mixed_precision: bf16) and count the "
+                        "examples that score differently from float32; its speed means something only where the "
+                        "CPU has amx_bf16/avx512_bf16 or on a GPU")
     args = p.parse_args()
 
     os.chdir(ROOT)
@@ -115,14 +117,16 @@ def main() -> int:
         "generation": [lm_eval_8, (f"lm-eval HFLM, batch {ev.batch_size}", ev.batch_size, False, False),
                        finetune_path],
     }
+    bf16 = (f"finetune shared prefixes, batch {ev.batch_size}, bf16 autocast", ev.batch_size, True, True)
     for part, specs in (("multiple choice", choice), ("generation", generation)):
         if not specs:
             continue
         scored = {}
-        for name, batch, share, common in paths[part]:
+        for name, batch, share, common in paths[part] + ([bf16] if args.bf16 else []):
             prefix_sharing.MIN_PREFIX = common_prefix if common else 10 ** 9  # no prompt shares 10**9 tokens
             scores, seconds = timed(evaluate_tasks, model, tokenizer, specs, batch_size=batch, limit=args.limit,
-                                    chat=ev.apply_chat_template, share_prefixes=share)
+                                    chat=ev.apply_chat_template, share_prefixes=share,
+                                    autocast=torch.bfloat16 if name == bf16[0] else None)
             scored[name] = scores
             row(part, name, sum(len(scores[s].examples) for s in specs), sum(tokens_of(tokenizer, scores[s]) for s in specs),
                 seconds)
@@ -131,6 +135,11 @@ def main() -> int:
         changed = sum(reference[s].examples[k] != ours[s].examples[k] for s in specs for k in reference[s].examples)
         notes.append(f"{part}: {changed} of {items} examples score differently between lm-eval's path at batch 8 and "
                      f"finetune's ({'; '.join(f'{s}: {reference[s].value:.3f} vs {ours[s].value:.3f}' for s in specs)}).")
+        if args.bf16:
+            low = scored[bf16[0]]
+            moved = sum(ours[s].examples[k] != low[s].examples[k] for s in specs for k in ours[s].examples)
+            notes.append(f"{part}: {moved} of {items} examples score differently under bf16 autocast than in float32 "
+                         f"({'; '.join(f'{s}: {ours[s].value:.3f} vs {low[s].value:.3f}' for s in specs)}).")
     for kind, sample in (("text", sample_texts), ("chat", sample_chat)):
         prompts = PROMPTS[kind][:args.limit]  # all of them without --limit
         texts, s_sample = timed(sample, model, tokenizer, prompts, new_tokens=NEW_TOKENS, seed=0)
@@ -151,7 +160,8 @@ def main() -> int:
                  "tokens_per_s": round(statistics.median(x["tokens_per_s"] for x in steps), 1)}
         train["seconds"] = round(train["tokens"] / train["tokens_per_s"], 1)
     header = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU flags: {cpu_flags()}; "
-              f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32; model {recipe.model.path}; "
+              f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32"
+              f"{' (and bf16 autocast where a row says so)' if args.bf16 else ''}; model {recipe.model.path}; "
               f"eval batch {ev.batch_size}, chat template {ev.apply_chat_template}, limit {args.limit or 'none'}.")
     table = ["| part | path | items | tokens | seconds | items/s | tokens/s |", "|---|---|---|---|---|---|---|"]
     table += [f"| {r['part']} | {r['path']} | {r['items']} | {r['tokens']:,} | {r['seconds']} | {r['items_per_s']} | "
