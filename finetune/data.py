@@ -110,17 +110,21 @@ def _check_chat(row: dict) -> str:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not (
                 isinstance(m.get("role"), str) and m["role"] in _ROLES):
             return f"`messages[{i}]` must be {{role: one of {sorted(_ROLES)}, content: string}}"
-    if not any(m["role"] == "assistant" for m in messages):
-        return "`messages` has no assistant turn to learn"
+        if "weight" in m and (m["role"] != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
+            return f"`messages[{i}].weight` must be 0 or 1, on an assistant turn (0: context, not learned)"
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
+        return "`messages` has no assistant turn to learn (every one has weight 0)" if any(
+            m["role"] == "assistant" for m in messages) else "`messages` has no assistant turn to learn"
     return ""
 
 
 def _render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation as text, and the character spans of the assistant turns."""
+    """The conversation as text, and the character spans of the assistant turns to learn: all of them but those
+    marked `weight: 0` (OpenAI's fine-tuning format), which stay context, e.g. example turns before the real one."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or not m.get("weight", 1):
             continue
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
         # The last turn's render is the whole conversation's: one Jinja render fewer per row.

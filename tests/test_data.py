@@ -34,6 +34,23 @@ def test_chat_targets_are_the_assistant_turns_only(tmp_path, tokenizer):
     assert "hello" in context and "again" in context and "be brief" in context and "one" not in context
 
 
+def test_an_assistant_turn_with_weight_0_is_context_and_bad_weights_are_named(tmp_path, tokenizer):
+    turns = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "one two", "weight": 0},
+             {"role": "user", "content": "again"}, {"role": "assistant", "content": "three", "weight": 1}]
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": turns}])
+    ds = encode_dataset(DatasetSpec(path=str(path), format="chat"), tokenizer, _data(path), DataStats())
+    assert _target_text(tokenizer, ds[0]["input_ids"], ds[0]["target"]) == "three<|im_end|>\n"
+    assert "one two" in tokenizer.decode(ds[0]["input_ids"])  # still in the conversation, as context
+    bad = [{"messages": [{"role": "user", "content": "a", "weight": 0}, {"role": "assistant", "content": "b"}]},
+           {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0.5}]},
+           {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]}]
+    path = write_jsonl(tmp_path / "bad.jsonl", bad)
+    with pytest.raises(DataError, match=r"bad\.jsonl: 3 bad row\(s\).*row 0: `messages\[0\]\.weight` must be 0 or "
+                                        r"1, on an assistant turn.*row 1: `messages\[1\]\.weight`.*row 2: `messages` "
+                                        r"has no assistant turn to learn \(every one has weight 0\)"):
+        build_datasets(_data(path), tokenizer, seed=0)
+
+
 def test_a_datasets_system_message_comes_first_in_each_row_and_is_never_a_target(tmp_path, tokenizer):
     rows = chat_rows(3)
     path = write_jsonl(tmp_path / "c.jsonl", rows)
