@@ -554,10 +554,27 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:
-    """Keys whose values differ between two resolved recipes and that change the training result."""
+    """Keys whose values differ between two resolved recipes and that change the training result. A key the old
+    recipe lacks (saved by an earlier finetune, before the key existed) is no change while the new recipe leaves it
+    at its default: that run was made the default's way."""
     a, b = flatten(old), flatten(new)
+    defaults = _defaults()
     keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k) and k not in RESULT_NEUTRAL_KEYS]
+    return [k for k in keys if a.get(k) != b.get(k) and k not in RESULT_NEUTRAL_KEYS
+            and not (k not in a and k in defaults and b[k] == defaults[k])]
+
+
+def _defaults() -> dict[str, Any]:
+    """Every key's default, flattened as `flatten` does, for the sections that have one without any input."""
+    out = {}
+    for f in dataclasses.fields(Recipe):
+        section = next((t for t in (typing.get_type_hints(Recipe)[f.name], *typing.get_args(
+            typing.get_type_hints(Recipe)[f.name])) if dataclasses.is_dataclass(t)), None)
+        try:
+            out.update(flatten(dataclasses.asdict(section()), f.name))
+        except TypeError:  # a section with a required key (the model's path)
+            continue
+    return out
 
 
 def describe_changes(old: dict, new: dict, keys: list[str]) -> list[str]:

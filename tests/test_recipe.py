@@ -94,6 +94,11 @@ def test_changed_keys_ignore_bookkeeping_but_catch_result_keys(tmp_path, base):
     c = recipe_to_dict(_load(tmp_path, base, ["train.lr=1e-3", "lora.r=8"]))
     assert changed_keys(a, b) == []
     assert set(changed_keys(a, c)) >= {"train.lr", "lora.r"}
+    # A run saved before a key existed was made the default's way: the key at its default is no change.
+    older = {**a, "eval": {k: v for k, v in a["eval"].items() if k != "mixed_precision"}}
+    assert changed_keys(older, a) == []
+    assert changed_keys(older, recipe_to_dict(_load(tmp_path, base, ["eval.mixed_precision=bf16"]))) == \
+        ["eval.mixed_precision"]
 
 
 def test_every_key_is_documented_with_its_default():
