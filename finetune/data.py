@@ -112,9 +112,11 @@ def _check_chat(row: dict) -> str:
             return f"`messages[{i}]` must be {{role: one of {sorted(_ROLES)}, content: string}}"
         if "weight" in m and (m["role"] != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
             return f"`messages[{i}].weight` must be 0 or 1, on an assistant turn (0: context, not learned)"
-    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
-        return "`messages` has no assistant turn to learn (every one has weight 0)" if any(
-            m["role"] == "assistant" for m in messages) else "`messages` has no assistant turn to learn"
+    assistant = [m for m in messages if m["role"] == "assistant"]
+    if not assistant:
+        return "`messages` has no assistant turn to learn"
+    if not any(m.get("weight", 1) for m in assistant):
+        return "`messages` has no assistant turn to learn (every one has weight 0)"
     return ""
 
 

@@ -264,8 +264,8 @@ def _precision(layout: Layout, recipe: Recipe, launch: Launch, engine: str) -> _
     half = mixed in ("bf16", "fp16")
     adapted = [l for l in layout.linears if lora and _adapted(l.name, lora.target_modules)]
     # Activations are still counted for every layer (an upper bound when `first_layer` leaves the lower ones frozen).
-    trainable = ((layout.layers - lora.first_layer) * sum(lora.r * (l.inp + l.out) + (l.out if lora.use_dora else 0) for l in adapted)
-                 if lora else layout.params)
+    per_layer = sum(lora.r * (l.inp + l.out) + (l.out if lora.use_dora else 0) for l in adapted) if lora else 0
+    trainable = (layout.layers - lora.first_layer) * per_layer if lora else layout.params
     tb = 4 if lora else wb
     return _Precision(trainable, adapted, wb, tb, gb=(2 if half else 4) if zero else tb,
                       gather_b=2 if half else wb, half=half, zero=zero, autocast=half and not zero)

@@ -567,14 +567,20 @@ def changed_keys(old: dict, new: dict) -> list[str]:
 def _defaults() -> dict[str, Any]:
     """Every key's default, flattened as `flatten` does, for the sections that have one without any input."""
     out = {}
-    for f in dataclasses.fields(Recipe):
-        section = next((t for t in (typing.get_type_hints(Recipe)[f.name], *typing.get_args(
-            typing.get_type_hints(Recipe)[f.name])) if dataclasses.is_dataclass(t)), None)
+    for name, cls in _sections():
         try:
-            out.update(flatten(dataclasses.asdict(section()), f.name))
+            out.update(flatten(dataclasses.asdict(cls()), name))
         except TypeError:  # a section with a required key (the model's path)
             continue
     return out
+
+
+def _sections() -> list[tuple[str, type]]:
+    """(name, dataclass) of each recipe section, an optional one (`lora`) included."""
+    hints = typing.get_type_hints(Recipe)
+    return [(f.name, hints[f.name] if dataclasses.is_dataclass(hints[f.name])
+             else next(a for a in typing.get_args(hints[f.name]) if a is not type(None)))
+            for f in dataclasses.fields(Recipe)]
 
 
 def describe_changes(old: dict, new: dict, keys: list[str]) -> list[str]:
@@ -603,10 +609,7 @@ def _diff(a, b, where: str, lines: list[str]) -> None:
 def describe_keys() -> str:
     """Every recipe key with its default and meaning: the one place defaults are documented."""
     lines = []
-    hints = typing.get_type_hints(Recipe)
-    for section in dataclasses.fields(Recipe):
-        tp = hints[section.name]
-        cls = tp if dataclasses.is_dataclass(tp) else [a for a in typing.get_args(tp) if a is not type(None)][0]
+    for section, (_, cls) in zip(dataclasses.fields(Recipe), _sections()):
         lines.append(f"{section.name}:  # {section.metadata['doc']}")
         _describe(cls, "  ", lines)
     return "\n".join(lines)
