@@ -6,12 +6,14 @@
 1. bf16 LoRA, full fine-tuning and QLoRA (LoRA on the 4-bit base; needs bitsandbytes, else left out with a note) in
    this process: tokens/s, peak GPU memory beside `finetune plan`'s estimate, MFU against the GPU's data-sheet bf16
    peak and a measured bf16 matmul peak.
-2. FSDP2 (launch/fsdp.yaml) and DeepSpeed ZeRO-3 (launch/deepspeed_zero3.yaml), 1 process each through
+2. `finetune eval` of the LoRA run by lm-eval's vLLM model (eval.backend: vllm; needs vllm, else left out with a
+   note) and by transformers: both finish, and how many examples they score differently.
+3. FSDP2 (launch/fsdp.yaml) and DeepSpeed ZeRO-3 (launch/deepspeed_zero3.yaml), 1 process each through
    `accelerate launch -m finetune train`: an uninterrupted run, and a run killed with SIGKILL once its first checkpoint
    is complete and then started again, which must resume from that checkpoint and end where the uninterrupted run
    ended. The uninterrupted FSDP2 run also measures forgetting every 10 updates (the model gathered for evaluation)
    and writes its forgetting report.
-3. The results as a markdown report (--out), each check marked pass or FAIL; the exit code is 1 if any check failed.
+4. The results as a markdown report (--out), each check marked pass or FAIL; the exit code is 1 if any check failed.
 
 Without CUDA it says so and exits 0.
 """
@@ -153,8 +155,38 @@ def kill_and_resume(config: str, recipe: Path, overrides: list[str], tmp: Path, 
     return result
 
 
-def checks(sharded: list[dict]) -> list[tuple[str, bool]]:
+def vllm_eval(recipe_path: Path, run: Path, tmp: Path) -> dict:
+    """`finetune eval` of the LoRA run on one suite, by vLLM (eval.backend: vllm) and by transformers: both finish,
+    and how many examples they score differently (vLLM computes in the model's dtype, bf16 kernels)."""
+    from finetune.recipe import load_recipe
+
+    base = load_recipe(recipe_path).model.path
+    out, seconds = {}, {}
+    for backend in ("vllm", "hf"):
+        began = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "finetune", "eval", base, str(run), "--tasks",
+                               "data/tasks/general_knowledge.yaml", "--limit", "200", "--backend", backend,
+                               "--out", str(tmp / f"eval-{backend}")], cwd=ROOT, capture_output=True, text=True)
+        seconds[backend] = time.perf_counter() - began
+        if proc.returncode != 0:
+            return {"ok": False, "tail": proc.stderr[-3000:], "seconds": seconds}
+        report = json.loads((tmp / f"eval-{backend}" / "report.json").read_text())
+        out[backend] = report["tasks"]["general_knowledge"]
+    examples = {b: out[b]["examples"] for b in out}  # {doc: [base, tuned]}
+    differ = sum(examples["vllm"][k] != pair for k, pair in examples["hf"].items())
+    return {"ok": True, "seconds": seconds, "differ": differ, "n": len(examples["hf"]),
+            "deltas": {b: out[b]["delta"] for b in out}}
+
+
+def checks(sharded: list[dict], vllm: dict | None) -> list[tuple[str, bool]]:
     out = []
+    if vllm is not None:
+        out.append(("eval.backend vllm: `finetune eval` of the LoRA run finished by vLLM and by transformers",
+                    vllm["ok"]))
+        if vllm["ok"]:
+            out.append((f"eval.backend vllm: {vllm['differ']} of {vllm['n']} examples scored differently from "
+                        "transformers, base or tuned (at most 5% expected of bf16 against float32)",
+                        vllm["differ"] <= 0.05 * vllm["n"]))
     for r in sharded:
         out.append((f"{r['run']}: uninterrupted run finished", r["straight_ok"]))
         out.append((f"{r['run']}: SIGKILL after the first checkpoint stopped the run", r["killed"]))
@@ -195,12 +227,17 @@ def main() -> int:
         else:
             print('gpu_check: bitsandbytes is not installed (pip install -e ".[qlora]"); QLoRA not run.')
         torch.cuda.empty_cache()
+        vllm = None
+        if importlib.util.find_spec("vllm") is not None:
+            vllm = vllm_eval(recipe, tmp / "lora", tmp)
+        else:
+            print("gpu_check: vLLM is not installed (pip install vllm); eval.backend: vllm not run.")
         evaluation = ["eval.tasks=[data/tasks/general_knowledge.yaml]", "eval.limit=20", f"eval.every={SAVE_EVERY}",
                       "eval.apply_chat_template=true", f"model.cache_dir={tmp / 'cache'}"]
         sharded = [kill_and_resume("fsdp.yaml", recipe, ["lora=null", "train.mixed_precision=bf16"], tmp,
                                    "fsdp2-full", extra_straight=evaluation),
                    kill_and_resume("deepspeed_zero3.yaml", recipe, ["lora=null"], tmp, "zero3-full")]
-    results = checks(sharded)
+    results = checks(sharded, vllm)
     lines = [f"# GPU check, {date.today()}", "",
              f"{name}, torch {torch.__version__}; measured bf16 matmul peak {mm_peak / 1e12:.0f} TFLOP/s"
              + (f", data-sheet peak {spec_peak / 1e12:.0f} TFLOP/s" if spec_peak else "") + ".", "",
@@ -218,6 +255,12 @@ def main() -> int:
     for r in sharded:
         losses = ", ".join(f"{x:.4f}" for x in r.get("last_loss", ()))
         lines.append(f"| {r['run']} | {r['seconds']:.0f} | {r['resumed_from']} | {losses} | {r.get('forgetting', '')} |")
+    if vllm is not None and vllm["ok"]:
+        timed = ", ".join(f"{b} {vllm['seconds'][b]:.0f} s (change {vllm['deltas'][b]:+.3f})" for b in ("vllm", "hf"))
+        lines += ["", f"`finetune eval` of the LoRA run on general_knowledge (200 items): {timed}; "
+                  f"{vllm['differ']} examples scored differently."]
+    elif vllm is not None:
+        lines += ["", "eval.backend vllm failed:", "", "```", vllm["tail"], "```"]
     lines += ["", "Checks:", ""] + [f"- {'pass' if ok else 'FAIL'}: {what}" for what, ok in results]
     failed = [r for r in sharded if not (r["straight_ok"] and r["resumed_ok"])]
     for r in failed:

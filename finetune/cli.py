@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", nargs="+", help="original tasks (default: the run's recipe eval.tasks)")
     e.add_argument("--target-tasks", nargs="+", help="tasks of the new skill (default: the run's recipe)")
     e.add_argument("--limit", type=int, help="examples per task (default: all)")
+    e.add_argument("--backend", choices=["hf", "vllm"], help="what scores the tasks (default: the run's recipe "
+                   "eval.backend, else hf): vllm = lm-eval's vLLM model, on CUDA GPUs")
     e.add_argument("--checkpoints", action="store_true",
                    help="also measure every checkpoint a finished run kept: the learning-forgetting curve over steps")
     e.add_argument("--out", type=Path, help="new report folder (default: TUNED/forgetting for a run folder, "
@@ -159,7 +161,7 @@ def _eval(args) -> int:
     from .measure.saved import eval_command
 
     report, out = eval_command(Path(args.tuned), args.base, tasks=args.tasks, target_tasks=args.target_tasks,
-                               limit=args.limit, out=args.out, checkpoints=args.checkpoints)
+                               limit=args.limit, out=args.out, checkpoints=args.checkpoints, backend=args.backend)
     print(f"{report['verdict']['text']}\nreport: {out / 'report.html'}")
     return 0
 

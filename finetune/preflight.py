@@ -9,7 +9,9 @@ prompts that leave target tokens within `data.max_length`)?
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -51,6 +53,7 @@ def check(recipe: Recipe) -> list[str]:
             notes.append(hub.ensure("dataset", spec.path, f"{key}.path"))
     named = [t for t in recipe.eval.tasks + recipe.eval.target_tasks if not t.endswith((".yaml", ".yml"))]
     notes.append(hub.ensure_tasks(named))
+    _check_backend(recipe.model, recipe.eval)
     return [n for n in notes if n]
 
 
@@ -80,7 +83,36 @@ def tokenizer_at_hand(recipe: Recipe):
 def check_sources(model: ModelSection, section: EvalSection) -> list[str]:
     """`finetune eval`'s base model and task names, checked as a recipe's are."""
     named = [t for t in section.tasks + section.target_tasks if not t.endswith((".yaml", ".yml"))]
-    return [n for n in (_check_model_section(model), hub.ensure_tasks(named)) if n]
+    notes = [n for n in (_check_model_section(model), hub.ensure_tasks(named)) if n]
+    _check_backend(model, section)
+    return notes
+
+
+def _check_backend(model: ModelSection, section: EvalSection) -> None:
+    """vLLM, a GPU and one process, before the hours a run takes to reach its first evaluation."""
+    if section.backend == "vllm" and (section.tasks or section.target_tasks):
+        why = vllm_refusal(quantized=model.quantization is not None)
+        if why:
+            raise PreflightError(why)
+
+
+def vllm_refusal(quantized: bool) -> str | None:
+    """Why `eval.backend: vllm` cannot run here, in one line, or None."""
+    if importlib.util.find_spec("vllm") is None:
+        return ("eval.backend: vllm needs vLLM, which is not installed: `pip install vllm` (lm-eval's [vllm] extra) "
+                "on a machine with a CUDA GPU, or set eval.backend: hf.")
+    import torch
+
+    if not torch.cuda.is_available():
+        return "eval.backend: vllm needs a CUDA GPU and this machine has none; set eval.backend: hf (the default)."
+    if quantized:
+        return ("eval.backend: vllm would score the unquantized base, not the 4-bit one this run trains "
+                "(model.quantization); set eval.backend: hf.")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return ("eval.backend: vllm evaluates in one process (vLLM spreads a model over GPUs itself: "
+                "eval.vllm_args.tensor_parallel_size); set eval.backend: hf for a launch of several processes, and "
+                "measure the finished run with `finetune eval RUN` and eval.backend=vllm.")
+    return None
 
 
 def _check_model(recipe: Recipe) -> str:

@@ -212,6 +212,14 @@ class EvalSection:
         "auto", "autocast of evaluation forward passes (tasks and drift): auto = bf16 where the hardware computes in "
                 "it (GPUs with bf16, CPUs with AMX or AVX512-BF16), else none; scores may move by an example or two, "
                 "and the base's cached scores are kept apart per choice")
+    backend: Literal["hf", "vllm"] = _f(
+        "hf", "what scores the tasks: hf = finetune's in-memory transformers model (lm-eval's HFLM); vllm = lm-eval's "
+              "own vLLM model (CUDA GPUs, `pip install vllm`; one process: vLLM spreads a model over GPUs itself), "
+              "served from model.path and the tuned adapter or weights saved aside. The drift is measured by "
+              "transformers either way")
+    vllm_args: dict[str, Any] = _f({}, "with backend vllm: lm-eval's model_args for it (tensor_parallel_size, "
+                                       "max_model_len, gpu_memory_utilization, ...); default: batches sized by vLLM, "
+                                       "0.85 of the GPU memory free when it starts, the model's dtype")
     apply_chat_template: bool = _f(False, "prompt the tasks through the tokenizer's chat template (instruct "
                                           "models; target tasks trained in chat format)")
     drift_texts: list[str] = _f([], "text files (.txt, one text per line) or .jsonl files (a `text` column) to "
@@ -278,7 +286,8 @@ def _type_name(tp) -> str:
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if origin is dict:
-        return "a mapping of names to strings"
+        scalars = "strings" if typing.get_args(tp)[1] is str else "numbers, strings or booleans"
+        return f"a mapping of names to {scalars}"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
@@ -311,7 +320,9 @@ def _convert(value: Any, tp, where: str, src: str):
         (inner,) = typing.get_args(tp)
         return [_convert(v, inner, f"{where}[{i}]", src) for i, v in enumerate(value)]
     if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        kinds = str if typing.get_args(tp)[1] is str else (str, int, float, bool)  # dict[str, Any]: scalars
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, kinds)
+                                                  for k, v in value.items()):
             raise bad
         return dict(value)
     if dataclasses.is_dataclass(tp):

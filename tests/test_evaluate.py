@@ -472,11 +472,12 @@ def test_bf16_evaluation_runs_every_forward_pass_in_bf16_and_caches_the_base_apa
 
     # The base's drift texts are sampled (once, cached, whatever the setting) by the first of these.
     _, _, _, in_tuned = measure("no")
-    assert in_tuned == {torch.float32} and runs == [None]
+    assert in_tuned == {torch.float32} and runs == [None, None]  # the base's tasks, then the tuned model's
     base, tuned, in_base, in_tuned = measure("bf16")
-    assert in_base == in_tuned == {torch.bfloat16} and runs == [None, torch.bfloat16]  # tasks and drift alike
+    assert in_base == in_tuned == {torch.bfloat16}  # tasks and drift alike
+    assert runs == [None, None, torch.bfloat16, torch.bfloat16]  # the base measured again: not the float32 entry
     assert tuned.drift["text"].kl == 0.0 and tuned.drift["chat"].kl == 0.0  # same weights, same autocast
     assert [tuned.tasks[t].examples for t in tasks] == [base.tasks[t].examples for t in tasks]
     _, _, in_base, in_tuned = measure("auto")
     assert not in_base and in_tuned == {torch.float32}  # `auto` chose no autocast here: the first cache entry
-    assert runs == [None, torch.bfloat16]
+    assert runs == [None, None, torch.bfloat16, torch.bfloat16, None]  # the tuned model's tasks alone

@@ -25,7 +25,7 @@ from ..model import load_model, resolve_model_path
 from ..precision import eval_autocast
 from ..recipe import EvalSection, ModelSection
 from ..reports.records import Evaluation, TaskScore, from_dict, to_dict
-from . import prefix_sharing
+from . import prefix_sharing, vllm_backend
 from .drift import (
     NEW_TOKENS,
     PROMPTS,
@@ -37,7 +37,7 @@ from .drift import (
     sample_texts,
 )
 from .sharing import Ranks
-from .tasks import EvalError, evaluate_loaded, evaluate_tasks, load_tasks, preserved_rng
+from .tasks import EvalError, evaluate_loaded, evaluate_with, load_tasks, preserved_rng
 
 # ---------------------------------------------------------------- caches
 
@@ -149,6 +149,8 @@ class ForgettingEval:
         self.ranks = ranks
         # `precision`: what was chosen and why, for the run's output and the report's footer.
         self.autocast, self.precision = eval_autocast(section.mixed_precision, eval_device())
+        if section.backend == "vllm":
+            self.precision = f"tasks scored by lm-eval's vllm model; drift: {self.precision}"
         if ranks.main and section.mixed_precision == "auto":
             print(f"evaluation: {self.precision}", file=sys.stderr)
         self.curve_file = curve_file if ranks.main else None
@@ -173,7 +175,8 @@ class ForgettingEval:
         settings = {"lm_eval": version("lm_eval"), "limit": self.section.limit, "batch_size": self.section.batch_size,
                     "chat": self.section.apply_chat_template,
                     **({"scoring": prefix_sharing.SCORING} if self.section.share_prefixes else {}),
-                    **({"autocast": str(self.autocast)} if self.autocast is not None else {})}
+                    **({"autocast": str(self.autocast)} if self.autocast is not None else {}),
+                    **({"backend": "vllm", "vllm_args": self.section.vllm_args} if self.served_apart else {})}
         loaded = {spec: load_tasks(spec) for spec in specs}
         kinds = {"text": sample_texts, **({"chat": sample_chat} if self.tokenizer.chat_template else {})}
         # The main process alone reads the cache and decides what is missing, so that every rank takes the same
@@ -192,18 +195,13 @@ class ForgettingEval:
             print(f"measuring the base model on {len(missing)} task(s) (once; cached for later runs)" if missing else
                   f"the base model's scores: from the cache ({self.cache_dir})", file=sys.stderr)
         missing, to_sample = self.ranks.from_main((missing, to_sample))
-        if missing or to_sample:
+        fresh = {}
+        if missing and self.served_apart:  # vLLM loads the base from its folder: nothing to load here
+            fresh = self._scores(None, {spec: loaded[spec] for spec in missing})
+        if (missing and not self.served_apart) or to_sample:
             with self._plain_base(model) as base:
-                if missing:
-                    fresh = evaluate_loaded(base, self.tokenizer, {spec: loaded[spec] for spec in missing},
-                                             batch_size=self.section.batch_size, limit=self.section.limit,
-                                             chat=self.section.apply_chat_template,
-                                             share_prefixes=self.section.share_prefixes, ranks=self.ranks,
-                                             autocast=self.autocast)
-                    for spec, score in fresh.items():
-                        if self.ranks.main:
-                            _write_json(paths[spec], to_dict(score))
-                        scores[spec] = score
+                if missing and not self.served_apart:
+                    fresh = self._scores(base, {spec: loaded[spec] for spec in missing})
                 # Sampled by one process: one seeded stream over the prompts, as the cached texts were drawn.
                 if self.ranks.main:
                     if to_sample:
@@ -212,6 +210,10 @@ class ForgettingEval:
                     for kind in to_sample:
                         _write_json(texts_paths[kind], kinds[kind](base, self.tokenizer, PROMPTS[kind],
                                                                    new_tokens=NEW_TOKENS, seed=SAMPLING_SEED))
+        for spec, score in fresh.items():
+            if self.ranks.main:
+                _write_json(paths[spec], to_dict(score))
+            scores[spec] = score
         for kind, path in texts_paths.items():
             self.texts[kind] = _read_json(path)
         scores, self.texts = self.ranks.from_main((scores, self.texts))
@@ -229,11 +231,8 @@ class ForgettingEval:
             print(f"measuring the {'tuned' if step is None else f'step-{step}'} model on "
                   f"{len(self.section.tasks) + len(self.section.target_tasks)} task(s), and its drift from the base",
                   file=sys.stderr)
-        scores = evaluate_tasks(model, self.tokenizer, self.section.tasks + self.section.target_tasks,
-                                batch_size=self.section.batch_size, limit=self.section.limit,
-                                chat=self.section.apply_chat_template,
-                                share_prefixes=self.section.share_prefixes, ranks=self.ranks,
-                                autocast=self.autocast)
+        specs = self.section.tasks + self.section.target_tasks
+        scores = self._scores(model, {spec: load_tasks(spec) for spec in specs})
         base = self._base_beside(model)
         # Chat texts are rendered by the template, special tokens included; raw texts get the tokenizer's own.
         drift = {kind: kl_drift(base, model, self.tokenizer, texts, max_length=self.section.drift_max_length,
@@ -247,6 +246,27 @@ class ForgettingEval:
             with open(self.curve_file, "a", encoding="utf-8") as f:
                 f.write(json.dumps(to_dict(without_logs(point))) + "\n")
         return point
+
+    @property
+    def served_apart(self) -> bool:
+        """Whether the tasks are scored by vLLM from saved weights rather than by the model in memory."""
+        return self.section.backend == "vllm"
+
+    def _scores(self, model, loaded: dict) -> dict:
+        """{spec: TaskScore} of `model` on the loaded tasks, by the recipe's backend; `model` None: the base (vLLM)."""
+        if not self.served_apart:
+            return evaluate_loaded(model, self.tokenizer, loaded, batch_size=self.section.batch_size,
+                                   limit=self.section.limit, chat=self.section.apply_chat_template,
+                                   share_prefixes=self.section.share_prefixes, ranks=self.ranks,
+                                   autocast=self.autocast)
+        if not loaded:
+            return {}
+        with vllm_backend.served(model, self.model_section, self.tokenizer) as args:
+            lm = vllm_backend.make_lm(args, self.section.vllm_args)
+            try:
+                return evaluate_with(lm, loaded, limit=self.section.limit, chat=self.section.apply_chat_template)
+            finally:
+                vllm_backend.release(lm)
 
     def _load_base(self, device: torch.device):
         return load_model(self.model_section, None).to(device)

@@ -132,16 +132,23 @@ def evaluate_loaded(model, tokenizer, loaded: dict[str, dict], *, batch_size: in
     """One lm-eval pass over every spec's tasks (its set-up costs seconds, so one call, not one per task). With
     several `ranks`, each scores the requests of its share of the documents and every rank gets all the scores.
     `autocast`: a dtype for lm-eval's own autocast of every forward pass (its `mixed_precision_dtype`), or None."""
+    if not loaded:
+        return {}  # no tasks: the drift alone measures forgetting
+    silence_lm_eval()
+    with eval_mode(model), _quiet(logging.getLogger("lm_eval.models.huggingface")), as_one_process():
+        lm = shared_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, ranks=ranks,
+                               share_prefixes=share_prefixes, mixed_precision_dtype=autocast)
+        return evaluate_with(lm, loaded, limit=limit, chat=chat)
+
+
+def evaluate_with(lm, loaded: dict[str, dict], *, limit: int | None, chat: bool) -> dict:
+    """{spec: TaskScore} for the `loaded` tasks scored by lm-eval's model `lm` (finetune's in-memory HFLM, or
+    lm-eval's own vLLM model)."""
     import lm_eval
 
     silence_lm_eval()
-    if not loaded:
-        return {}  # no tasks: the drift alone measures forgetting
     leaves = [task for _, tasks in loaded.values() for task in tasks.values()]
-    with eval_mode(model), _quiet(logging.getLogger("lm_eval.models.huggingface")), as_one_process(), \
-            _without_machine_survey():
-        lm = shared_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, ranks=ranks,
-                               share_prefixes=share_prefixes, mixed_precision_dtype=autocast)
+    with _without_machine_survey():
         # Tasks go in as objects, with an empty index: lm-eval would otherwise re-scan its 15k configs per call.
         # Its bootstrap standard errors are skipped: the report's intervals are paired, over the same examples.
         # With `chat`, prompts go through the tokenizer's chat template (few-shot examples as earlier turns), as
