@@ -98,3 +98,4 @@ def test_replay_holds_the_right_short_replies_and_the_distilled_rows_are_them_wi
     assert rows("format_distilled.jsonl") == distilled(replay)
     assert all(len(r["messages"]) == 2 for r in rows("format_distilled.jsonl"))
     assert right("Paris.", ["paris"]) and not right("planet", ["PLANET"]) and not right("noisy", ["quiet"])
+    assert not right("HARVEST", ["harvest"]), "a word left in capitals where lowercase was asked for is wrong"

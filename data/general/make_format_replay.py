@@ -71,10 +71,14 @@ def conversations(prompts: dict[str, list[str]], rng: random.Random) -> list[tup
 
 
 def right(reply: str, answers: list[str]) -> bool:
-    """Whether a one-word reply is one of the answers: case ignored but where an answer has capitals (uppercase
-    requested), trailing punctuation ignored."""
+    """Whether a one-word reply is one of the answers: trailing punctuation ignored, case too but where the answer or
+    the reply is in capitals (uppercase, or lowercase, requested: "Turn HARVEST into lowercase" -> "HARVEST" is wrong)."""
     word = _bare(reply)
-    return any(word == a if a.isupper() and len(a) > 1 else word.lower() == a.lower() for a in answers)
+    return any(word == a if _capitals(a) or _capitals(word) else word.lower() == a.lower() for a in answers)
+
+
+def _capitals(word: str) -> bool:
+    return word.isupper() and len(word) > 1
 
 
 def right_rows(rows: list[dict], answers: dict[str, list[str]]) -> list[dict]:
