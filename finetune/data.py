@@ -260,6 +260,14 @@ def _weighted(ds: Dataset, weight: float, rng: random.Random) -> Dataset:
     return ds.select(indices) if indices != list(range(len(ds))) else ds
 
 
+def encode_weighted(specs: list[DatasetSpec], tokenizer, data: DataSection, stats: DataStats, seed: int) -> Dataset:
+    """The datasets of one recipe list (replay, KL or Fisher data) encoded and concatenated, each example
+    `weight` times as in data.train."""
+    rng = random.Random(seed)
+    return concatenate_datasets([_weighted(encode_dataset(spec, tokenizer, data, stats), spec.weight, rng)
+                                 for spec in specs])
+
+
 def build_datasets(data: DataSection, tokenizer, seed: int) -> tuple[Dataset, Dataset | None, DataStats]:
     """Encoded training and validation examples, mixed by weight, bad rows handled as the recipe says."""
     rng = random.Random(seed)

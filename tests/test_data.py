@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from finetune import attention
 from finetune.data import (IGNORE, Collator, DataError, RowDataset, block_causal_mask, build_datasets, encode_dataset,
-                           pack, DataStats)
+                           encode_weighted, pack, DataStats)
 from finetune.model import load_model
 from finetune.recipe import DataSection, DatasetSpec, ModelSection
 from finetune.loss import token_loss_sum
@@ -123,6 +123,27 @@ def test_truncation_and_weights(tmp_path, tokenizer):
                        train_on="all")
     train, _, stats = build_datasets(data, tokenizer, seed=0)
     assert len(train) == 25 and max(len(x) for x in train["input_ids"]) == 12 and stats.truncated == 10  # counted once per source row
+
+
+def test_replay_kl_and_fisher_data_take_each_datasets_weight_as_training_data_does(tmp_path, tokenizer):
+    from finetune.mitigations.replay import mix
+    from finetune.recipe import ReplaySection, TrainSection
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"apple {i}"} for i in range(6)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"banana {i}"} for i in range(4)])
+    specs = [DatasetSpec(path=str(a), format="text", weight=0.5), DatasetSpec(path=str(b), format="text", weight=3)]
+    data = DataSection(train=specs)
+    mixed = encode_weighted(specs, tokenizer, data, DataStats(), seed=0)
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in mixed["input_ids"]]
+    assert sum(t.startswith("apple") for t in texts) == 3 and sum(t.startswith("banana") for t in texts) == 12
+    assert all(texts.count(f"banana {i}") == 3 for i in range(4))
+    # Replay draws from the weighted pool: at a ratio whose tokens exceed the pool, every pooled example comes once.
+    recipe = type("Recipe", (), {"data": DataSection(train=specs, replay=ReplaySection(datasets=specs, ratio=0.99)),
+                                 "train": TrainSection()})()
+    train = encode_weighted(specs[:1], tokenizer, data, DataStats(), seed=0)
+    replayed = mix(recipe, train, tokenizer, DataStats())
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in replayed["input_ids"]]
+    assert sum(t.startswith("banana") for t in texts) > 3 * sum(t.startswith("apple") for t in texts)
 
 
 def test_val_fraction_holds_out_distinct_examples(tmp_path, tokenizer):

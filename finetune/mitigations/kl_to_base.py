@@ -33,9 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate.utils import send_to_device
-from datasets import concatenate_datasets
 
-from ..data import IGNORE, Collator, DataStats, encode_dataset, mask_kind
+from ..data import IGNORE, Collator, DataStats, encode_weighted, mask_kind
 from ..errors import UserError
 from ..loss import logits_at
 from ..model import eval_mode, load_model
@@ -66,8 +65,7 @@ def regularizer(recipe, ctx) -> KLToBase | None:
                             "every process); use DDP (launch/multi_gpu_ddp.yaml) or one process, or set "
                             "`train.kl_to_base: null`.")
     with ctx.accelerator.main_process_first():  # tokenized once, like the training data; the rest read the cache
-        examples = concatenate_datasets([encode_dataset(spec, ctx.tokenizer, recipe.data, DataStats())
-                                         for spec in section.datasets])
+        examples = encode_weighted(section.datasets, ctx.tokenizer, recipe.data, DataStats(), recipe.train.seed)
     if not len(examples):
         raise KLToBaseError("no row of `train.kl_to_base.datasets` is left after skipping bad rows; fix the data or "
                             "list other datasets.")

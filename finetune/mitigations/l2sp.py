@@ -6,10 +6,9 @@ from __future__ import annotations
 import random
 
 import torch
-from datasets import concatenate_datasets
 from torch.distributed.tensor import DTensor
 
-from ..data import IGNORE, Collator, DataStats, encode_dataset
+from ..data import IGNORE, Collator, DataStats, encode_weighted
 from ..errors import UserError
 from ..loss import token_loss_sum
 from ..model import lora_layers
@@ -131,7 +130,7 @@ def diagonal_fisher(model, batches, loss_sum) -> list[torch.Tensor]:
 
 def fisher_batches(section, data, tokenizer, seed: int, device) -> list[dict]:
     """`section.rows` examples of the Fisher data (drawn with the run's seed), one per batch, ready for the model."""
-    examples = concatenate_datasets([encode_dataset(spec, tokenizer, data, DataStats()) for spec in section.datasets])
+    examples = encode_weighted(section.datasets, tokenizer, data, DataStats(), seed)
     picked = random.Random(seed).sample(range(len(examples)), min(section.rows, len(examples)))
     collate = Collator(tokenizer.pad_token_id, "padding")
     batches = []

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import random
 
-from datasets import concatenate_datasets
-
-from ..data import encode_dataset
+from ..data import encode_weighted
 
 
 def label(recipe) -> str | None:
@@ -20,8 +18,7 @@ def mix(recipe, train, tokenizer, stats):
     section = recipe.data.replay
     if section is None:
         return None
-    replay = concatenate_datasets([encode_dataset(spec, tokenizer, recipe.data, stats)
-                                   for spec in section.datasets])
+    replay = encode_weighted(section.datasets, tokenizer, recipe.data, stats, recipe.train.seed)
     wanted = section.ratio / (1 - section.ratio) * sum(len(t) for t in train["input_ids"])
     lengths = [len(t) for t in replay["input_ids"]]
     rng = random.Random(recipe.train.seed)
