@@ -173,6 +173,11 @@ class TrainSection:
     max_nonfinite_in_row: int = _nonneg(
         "updates with a non-finite loss or gradient skipped in a row before the run stops; 0 = stop at the first", 3)
     log_every: int = _pos("optimizer updates between metrics.jsonl lines", 1)
+    probe_every: int | None = _f(
+        0, "cheap probes of forgetting into metrics.jsonl (KL to the base on the new task's first rows and at the first "
+           "reply token of general prompts, the new task's answers leaking into them): 0 = after updates 1, 2, 4, 8, "
+           "16, then every 16, and the last (a few percent of training time); N = every N updates; null = off",
+        lambda v: v is None or v >= 0, "an integer >= 0 or null")
     eval_every: int = _nonneg("optimizer updates between validation-loss passes; 0 = only at the end", 0)
     trackers: list[Literal["tensorboard", "wandb"]] = _f([], "accelerate trackers to log to, besides metrics.jsonl")
 
@@ -257,6 +262,7 @@ _DEFAULT_SECTIONS = ("data", "train", "eval", "output")
 # Keys whose change does not change the trained weights: a resumed run may differ in these.
 RESULT_NEUTRAL_KEYS = frozenset(
     {"output.save_every", "output.keep", "train.log_every", "train.trackers", "train.eval_every", "data.num_proc",
+     "train.probe_every", "eval.backend", "eval.vllm_args",
      "model.cache_dir", "model.name", "eval.tasks", "eval.target_tasks", "eval.limit", "eval.batch_size",
      "eval.share_prefixes", "eval.drift_texts", "eval.drift_max_length", "eval.apply_chat_template"}
 )

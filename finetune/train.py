@@ -36,6 +36,7 @@ from .errors import UserError
 from .loss import token_loss_sum
 from .model import count_parameters, load_model, load_tokenizer
 from .preemption import Preempted, StopSignals
+from .probes import Probes
 from .progress import TrainingDisplay, summary
 from .recipe import Recipe, flatten, recipe_to_dict
 from .training_eval import TrainingEval
@@ -166,6 +167,7 @@ class Training:
     val_rows: RowDataset | None
     regularizers: list  # mitigations.Regularizer
     evals: TrainingEval
+    probes: Probes
     max_steps: int
 
 
@@ -229,6 +231,7 @@ def _set_up(recipe: Recipe, run: RunDir) -> Training:
         accelerator, running, accelerator.unwrap_model(model), tokenizer))
     evals = TrainingEval(recipe, run, accelerator, tokenizer, model,
                          checkpoint_step(run.resume_from) if run.resume_from else 0)
+    probes = Probes(recipe, accelerator, model, tokenizer, max_steps)
     trainable, total = count_parameters(accelerator.unwrap_model(model))
     used_rows = updates_per_epoch * tr.grad_accum * tr.batch_size * accelerator.num_processes
     mixed = (f", {stats.mixed_examples} of them {' and '.join(stats.mixed_by)} ({stats.mixed_tokens:,} of "
@@ -239,8 +242,10 @@ def _set_up(recipe: Recipe, run: RunDir) -> Training:
         f"rows each epoch (the other {rows - used_rows} fall to the next shuffle). Training {trainable:,} of "
         f"{total:,} parameters on {accelerator.num_processes} process(es), {max_steps} updates."
     )
+    if probes.steps:
+        accelerator.print(probes.describe())
     return Training(recipe, run, accelerator, running, tokenizer, model, optimizer, scheduler, loader, collate,
-                    val_rows, regularizers, evals, max_steps)
+                    val_rows, regularizers, evals, probes, max_steps)
 
 
 # ---------------------------------------------------------------- the run
@@ -313,9 +318,12 @@ def _loop(t: Training, progress: Progress, signals: StopSignals) -> int:
         saving = bool(recipe.output.save_every) and step % recipe.output.save_every == 0 and step < t.max_steps
         stopping = signals.agreed(accelerator)
         # Log whenever a checkpoint is written, so a resumed run logs the same windows as an uninterrupted one.
-        if step % tr.log_every == 0 or step == t.max_steps or saving or stopping:
+        probed = t.probes.due(step)
+        if step % tr.log_every == 0 or step == t.max_steps or saving or stopping or probed:
             elapsed, clock = time.perf_counter() - clock, time.perf_counter()
             record = _record(t, progress, result, accelerator.reduce(window, "sum").tolist(), elapsed)
+            if probed:
+                record.update(t.probes.measure(t.model))
             log.write(record)
             bar.record(record)
             window.zero_()

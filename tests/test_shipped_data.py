@@ -62,6 +62,15 @@ def test_no_training_row_of_the_new_task_repeats_an_original_task_item():
     assert len(trained) > 300 and not close, close[:5]
 
 
+def test_the_probe_prompts_repeat_no_suite_item_and_no_training_or_replay_row():
+    # Probes measure the model during training (finetune/probes.py): a prompt it was trained on would show no drift.
+    prompts = json.loads((ROOT / "finetune" / "probe_prompts.json").read_text(encoding="utf-8"))
+    probes = {f"probe_prompts.json: {p}": normalised(p) for p in prompts}
+    trained = training_prompts([*GENERAL, ROOT / "data" / "new_task" / "train.jsonl"])
+    close = near_repeats(probes, evaluated_prompts(SUITES) | set(trained.values()))
+    assert len(probes) >= 10 and not close, close[:5]
+
+
 def test_the_check_sees_a_near_repeat():
     # The same item in other case and punctuation is caught; the same template asking something else is not.
     a, b = normalised("What is the capital of France?"), normalised("what's the capital of france")

@@ -1,0 +1,143 @@
+"""Cheap probes of forgetting while a run trains: forward passes on two small fixed sets, every few updates, into
+metrics.jsonl. Whole evaluations come after the run (or every `eval.every` updates); these cost a few percent of
+training time and exist from the first updates, so a forecast can be made early (the issue on knowing early).
+
+  - `probe_kl_task`: KL(base || tuned) per position at the first PROBE_TOKENS reply tokens of the new task's own
+    rows (the first rows of data.train's first dataset, its answers teacher-forced): how far the run has moved where
+    it is trained ("RL's Razor", Shenfeld et al. 2025: forgetting grows with this KL);
+  - `probe_kl_general`: the same at the first reply token of general short prompts (probe_prompts.json, written for
+    this project), where a reply's format is decided and a fine-tune overwrites it first ("spurious forgetting",
+    Zheng et al. 2025);
+  - `probe_leak`: the probability the model gives, at that first reply token, to the first token of one of the new
+    task's answers (when it has few short answers): a forward-pass stand-in for the report's answer leak.
+
+The base's distributions are taken once, before the first update, from the model itself (the weights are still the
+base's). The rows are shared by the ranks of a launch and the sums added up; every rank runs one forward per set, as
+FSDP and DeepSpeed need.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from accelerate.utils import send_to_device
+
+from .data import IGNORE, Collator, DataStats, encode_dataset
+from .loss import logits_at
+from .mitigations.kl_to_base import first_of_each_run
+from .model import eval_mode
+
+PROMPTS = Path(__file__).with_name("probe_prompts.json")
+PROBE_TOKENS = 4  # reply tokens of a new-task row probed
+ROWS = 12  # new-task rows probed
+MAX_ANSWERS = 32  # a new task with more distinct first answer tokens, or longer answers (end-of-turn tokens
+MAX_ANSWER_TOKENS = 8  # included), has no answer leak to probe
+
+
+def schedule(every: int | None, max_steps: int) -> set[int]:
+    """The updates after which the probes run: `every` N updates and the last; 0: updates 1, 2, 4, 8, 16, then every
+    16, and the last (early points for a forecast, few later ones); None: none."""
+    if every is None:
+        return set()
+    if every:
+        steps = set(range(every, max_steps + 1, every))
+    else:
+        steps = {s for s in (1, 2, 4, 8) if s <= max_steps} | set(range(16, max_steps + 1, 16))
+    return steps | {max_steps}
+
+
+class Probes:
+    """Created after `accelerator.prepare` and before a checkpoint is loaded, while the weights are the base's."""
+
+    def __init__(self, recipe, accelerator, model, tokenizer, max_steps: int):
+        self.accelerator = accelerator
+        self.steps = schedule(recipe.train.probe_every, max_steps)
+        if not self.steps:
+            return
+        self.collate = Collator(tokenizer.pad_token_id, "padding")
+        examples = encode_dataset(recipe.data.train[0], tokenizer, recipe.data, DataStats()).with_format(None)
+        task = [(e["input_ids"], e["target"]) for e in examples.select(range(min(ROWS, len(examples))))]
+        general = [_prompt_row(tokenizer, p) for p in json.loads(PROMPTS.read_text(encoding="utf-8"))]
+        self.prompts = len(general)
+        self.answers = _answer_tokens(examples)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        self.rows = {"task": task[rank::world], "general": general[rank::world]}
+        self.tokens = {"task": PROBE_TOKENS, "general": 1}
+        self.base = {name: self._log_probs(model, name) for name in self.rows}
+        self.base_leak = self._leak(self.base["general"]) / len(general) if self.answers is not None else None
+
+    def due(self, step: int) -> bool:
+        return step in self.steps
+
+    def describe(self) -> str:
+        if not self.steps:
+            return "probes: off (train.probe_every: null)"
+        leak = "" if self.base_leak is None else f"; the base's answer leak {self.base_leak:.3f}"
+        return (f"probes: KL to the base on the new task's first rows and on {self.prompts} general "
+                f"prompts{leak}, after updates {', '.join(map(str, sorted(self.steps)))} "
+                "(train.probe_every)")
+
+    @torch.no_grad()
+    def measure(self, model) -> dict[str, float]:
+        """Collective: the probes of the model as it is now, the same on every rank."""
+        now = {name: self._log_probs(model, name) for name in self.rows}
+        sums = []
+        for name in self.rows:
+            kl = torch.nn.functional.kl_div(now[name], self.base[name], reduction="sum", log_target=True)
+            sums += [kl.double(), torch.tensor(float(len(now[name])), dtype=torch.float64, device=kl.device)]
+        leak = self._leak(now["general"]) if self.answers is not None else 0.0
+        device = sums[0].device
+        totals = torch.stack(sums + [torch.tensor(v, dtype=torch.float64, device=device)
+                                     for v in (leak, float(len(self.rows["general"])))])
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, "sum")
+        kl_task, n_task, kl_general, n_general, leak, rows = totals.tolist()
+        out = {"probe_kl_task": kl_task / max(n_task, 1), "probe_kl_general": kl_general / max(n_general, 1)}
+        if self.answers is not None:
+            out["probe_leak"] = leak / max(rows, 1)
+        return out
+
+    @torch.no_grad()
+    def _log_probs(self, model, name: str) -> torch.Tensor:
+        """[positions, vocab] log-probabilities at the probed positions of this rank's rows of one set. A rank with
+        no rows still runs a forward (on a stand-in row, dropped), as a sharded model needs every rank to."""
+        rows = self.rows[name] or self.rows["general"][:1] or self.rows["task"][:1]
+        batch = send_to_device(self.collate([[row] for row in rows]), self.accelerator.device)
+        batch.pop("n_tokens")
+        keep = first_of_each_run(batch.pop("labels") != IGNORE, self.tokens[name])
+        with eval_mode(model), self.accelerator.autocast():
+            logits = logits_at(model, batch, keep)
+        logits = logits if self.rows[name] else logits[:0]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def _leak(self, log_probs: torch.Tensor) -> float:
+        """The summed probability, over this rank's general rows, of the new task's first answer tokens."""
+        return float(log_probs[:, self.answers].exp().sum()) if len(log_probs) else 0.0
+
+
+def _prompt_row(tokenizer, prompt: str) -> tuple[list[int], list[int]]:
+    """A general prompt as the model is asked it (the chat template's generation prompt where there is one), with
+    one stand-in reply token marked as target: the probed position is the one that predicts the reply's first token."""
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    ids = list(ids) + [tokenizer.eos_token_id]
+    return ids, [0] * (len(ids) - 1) + [1]
+
+
+def _answer_tokens(examples) -> list[int] | None:
+    """The first tokens of the new task's answers (its encoded examples), or None when they are not a few short
+    answers (a leak into general replies means nothing for open-ended targets)."""
+    firsts, lengths = set(), []
+    for e in examples:
+        targets = [t for t, is_target in zip(e["input_ids"], e["target"]) if is_target]
+        if targets:
+            firsts.add(targets[0])
+            lengths.append(len(targets))
+    if not firsts or len(firsts) > MAX_ANSWERS or max(lengths) > MAX_ANSWER_TOKENS:
+        return None
+    return sorted(firsts)

@@ -1,0 +1,73 @@
+"""Probes during training (finetune/probes.py): KL to the base on the new task's rows and at the first reply token of
+general prompts, and the new task's answers leaking into those replies, in metrics.jsonl at the scheduled updates."""
+
+import pytest
+from conftest import ANSWERS, ITEMS, make_recipe, metrics, run, write_jsonl
+
+from finetune.preemption import Preempted, StopSignals
+from finetune.probes import schedule
+
+
+def test_the_schedule_puts_points_early_and_few_later():
+    assert schedule(0, 60) == {1, 2, 4, 8, 16, 32, 48, 60}
+    assert schedule(0, 3) == {1, 2, 3}
+    assert schedule(5, 12) == {5, 10, 12}
+    assert schedule(None, 60) == set()
+
+
+def short_answer_recipe(tmp_path, model_dir, name, **train):
+    """A new task answered in one word: "what is x?" -> one, two, three or four."""
+    rows = [{"messages": [{"role": "user", "content": f"what is {x}?"},
+                          {"role": "assistant", "content": ANSWERS[i % 4]}]} for i, x in enumerate(ITEMS * 4)]
+    data = write_jsonl(tmp_path / "short.jsonl", rows)
+    return make_recipe(tmp_path, model_dir, name, data={"train": [{"path": str(data), "format": "chat"}]},
+                       train={"lr": 1e-3, "max_steps": 16, "warmup_steps": 0, "schedule": "constant", **train},
+                       lora={"r": 4}, output={"save_every": 4})
+
+
+def probed(run_dir) -> dict[int, dict]:
+    return {m["step"]: {k: v for k, v in m.items() if k.startswith("probe_")} for m in metrics(run_dir)
+            if "probe_kl_task" in m}
+
+
+def test_probes_grow_as_the_run_moves_and_see_the_answers_leak_into_general_replies(tmp_path, base_dir):
+    run_dir, _ = run(short_answer_recipe(tmp_path, base_dir, "short"))
+    points = probed(run_dir)
+    assert sorted(points) == [1, 2, 4, 8, 16]
+    # Measured on this tiny model (2 cores): KL on the new task 0.58 after update 1, 4.2-6.1 from update 4 on; at
+    # the general prompts' first reply token 0.0003, then 0.85-2.6; the answer leak under 1e-4, then 0.002-0.005.
+    # The claims hold with a margin of 7x and more: each probe is smallest after the first update.
+    first, later = points[1], [points[s] for s in (4, 8, 16)]
+    for key in ("probe_kl_task", "probe_kl_general", "probe_leak"):
+        assert 0 <= first[key] and 3 * first[key] < min(p[key] for p in later), key
+    # Trained to answer every question with one of four words, it starts general replies with them too.
+    assert points[16]["probe_leak"] > 0.001
+
+
+def test_a_run_without_probes_logs_none_and_other_settings_keep_their_steps(tmp_path, base_dir):
+    off, _ = run(short_answer_recipe(tmp_path, base_dir, "off", probe_every=None, max_steps=4))
+    assert not probed(off) and len(metrics(off)) == 4
+    every, _ = run(short_answer_recipe(tmp_path, base_dir, "every", probe_every=3, max_steps=7))
+    assert sorted(probed(every)) == [3, 6, 7]
+    # Probing leaves the training itself alone: the same losses with and without.
+    assert [m["loss"] for m in metrics(every)][:4] == [m["loss"] for m in metrics(off)]
+
+
+def test_a_resumed_run_probes_against_the_base_as_an_uninterrupted_one_does(tmp_path, base_dir, monkeypatch):
+    straight, _ = run(short_answer_recipe(tmp_path, base_dir, "straight"))
+    recipe = short_answer_recipe(tmp_path, base_dir, "stopped")
+    calls = []
+
+    def agreed(self, accelerator) -> bool:  # as if SIGTERM came during update 6: a checkpoint after it, then stop
+        calls.append(1)
+        return len(calls) == 6
+
+    monkeypatch.setattr(StopSignals, "agreed", agreed)
+    with pytest.raises(Preempted):
+        run(recipe)
+    monkeypatch.undo()
+    resumed, _ = run(recipe)
+    # The probes after the resume compare with the base, not with the checkpoint the run resumed from.
+    assert sorted(probed(resumed)) == sorted(probed(straight)) == [1, 2, 4, 8, 16]
+    for step, values in probed(straight).items():
+        assert probed(resumed)[step] == pytest.approx(values, rel=1e-5, abs=1e-9), step
