@@ -1,0 +1,100 @@
+"""Leave-one-out validation of the forecast of final forgetting (finetune/reports/forecast.py) on the runs
+bench/forecast_calibration.py paired with their probes: each run forecast from a fit on all the others, never on
+itself. Prints and writes a table (every run, misses included), the coverage of the prediction intervals, how often
+the forecast verdict equals the final one, and a plot of forecast against measured change.
+
+    python bench/forecast_validate.py bench/forecast/runs.jsonl --out bench/forecast/validation.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from finetune.reports.forecast import features, fit, verdict  # noqa: E402
+
+
+def half_width(n: int) -> float:
+    """About the half-width of the report's paired 95% interval for a change near 0 with a few percent of
+    examples flipping each way (how the final verdict's interval is sized by n)."""
+    return 1.96 * math.sqrt(0.1 / n)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--share", type=float, default=0.1)
+    args = p.parse_args()
+    rows = [json.loads(x) for x in args.runs.read_text().splitlines()]
+    used = []
+    for r in rows:
+        f = features(r["probes"], r["max_steps"], args.share) if r["reproduced"] else None
+        if f is not None:
+            used.append({**r, "step": f[0], "x": f[1]})
+    tasks = sorted(set.intersection(*(set(r["tasks"]) for r in used)))
+    lines = [f"# Forecast of final forgetting, leave-one-out ({len(used)} runs of {len(rows)} paired; "
+             f"probes of the first {args.share:.0%} of updates)", "",
+             "| run | probe step | KL general | KL task | " + " | ".join(f"{t}: forecast [95% PI] / measured" for t in tasks)
+             + " | forecast verdict | final verdict |", "|---" * (5 + len(tasks)) + "|"]
+    covered = total = agree = 0
+    points = []
+    for i, r in enumerate(used):
+        others = used[:i] + used[i + 1:]
+        cells, predicted, widths = [], {}, {}
+        for t in tasks:
+            model = fit([o["x"] for o in others], [o["tasks"][t]["delta"] for o in others])
+            point, lo, hi = model.predict(r["x"])
+            measured = r["tasks"][t]["delta"]
+            inside = lo <= measured <= hi
+            covered += inside
+            total += 1
+            predicted[t], widths[t] = point, half_width(r["tasks"][t]["n"])
+            points.append((point, lo, hi, measured, t))
+            cells.append(f"{point:+.3f} [{lo:+.3f}, {hi:+.3f}] / {measured:+.3f}{'' if inside else ' **miss**'}")
+        forecast = verdict(predicted, widths, r["max_drop"])
+        agree += forecast == r["verdict"]
+        probe = r["probes"][str(r["step"])] if str(r["step"]) in r["probes"] else r["probes"][r["step"]]
+        lines.append(f"| {Path(r['run']).name} | {r['step']} | {probe['probe_kl_general']:.3f} | "
+                     f"{probe['probe_kl_task']:.3f} | " + " | ".join(cells) + f" | {forecast} | {r['verdict']}"
+                     + ("" if forecast == r["verdict"] else " **differs**") + " |")
+    lines += ["", f"Prediction intervals covering the measured change: {covered} of {total} ({covered / total:.0%}). "
+              f"Forecast verdict equal to the final verdict: {agree} of {len(used)} ({agree / len(used):.0%}).",
+              f"Left out: {len(rows) - len(used)} run(s) whose first updates did not reproduce or had no probe."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    _plot(points, args.out.with_suffix(".png"))
+    return 0
+
+
+def _plot(points, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for task in sorted({p[4] for p in points}):
+        mine = [p for p in points if p[4] == task]
+        ax.errorbar([p[3] for p in mine], [p[0] for p in mine],
+                    yerr=[[p[0] - p[1] for p in mine], [p[2] - p[0] for p in mine]], fmt="o", capsize=2,
+                    label=task, alpha=0.8)
+    lo = min(min(p[1], p[3]) for p in points)
+    hi = max(max(p[2], p[3]) for p in points)
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=1)
+    ax.set_xlabel("measured final change")
+    ax.set_ylabel("forecast from the first 10% of updates (95% PI)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""A forecast of a run's final forgetting from its first probes (finetune/probes.py): for each original task, the
+final change of its score, with a prediction interval, and the verdict the final evaluation would then give.
+
+The model is ordinary least squares, one per task, of the measured final change on the logarithms of the two KL
+probes at the last probe within the first `share` of updates (RL's Razor: forgetting grows with the KL from the
+base; the first reply tokens are where a fine-tune overwrites the answer format). It is fitted on earlier runs of
+the same model and tasks (a calibration file), never on the run it forecasts. The prediction interval is the
+textbook one for a new observation, t-quantile times the residual scale times sqrt(1 + leverage); it says nothing
+about runs unlike the calibration runs (another model, other tasks, far other settings).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+FEATURES = ("probe_kl_general", "probe_kl_task")
+FLOOR = 1e-4  # KL below this reads as this: log(0) is no feature
+
+
+def features(probes: dict[int, dict], max_steps: int, share: float = 0.1) -> tuple[int, list[float]] | None:
+    """(the probe step used, [1, log KL general, log KL task]) from the last probe within the first `share` of the
+    updates, or None when there is none with both KLs."""
+    early = [s for s, p in probes.items() if int(s) <= share * max_steps and all(k in p for k in FEATURES)]
+    if not early:
+        return None
+    step = max(early, key=int)
+    return int(step), [1.0, *(math.log(max(probes[step][k], FLOOR)) for k in FEATURES)]
+
+
+@dataclass
+class Fit:
+    """One task's least-squares fit: coefficients, (X'X)^-1, residual scale and degrees of freedom."""
+
+    beta: list[float]
+    inverse: list[list[float]]
+    scale: float
+    dof: int
+
+    def predict(self, x: list[float], level: float = 0.95) -> tuple[float, float, float]:
+        point = sum(b * v for b, v in zip(self.beta, x))
+        leverage = sum(x[i] * self.inverse[i][j] * x[j] for i in range(len(x)) for j in range(len(x)))
+        half = t_quantile(0.5 + level / 2, self.dof) * self.scale * math.sqrt(1 + leverage)
+        return point, point - half, point + half
+
+
+def fit(xs: list[list[float]], ys: list[float]) -> Fit | None:
+    """Least squares of ys on xs (rows with a leading 1), or None with too few rows to estimate a residual scale."""
+    p, n = len(xs[0]), len(xs)
+    if n <= p + 1:
+        return None
+    xtx = [[sum(x[i] * x[j] for x in xs) for j in range(p)] for i in range(p)]
+    inverse = _inverse(xtx)
+    if inverse is None:
+        return None
+    xty = [sum(x[i] * y for x, y in zip(xs, ys)) for i in range(p)]
+    beta = [sum(inverse[i][j] * xty[j] for j in range(p)) for i in range(p)]
+    residuals = [y - sum(b * v for b, v in zip(beta, x)) for x, y in zip(xs, ys)]
+    scale = math.sqrt(sum(r * r for r in residuals) / (n - p))
+    return Fit(beta, inverse, scale, n - p)
+
+
+def verdict(predicted: dict[str, float], half_widths: dict[str, float], max_drop: float) -> str:
+    """The verdict the final evaluation would give if each task's change were as forecast, with the interval
+    half-width its number of examples gives: PASS when every task's interval lies above -max_drop, FAIL when one lies
+    wholly below it, else INCONCLUSIVE."""
+    if any(d + half_widths[t] < -max_drop for t, d in predicted.items()):
+        return "FAIL"
+    if all(d - half_widths[t] > -max_drop for t, d in predicted.items()):
+        return "PASS"
+    return "INCONCLUSIVE"
+
+
+def t_quantile(q: float, dof: int) -> float:
+    """Student's t quantile (Hill's 1970 approximation through the normal quantile; within 1e-3 for dof >= 3)."""
+    z = NormalDist().inv_cdf(q)
+    g1 = (z ** 3 + z) / 4
+    g2 = (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
+    g3 = (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
+    g4 = (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160
+    return z + g1 / dof + g2 / dof ** 2 + g3 / dof ** 3 + g4 / dof ** 4
+
+
+def _inverse(m: list[list[float]]) -> list[list[float]] | None:
+    """Gauss-Jordan inverse of a small matrix, or None when it is singular."""
+    n = len(m)
+    a = [row[:] + [float(i == j) for j in range(n)] for i, row in enumerate(m)]
+    for c in range(n):
+        pivot = max(range(c, n), key=lambda r: abs(a[r][c]))
+        if abs(a[pivot][c]) < 1e-12:
+            return None
+        a[c], a[pivot] = a[pivot], a[c]
+        a[c] = [v / a[c][c] for v in a[c]]
+        for r in range(n):
+            if r != c:
+                a[r] = [v - a[r][c] * w for v, w in zip(a[r], a[c])]
+    return [row[n:] for row in a]
