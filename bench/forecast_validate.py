@@ -86,9 +86,12 @@ def _plot(points, path: Path) -> None:
         ax.errorbar([p[3] for p in mine], [p[0] for p in mine],
                     yerr=[[p[0] - p[1] for p in mine], [p[2] - p[0] for p in mine]], fmt="o", capsize=2,
                     label=task, alpha=0.8)
-    lo = min(min(p[1], p[3]) for p in points)
-    hi = max(max(p[2], p[3]) for p in points)
+    # A change of a score lies in [-1, 1]: the view is the measured range with a margin, wider intervals run off it.
+    lo = min(p[3] for p in points) - 0.2
+    hi = max(p[3] for p in points) + 0.2
     ax.plot([lo, hi], [lo, hi], color="grey", lw=1)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
     ax.set_xlabel("measured final change")
     ax.set_ylabel("forecast from the first 10% of updates (95% PI)")
     ax.legend(fontsize=8)
