@@ -80,7 +80,8 @@ def make_lm(model_args: dict, extra: dict):
 
 
 def release(lm) -> None:
-    """Gives the GPU memory vLLM took back before training or the drift go on."""
+    """Drops finetune's reference to vLLM's engine and empties torch's cache before training or the drift go on.
+    Whether vLLM then frees all the memory it took has not been checked on a GPU."""
     import gc
 
     import torch
