@@ -72,8 +72,6 @@ class Probes:
         return step in self.steps
 
     def describe(self) -> str:
-        if not self.steps:
-            return "probes: off (train.probe_every: null)"
         leak = "" if self.base_leak is None else f"; the base's answer leak {self.base_leak:.3f}"
         return (f"probes: KL to the base on the new task's first rows and on {self.prompts} general "
                 f"prompts{leak}, after updates {', '.join(map(str, sorted(self.steps)))} "
@@ -83,14 +81,12 @@ class Probes:
     def measure(self, model) -> dict[str, float]:
         """Collective: the probes of the model as it is now, the same on every rank."""
         now = {name: self._log_probs(model, name) for name in self.rows}
-        sums = []
+        sums = []  # this rank's KL sum and positions per set, then its leak sum and general rows
         for name in self.rows:
             kl = torch.nn.functional.kl_div(now[name], self.base[name], reduction="sum", log_target=True)
-            sums += [kl.double(), torch.tensor(float(len(now[name])), dtype=torch.float64, device=kl.device)]
-        leak = self._leak(now["general"]) if self.answers is not None else 0.0
-        device = sums[0].device
-        totals = torch.stack(sums + [torch.tensor(v, dtype=torch.float64, device=device)
-                                     for v in (leak, float(len(self.rows["general"])))])
+            sums += [kl.item(), len(now[name])]
+        sums += [self._leak(now["general"]) if self.answers is not None else 0.0, len(self.rows["general"])]
+        totals = torch.tensor(sums, dtype=torch.float64, device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, "sum")
         kl_task, n_task, kl_general, n_general, leak, rows = totals.tolist()

@@ -195,12 +195,12 @@ class ForgettingEval:
             print(f"measuring the base model on {len(missing)} task(s) (once; cached for later runs)" if missing else
                   f"the base model's scores: from the cache ({self.cache_dir})", file=sys.stderr)
         missing, to_sample = self.ranks.from_main((missing, to_sample))
-        fresh = {}
+        fresh, in_memory = {}, bool(missing) and not self.served_apart
         if missing and self.served_apart:  # vLLM loads the base from its folder: nothing to load here
             fresh = self._scores(None, {spec: loaded[spec] for spec in missing})
-        if (missing and not self.served_apart) or to_sample:
+        if in_memory or to_sample:
             with self._plain_base(model) as base:
-                if missing and not self.served_apart:
+                if in_memory:
                     fresh = self._scores(base, {spec: loaded[spec] for spec in missing})
                 # Sampled by one process: one seeded stream over the prompts, as the cached texts were drawn.
                 if self.ranks.main:
@@ -266,7 +266,8 @@ class ForgettingEval:
             try:
                 return evaluate_with(lm, loaded, limit=self.section.limit, chat=self.section.apply_chat_template)
             finally:
-                vllm_backend.release(lm)
+                del lm  # the last reference to vLLM's engine, so that release() can collect it
+                vllm_backend.release()
 
     def _load_base(self, device: torch.device):
         return load_model(self.model_section, None).to(device)

@@ -79,15 +79,13 @@ def make_lm(model_args: dict, extra: dict):
     return lm_class()(**{**defaults, **model_args, **extra})
 
 
-def release(lm) -> None:
-    """Drops finetune's reference to vLLM's engine and empties torch's cache before training or the drift go on.
-    Whether vLLM then frees all the memory it took has not been checked on a GPU."""
+def release() -> None:
+    """Collects what the caller let go of (vLLM's engine) and empties torch's cache before training or the drift go
+    on. Whether vLLM then frees all the memory it took has not been checked on a GPU."""
     import gc
 
     import torch
 
-    engine = getattr(lm, "model", None)
-    del lm, engine
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
