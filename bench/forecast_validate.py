@@ -59,7 +59,7 @@ def main() -> int:
             cells.append(f"{point:+.3f} [{lo:+.3f}, {hi:+.3f}] / {measured:+.3f}{'' if inside else ' **miss**'}")
         forecast = verdict(predicted, widths, r["max_drop"])
         agree += forecast == r["verdict"]
-        probe = r["probes"][str(r["step"])] if str(r["step"]) in r["probes"] else r["probes"][r["step"]]
+        probe = r["probes"][str(r["step"])]  # JSON keys are strings
         lines.append(f"| {Path(r['run']).name} | {r['step']} | {probe['probe_kl_general']:.3f} | "
                      f"{probe['probe_kl_task']:.3f} | " + " | ".join(cells) + f" | {forecast} | {r['verdict']}"
                      + ("" if forecast == r["verdict"] else " **differs**") + " |")
