@@ -86,7 +86,8 @@ def main() -> int:
         sample_texts,
     )
     from finetune.measure.tasks import evaluate_tasks, load_tasks
-    from finetune.model import load_model, load_tokenizer
+    from finetune.model import load_model
+    from finetune.model_files import load_tokenizer
     from finetune.quiet import silence_lm_eval
     from finetune.recipe import load_recipe
 

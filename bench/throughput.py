@@ -390,7 +390,7 @@ def data_pipeline(rows: int, tmp: Path, model_dir: str, max_length: int) -> str:
 
     from finetune import attention
     from finetune.data import Collator, RowDataset, build_datasets, mask_kind
-    from finetune.model import load_tokenizer
+    from finetune.model_files import load_tokenizer
 
     datasets.disable_caching()  # a first run: nothing read back from an earlier one
     path = tmp / "rows.jsonl"

@@ -182,7 +182,7 @@ def _train(args) -> int:
     print_main(run.note, *check(recipe), file=sys.stderr)  # before torch is imported: a slip costs a second
     quiet.libraries()
     from .engine import check_launch
-    from .model import load_tokenizer
+    from .model_files import load_tokenizer
 
     check_launch()
     # The first rows are encoded with the model's tokenizer before the model itself loads: a data mistake costs

@@ -5,7 +5,7 @@ rows of `data.max_length` tokens (as axolotl's `preprocess --debug` shows which 
 from __future__ import annotations
 
 from .data import RowDataset, build_datasets
-from .model import load_tokenizer
+from .model_files import load_tokenizer
 from .recipe import Recipe
 
 GREEN, RESET = "\033[1;32m", "\033[0m"

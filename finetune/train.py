@@ -34,7 +34,8 @@ from .data import IGNORE, Collator, RowDataset, build_datasets, mask_kind
 from .engine import Engine, engine, make_accelerator
 from .errors import UserError
 from .loss import token_loss_sum
-from .model import count_parameters, load_model, load_tokenizer
+from .model import count_parameters, load_model
+from .model_files import load_tokenizer
 from .preemption import Preempted, StopSignals
 from .probes import Probes
 from .progress import TrainingDisplay, summary

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from finetune.checkpoint import open_run_dir
-from finetune.model import load_tokenizer
+from finetune.model_files import load_tokenizer
 from finetune.recipe import ModelSection, load_recipe
 from finetune.train import train
 

@@ -18,7 +18,7 @@ def measure(spec: dict, ranks) -> dict:
     from transformers import AutoModelForCausalLM
 
     from finetune.measure.evaluate import ForgettingEval
-    from finetune.model import load_tokenizer
+    from finetune.model_files import load_tokenizer
     from finetune.recipe import EvalSection, ModelSection
     from finetune.reports.records import to_dict
 

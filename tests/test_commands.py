@@ -93,7 +93,7 @@ def test_preview_marks_exactly_the_trained_tokens_and_reports_packing(tmp_path, 
     assert "count from one" in example
     recipe = load_recipe(path)
     from finetune.data import RowDataset, build_datasets
-    from finetune.model import load_tokenizer
+    from finetune.model_files import load_tokenizer
 
     train, _, stats = build_datasets(recipe.data, load_tokenizer(recipe.model), 0)
     packed = RowDataset(train, recipe.data.max_length, True)

@@ -128,7 +128,7 @@ def test_a_missing_private_part_is_one_line_naming_the_release(monkeypatch):
 def _hflm(base_dir, spy):
     from transformers import AutoModelForCausalLM
 
-    from finetune.model import load_tokenizer
+    from finetune.model_files import load_tokenizer
     from finetune.recipe import ModelSection
 
     tokenizer = load_tokenizer(ModelSection(path=str(base_dir)))

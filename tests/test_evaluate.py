@@ -19,7 +19,7 @@ from finetune.measure.evaluate import ForgettingEval, without_logs
 from finetune.measure.saved import evaluate_saved
 from finetune.measure.tasks import evaluate_tasks
 from finetune.reports.forgetting import choose_best
-from finetune.model import load_tokenizer
+from finetune.model_files import load_tokenizer
 from finetune.recipe import EvalSection, ModelSection
 from finetune.reports.report import build_report, provenance, render_markdown
 

@@ -16,7 +16,8 @@ from conftest import ddp_launch as launch
 
 from finetune.engine import Engine, engine
 from finetune.mitigations import Context, kl_to_base
-from finetune.model import load_model, load_tokenizer
+from finetune.model import load_model
+from finetune.model_files import load_tokenizer
 from finetune.recipe import RecipeError, describe_keys, load_recipe
 from finetune.reports.compare import compare_runs
 

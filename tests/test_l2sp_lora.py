@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from finetune.data import IGNORE
 from finetune.mitigations.l2sp import fisher_batches
-from finetune.model import load_tokenizer
+from finetune.model_files import load_tokenizer
 from finetune.recipe import load_recipe
 
 LAMBDA = 0.5

@@ -80,7 +80,7 @@ def test_fisher_weighted_penalty_and_its_gradient_are_exact():
 def fisher_of_base(recipe_path, base_dir, *overrides):
     """The Fisher a run with this recipe measures, by name of the base model's parameters."""
     from finetune.mitigations.l2sp import diagonal_fisher, fisher_batches
-    from finetune.model import load_tokenizer
+    from finetune.model_files import load_tokenizer
     from finetune.recipe import load_recipe
     from finetune.loss import token_loss_sum
     from transformers import AutoModelForCausalLM

@@ -12,7 +12,9 @@ from conftest import TINY_CONFIGS
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from finetune import model as model_module
-from finetune.model import ModelError, count_parameters, load_model, load_tokenizer, merge_adapter, resolve_model_path
+from finetune import model_files
+from finetune.model import ModelError, count_parameters, load_model, merge_adapter, resolve_model_path
+from finetune.model_files import load_tokenizer
 from finetune.recipe import LoraSection, ModelSection
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -259,7 +261,7 @@ def test_gguf_converts_once_into_a_loadable_folder(converted, monkeypatch):
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name, folder.name + ".lock"]
 
     mtime = (folder / "model.safetensors").stat().st_mtime_ns
-    monkeypatch.setattr(model_module, "_convert_gguf", lambda *_: pytest.fail("converted twice"))
+    monkeypatch.setattr(model_files, "_convert_gguf", lambda *_: pytest.fail("converted twice"))
     assert resolve_model_path(section) == str(folder)
     assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
 

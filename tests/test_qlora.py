@@ -18,7 +18,8 @@ from finetune.card import model_card
 from finetune.checkpoint import RunDir
 from finetune.measure.saved import load_tuned
 from finetune.mitigations import describe, method_label
-from finetune.model import ModelError, count_parameters, load_model, load_tokenizer
+from finetune.model import ModelError, count_parameters, load_model
+from finetune.model_files import load_tokenizer
 from finetune.recipe import LoraSection, ModelSection, QuantizationSection, RecipeError, load_recipe
 
 

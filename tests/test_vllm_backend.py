@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import finetune.measure.vllm_backend as vllm_backend
 from finetune.measure.evaluate import ForgettingEval
-from finetune.model import load_tokenizer
+from finetune.model_files import load_tokenizer
 from finetune.preflight import PreflightError, check_sources
 from finetune.recipe import EvalSection, ModelSection, QuantizationSection
 

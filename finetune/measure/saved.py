@@ -9,7 +9,8 @@ from pathlib import Path
 from ..checkpoint import final_folder
 from ..errors import print_main
 from ..files import read_jsonl
-from ..model import load_model, load_tokenizer
+from ..model import load_model
+from ..model_files import load_tokenizer
 from ..recipe import EvalSection, ModelSection, Recipe
 from ..reports.report import build_report, provenance, write_report
 from .evaluate import ForgettingEval, eval_device
