@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 from datasets import Dataset, concatenate_datasets, load_dataset
 
-from . import attention
+from . import attention, quiet
 from .formats import FORMATS, DataError, make_encoder
 from .quiet import progress_bars
 from .recipe import LOCAL_BUILDERS, DataSection, DatasetSpec
+
+quiet.datasets_library()
 
 IGNORE = -100
 

@@ -68,7 +68,7 @@ def check_tokens(recipe: Recipe, tokenizer) -> None:
 def tokenizer_at_hand(recipe: Recipe):
     """(tokenizer, "") when it loads without converting or downloading anything (what `check` may do); else
     (None, why the token lengths are not checked)."""
-    from .model import converted_gguf, load_tokenizer
+    from .model_files import converted_gguf, load_tokenizer
 
     section = recipe.model
     path = Path(section.path).expanduser()
@@ -188,14 +188,14 @@ def first_rows(path: Path, n: int = ROWS) -> list[dict]:
 
 def _fitting_format(columns: set[str], current: str) -> str | None:
     """Another format whose fields the rows carry (rows with `text` in a chat recipe: `text`)."""
-    from .data import FORMATS
+    from .formats import FORMATS
 
     return next((name for name, fmt in FORMATS.items()
                  if name != current and set(fmt.fields) - set(fmt.optional) <= columns), None)
 
 
 def _check_rows(recipe: Recipe, key: str, spec: DatasetSpec, tokenizer) -> None:
-    from .data import FORMATS, make_encoder
+    from .formats import FORMATS, make_encoder
 
     path = Path(spec.path)
     if path.suffix.lower() not in LOCAL_BUILDERS:

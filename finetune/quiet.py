@@ -42,11 +42,23 @@ def libraries() -> None:
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
     logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed shared tensor" not in record.msg)
-    import datasets
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # datasets costs a second to import, which `finetune check` does not need: the modules that import it call
+    # datasets_library() then.
+    if "datasets" in sys.modules:
+        datasets_library()
+
+
+def datasets_library() -> None:
+    """datasets' logging and progress bars off when the CLI asked for quiet; for each module of finetune's that
+    imports datasets (or lm-eval, which does) to call right after."""
+    if not _quiet:
+        return
+    import datasets
+
     datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
 
@@ -95,3 +107,4 @@ def silence_lm_eval() -> None:
     if not sys.stderr.isatty():  # in a log file a bar is one long line of carriage returns
         lm_eval.models.huggingface.tqdm = off
     lm_eval.evaluator.get_git_commit_hash = _git_hash_silently
+    datasets_library()
