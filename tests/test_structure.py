@@ -112,6 +112,15 @@ def test_nothing_under_reports_imports_torch_or_the_measuring_half():
     assert out.strip() == "[]"
 
 
+def test_the_checks_before_a_run_import_no_heavy_library_until_a_tokenizer_is_needed():
+    """A recipe refused on its rows (a wrong format, a missing column) answers in a fraction of a second, before torch,
+    transformers' model code or datasets are imported (seconds each)."""
+    code = ("import sys, finetune.cli, finetune.preflight, finetune.formats; "
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {(*HEAVY, 'datasets')}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_training_never_imports_the_post_hoc_commands():
     graph = _import_graph()
     reached, todo = set(), ["finetune.train"]
