@@ -42,9 +42,17 @@ GENERAL = sorted((ROOT / "data" / "general").glob("*.jsonl"))
 
 
 def near_repeats(trained: dict[str, str], evaluated: set[str]) -> list[tuple[str, str]]:
-    return [(where, other) for where, text in trained.items() for other in evaluated
-            if difflib.SequenceMatcher(None, text, other).quick_ratio() >= NEAR
-            and difflib.SequenceMatcher(None, text, other).ratio() >= NEAR]
+    """Pairs whose difflib ratio (trained text first) reaches NEAR. The bounds go cheapest first (lengths, then
+    letter counts), and each evaluated text is analysed once (difflib caches its second sequence)."""
+    close = []
+    matcher = difflib.SequenceMatcher(None)
+    for other in sorted(evaluated):
+        matcher.set_seq2(other)
+        for where, text in trained.items():
+            matcher.set_seq1(text)
+            if matcher.real_quick_ratio() >= NEAR and matcher.quick_ratio() >= NEAR and matcher.ratio() >= NEAR:
+                close.append((where, other))
+    return close
 
 
 def test_no_replay_kl_or_fisher_row_repeats_or_nearly_repeats_an_evaluated_prompt():
