@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.reports.forecast import features, fit, verdict  # noqa: E402
+from finetune.reports.forecast import features, fit, verdict_odds  # noqa: E402
 
 
 def half_width(n: int) -> float:
@@ -41,30 +41,40 @@ def main() -> int:
     lines = [f"# Forecast of final forgetting, leave-one-out ({len(used)} runs of {len(rows)} paired; "
              f"probes of the first {args.share:.0%} of updates)", "",
              "| run | probe step | KL general | KL task | " + " | ".join(f"{t}: forecast [95% PI] / measured" for t in tasks)
-             + " | forecast verdict | final verdict |", "|---" * (5 + len(tasks)) + "|"]
-    covered = total = agree = 0
+             + " | forecast verdict (odds) | final verdict |", "|---" * (5 + len(tasks)) + "|"]
+    covered = total = agree = sure = sure_right = 0
     points = []
     for i, r in enumerate(used):
         others = used[:i] + used[i + 1:]
-        cells, predicted, widths = [], {}, {}
+        cells, forecasts, widths = [], {}, {}
         for t in tasks:
             model = fit([o["x"] for o in others], [o["tasks"][t]["delta"] for o in others])
             point, lo, hi = model.predict(r["x"])
+            forecasts[t] = (point, model.predictive(r["x"])[1], model.dof)
             measured = r["tasks"][t]["delta"]
             inside = lo <= measured <= hi
             covered += inside
             total += 1
-            predicted[t], widths[t] = point, half_width(r["tasks"][t]["n"])
+            widths[t] = half_width(r["tasks"][t]["n"])
             points.append((point, lo, hi, measured, t))
             cells.append(f"{point:+.3f} [{lo:+.3f}, {hi:+.3f}] / {measured:+.3f}{'' if inside else ' **miss**'}")
-        forecast = verdict(predicted, widths, r["max_drop"])
+        odds = verdict_odds(forecasts, widths, r["max_drop"])
+        forecast = max(odds, key=odds.get)  # the most likely final verdict
         agree += forecast == r["verdict"]
+        if odds[forecast] >= 0.95:  # beyond doubt: what `eval.on_over_budget: stop` could act on
+            sure += 1
+            sure_right += forecast == r["verdict"]
+        forecast_cell = f"{forecast} ({odds[forecast]:.2f}{', beyond doubt' if odds[forecast] >= 0.95 else ''})"
         probe = r["probes"][str(r["step"])]  # JSON keys are strings
         lines.append(f"| {Path(r['run']).name} | {r['step']} | {probe['probe_kl_general']:.3f} | "
-                     f"{probe['probe_kl_task']:.3f} | " + " | ".join(cells) + f" | {forecast} | {r['verdict']}"
+                     f"{probe['probe_kl_task']:.3f} | " + " | ".join(cells) + f" | {forecast_cell} | {r['verdict']}"
                      + ("" if forecast == r["verdict"] else " **differs**") + " |")
     lines += ["", f"Prediction intervals covering the measured change: {covered} of {total} ({covered / total:.0%}). "
-              f"Forecast verdict equal to the final verdict: {agree} of {len(used)} ({agree / len(used):.0%}).",
+              f"Most likely forecast verdict equal to the final verdict: {agree} of {len(used)} "
+              f"({agree / len(used):.0%}). Forecast beyond doubt (odds at least 0.95): {sure} run(s), of which "
+              f"{sure_right} right.",
+              "Odds: each task's final change drawn from its forecast (point + scale x t), the final verdict's rule "
+              "applied with the interval half-width the task's n gives, tasks taken as independent.",
               f"Left out: {len(rows) - len(used)} run(s) whose first updates did not reproduce or had no probe."]
     text = "\n".join(lines) + "\n"
     print(text)

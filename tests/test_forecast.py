@@ -4,7 +4,7 @@ coverage, the probe it reads and the verdict it forecasts."""
 import math
 import random
 
-from finetune.reports.forecast import features, fit, t_quantile, verdict
+from finetune.reports.forecast import features, fit, t_cdf, t_quantile, verdict, verdict_odds
 
 
 def test_least_squares_recovers_a_known_line_and_its_interval_covers_new_points_as_often_as_it_says():
@@ -42,3 +42,30 @@ def test_the_forecast_verdict_is_the_final_verdicts_rule_on_the_forecast():
     assert verdict({"a": 0.0, "b": -0.09}, widths, 0.05) == "FAIL"
     assert verdict({"a": 0.0, "b": -0.03}, widths, 0.05) == "INCONCLUSIVE"
     assert abs(t_quantile(0.975, 10) - 2.2281) < 1e-3
+
+
+def test_verdict_odds_are_the_final_rule_applied_to_draws_from_the_forecast():
+    # Draw each task's change from its forecast (point + scale * t), apply the final verdict's rule, count.
+    rng = random.Random(1)
+    forecasts = {"a": (-0.02, 0.03, 5), "b": (0.01, 0.05, 5)}
+    widths = {"a": 0.03, "b": 0.035}
+    odds = verdict_odds(forecasts, widths, 0.05)
+    assert abs(sum(odds.values()) - 1) < 1e-9
+
+    def t_draw(dof):
+        return rng.gauss(0, 1) / math.sqrt(sum(rng.gauss(0, 1) ** 2 for _ in range(dof)) / dof)
+
+    trials, counts = 20000, {"PASS": 0, "FAIL": 0, "INCONCLUSIVE": 0}
+    for _ in range(trials):
+        drawn = {k: p + s * t_draw(d) for k, (p, s, d) in forecasts.items()}
+        counts[verdict(drawn, widths, 0.05)] += 1
+    for k in counts:  # 20,000 draws: a standard error under 0.4 points
+        assert abs(counts[k] / trials - odds[k]) < 0.015, (k, counts[k] / trials, odds[k])
+
+
+def test_a_point_forecast_past_the_budget_with_a_wide_interval_is_no_fail_beyond_doubt():
+    widths = {"a": 0.03}
+    wide = verdict_odds({"a": (-0.12, 0.5, 4)}, widths, 0.05)
+    assert verdict({"a": -0.12}, widths, 0.05) == "FAIL" and wide["FAIL"] < 0.95
+    assert verdict_odds({"a": (-0.12, 0.01, 20)}, widths, 0.05)["FAIL"] > 0.99
+    assert abs(t_cdf(2.0, 5) - 0.9490) < 1e-3 and abs(t_cdf(-2.0, 20) - 0.0296) < 1e-3

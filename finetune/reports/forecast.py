@@ -38,11 +38,17 @@ class Fit:
     scale: float
     dof: int
 
-    def predict(self, x: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    def predictive(self, x: list[float]) -> tuple[float, float]:
+        """(point, scale) of the forecast for a new run at x: its change is point + scale * t(dof)."""
         point = sum(b * v for b, v in zip(self.beta, x))
         leverage = sum(x[i] * self.inverse[i][j] * x[j] for i in range(len(x)) for j in range(len(x)))
-        half = t_quantile(0.5 + level / 2, self.dof) * self.scale * math.sqrt(1 + leverage)
-        return point, point - half, point + half
+        return point, self.scale * math.sqrt(1 + leverage)
+
+    def predict(self, x: list[float], level: float = 0.95) -> tuple[float, float, float]:
+        point, scale = self.predictive(x)
+        half = t_quantile(0.5 + level / 2, self.dof) * scale
+        # A change of a score lies in [-1, 1], as the report's intervals do; a wider band says no more.
+        return point, max(-1.0, point - half), min(1.0, point + half)
 
 
 def fit(xs: list[list[float]], ys: list[float]) -> Fit | None:
@@ -70,6 +76,39 @@ def verdict(predicted: dict[str, float], half_widths: dict[str, float], max_drop
     if all(d - half_widths[t] > -max_drop for t, d in predicted.items()):
         return "PASS"
     return "INCONCLUSIVE"
+
+
+def verdict_odds(forecasts: dict[str, tuple[float, float, int]], half_widths: dict[str, float],
+                 max_drop: float) -> dict[str, float]:
+    """How likely each final verdict is, given each task's forecast (point, scale, dof: its change is point +
+    scale * t(dof)) and the half-width of its final interval. A task ends FAIL when its change is below
+    -max_drop - half-width, PASS when above -max_drop + half-width; tasks are taken as independent. A verdict is
+    forecast "beyond doubt" only at odds of 0.95 or more: a point forecast past the budget with a wide interval is
+    not a FAIL."""
+    all_pass, none_fail = 1.0, 1.0
+    for task, (point, scale, dof) in forecasts.items():
+        w = half_widths[task]
+        fail = t_cdf((-max_drop - w - point) / scale, dof)
+        passing = 1.0 - t_cdf((-max_drop + w - point) / scale, dof)
+        all_pass *= passing
+        none_fail *= 1.0 - fail
+    return {"PASS": all_pass, "FAIL": 1.0 - none_fail, "INCONCLUSIVE": max(0.0, none_fail - all_pass)}
+
+
+def t_cdf(x: float, dof: int) -> float:
+    """Student's t distribution function, by bisection on t_quantile (no scipy: reports run without it)."""
+    lo, hi = 1e-9, 1.0 - 1e-9
+    if x <= t_quantile(lo, dof):
+        return 0.0
+    if x >= t_quantile(hi, dof):
+        return 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if t_quantile(mid, dof) < x:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
 
 
 def t_quantile(q: float, dof: int) -> float:
