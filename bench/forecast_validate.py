@@ -9,20 +9,12 @@ the forecast verdict equals the final one, and a plot of forecast against measur
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.reports.forecast import features, fit, verdict_odds  # noqa: E402
-
-
-def half_width(n: int) -> float:
-    """About the half-width of the report's paired 95% interval for a change near 0 with a few percent of
-    examples flipping each way (how the final verdict's interval is sized by n)."""
-    return 1.96 * math.sqrt(0.1 / n)
+from finetune.reports.forecast import fit, half_width, read_calibration, verdict_odds  # noqa: E402
 
 
 def main() -> int:
@@ -31,12 +23,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--share", type=float, default=0.1)
     args = p.parse_args()
-    rows = [json.loads(x) for x in args.runs.read_text().splitlines()]
-    used = []
-    for r in rows:
-        f = features(r["probes"], r["max_steps"], args.share) if r["reproduced"] else None
-        if f is not None:
-            used.append({**r, "step": f[0], "x": f[1]})
+    rows = args.runs.read_text().splitlines()
+    used = read_calibration(args.runs, args.share)
     tasks = sorted(set.intersection(*(set(r["tasks"]) for r in used)))
     lines = [f"# Forecast of final forgetting, leave-one-out ({len(used)} runs of {len(rows)} paired; "
              f"probes of the first {args.share:.0%} of updates)", "",

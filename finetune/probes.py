@@ -28,12 +28,14 @@ from .data import IGNORE, Collator, DataStats, encode_dataset
 from .loss import logits_at
 from .mitigations.kl_to_base import first_of_each_run
 from .model import eval_mode
+from .reports.forecast import forecast_run, read_calibration
 
 PROMPTS = Path(__file__).with_name("probe_prompts.json")
 PROBE_TOKENS = 4  # reply tokens of a new-task row probed
 ROWS = 12  # new-task rows probed
 MAX_ANSWERS = 32  # a new task with more distinct first answer tokens, or longer answers (end-of-turn tokens
 MAX_ANSWER_TOKENS = 8  # included), has no answer leak to probe
+FORECAST_SHARE = 0.1  # the share of updates whose probes the forecast reads
 
 
 def schedule(every: int | None, max_steps: int) -> set[int]:
@@ -54,6 +56,12 @@ class Probes:
     def __init__(self, recipe, accelerator, model, tokenizer, max_steps: int):
         self.accelerator = accelerator
         self.steps = schedule(recipe.train.probe_every, max_steps)
+        self.max_steps, self.max_drop = max_steps, recipe.eval.max_drop
+        path = recipe.eval.forecast_calibration
+        self.calibration = read_calibration(Path(path), FORECAST_SHARE) if path and recipe.eval.tasks else None
+        early = [s for s in self.steps if s <= FORECAST_SHARE * max_steps]
+        self.forecast_step = max(early) if early and self.calibration is not None else None
+        self.history: dict[int, dict[str, float]] = {}
         if not self.steps:
             return
         self.collate = Collator(tokenizer.pad_token_id, "padding")
@@ -73,9 +81,24 @@ class Probes:
 
     def describe(self) -> str:
         leak = "" if self.base_leak is None else f"; the base's answer leak {self.base_leak:.3f}"
+        if self.calibration is None:
+            forecast = ""
+        elif self.forecast_step is None:
+            forecast = f"; no forecast: no probe within the first {FORECAST_SHARE:.0%} of the updates"
+        else:
+            forecast = (f"; a forecast of the final forgetting after update {self.forecast_step}, from "
+                        f"{len(self.calibration)} calibration runs (eval.forecast_calibration)")
         return (f"probes: KL to the base on the new task's first rows and on {self.prompts} general "
                 f"prompts{leak}, after updates {', '.join(map(str, sorted(self.steps)))} "
-                "(train.probe_every)")
+                f"(train.probe_every){forecast}")
+
+    def forecast(self, step: int, probed: dict[str, float]) -> dict | None:
+        """The forecast of the final forgetting (reports/forecast.py) once the probes of its update are in; None
+        before and after that update, without a calibration, or when the calibration is too small to fit."""
+        self.history[step] = probed
+        if step != self.forecast_step:
+            return None
+        return forecast_run(self.calibration, self.history, self.max_steps, self.max_drop, FORECAST_SHARE)
 
     @torch.no_grad()
     def measure(self, model) -> dict[str, float]:

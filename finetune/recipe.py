@@ -236,7 +236,13 @@ class EvalSection:
         "continue", "the budget policy during training: continue = train on, report only; keep_best = train on, "
                     "then final/ is the evaluated step whose verdict is PASS that gained most on target_tasks (the "
                     "latest, without them); stop = as keep_best, and end training at the first evaluation whose "
-                    "verdict is FAIL")
+                    "verdict is FAIL, or at a forecast of FAIL beyond doubt (eval.forecast_calibration)")
+    forecast_calibration: str | None = _f(
+        None, "a calibration file of earlier runs of the same model and tasks (bench/forecast_calibration.py writes "
+              "one; bench/forecast/runs.jsonl is the demo model's): after the last probe within the first 10% of "
+              "updates, forecast each original task's final change with a 95% prediction interval and the odds of "
+              "each verdict, into the progress output, metrics.jsonl and the report; needs train.probe_every; null = "
+              "no forecast")
 
 
 @dataclass
@@ -513,6 +519,17 @@ def _check(recipe: Recipe, src: str, stem: str) -> None:
             if spec.system is not None and spec.format != "chat":
                 raise RecipeError(f"{src}: `{group}[{i}].system` is a system message for chat rows; this dataset's "
                                   f"format is `{spec.format}`. Use format chat, or remove `system`.")
+    calibration = recipe.eval.forecast_calibration
+    if calibration is not None:
+        if not _expand(calibration).is_file():
+            raise RecipeError(f"{src}: `eval.forecast_calibration`: file {calibration} does not exist"
+                              f"{_near(_expand(calibration))} (bench/forecast_calibration.py writes one), or set it "
+                              "to null.")
+        if recipe.train.probe_every is None:
+            raise RecipeError(f"{src}: `eval.forecast_calibration` forecasts from the probes, which are off "
+                              "(`train.probe_every: null`); set `train.probe_every: 0`, or "
+                              "`eval.forecast_calibration: null`.")
+        recipe.eval.forecast_calibration = str(_expand(calibration))
     if recipe.data.validation and recipe.data.val_fraction:
         raise RecipeError(f"{src}: set either `data.validation` or `data.val_fraction`, not both.")
     if recipe.train.warmup_steps and recipe.train.max_steps and recipe.train.warmup_steps > recipe.train.max_steps:

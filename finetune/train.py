@@ -40,6 +40,7 @@ from .preemption import Preempted, StopSignals
 from .probes import Probes
 from .progress import TrainingDisplay, summary
 from .recipe import Recipe, flatten, recipe_to_dict
+from .reports.forecast import describe as describe_forecast
 from .training_eval import TrainingEval
 
 
@@ -145,7 +146,9 @@ class MetricsLog:
         if self.accelerator.is_main_process:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        # Trackers take numbers: the forecast (a nested record) goes to metrics.jsonl only.
+        self.accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                             step=record["step"])
 
 
 # ---------------------------------------------------------------- set-up
@@ -319,16 +322,26 @@ def _loop(t: Training, progress: Progress, signals: StopSignals) -> int:
         saving = bool(recipe.output.save_every) and step % recipe.output.save_every == 0 and step < t.max_steps
         stopping = signals.agreed(accelerator)
         # Log whenever a checkpoint is written, so a resumed run logs the same windows as an uninterrupted one.
-        probed = t.probes.due(step)
+        probed, forecast = t.probes.due(step), None
         if step % tr.log_every == 0 or step == t.max_steps or saving or stopping or probed:
             elapsed, clock = time.perf_counter() - clock, time.perf_counter()
             record = _record(t, progress, result, accelerator.reduce(window, "sum").tolist(), elapsed)
             if probed:
-                record.update(t.probes.measure(t.model))
+                probes = t.probes.measure(t.model)
+                record.update(probes)
+                if forecast := t.probes.forecast(step, probes):
+                    record["forecast"] = forecast
             log.write(record)
             bar.record(record)
             window.zero_()
+            if forecast:
+                accelerator.print(describe_forecast(forecast))
         bar.step()
+        if forecast and forecast["verdict"] == "FAIL" and forecast["beyond_doubt"] and \
+                recipe.eval.on_over_budget == "stop":
+            accelerator.print(f"stopping after step {step}: the forecast is FAIL beyond doubt (odds "
+                              f"{forecast['odds']['FAIL']:.2f}; eval.on_over_budget: stop)")
+            break
         if t.evals.due(step, t.max_steps) and t.evals.check(
                 step, t.model, t.tokenizer,
                 save=lambda dest: save_model(accelerator, t.model, t.tokenizer, dest, True)):

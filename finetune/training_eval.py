@@ -14,6 +14,7 @@ import shutil
 
 from accelerate.utils import broadcast_object_list
 
+from .files import read_jsonl
 from .measure.evaluate import ForgettingEval
 from .reports.forgetting import FAIL, budget_status, choose_best
 from .measure.gather import whole_model
@@ -78,6 +79,11 @@ class TrainingEval:
     def _whole(self, model):
         return whole_model(self.accelerator, model, self.recipe.model, self.recipe.lora)
 
+    def _forecast(self) -> dict | None:
+        """The forecast the run logged in metrics.jsonl during training, if it made one."""
+        made = [r["forecast"] for r in read_jsonl(self.run.metrics) if "forecast" in r]
+        return made[-1] if made else None
+
     def _report(self, step: int, last) -> None:
         fe, section = self.fe, self.recipe.eval
         chosen, note = last, f"final/ is the model after step {step}, the last update"
@@ -94,7 +100,8 @@ class TrainingEval:
             note += "; no evaluated step stayed within the forgetting budget"
         shutil.rmtree(self.run.path / "best", ignore_errors=True)
         report = build_report(fe.base, chosen, max_drop=section.max_drop, curve=fe.curve,
-                              provenance=provenance(self.recipe, fe.precision), final_note=note, method=describe(self.recipe))
+                              provenance=provenance(self.recipe, fe.precision), final_note=note, method=describe(self.recipe),
+                              forecast=self._forecast())
         write_report(self.run.path / "forgetting", report)
         for line in write_lm_eval_logs(self.run.path / "forgetting" / "lm-eval", {"base": fe.base, "tuned": chosen},
                                        {"base": self.recipe.model.path, "tuned": str(self.run.final)},

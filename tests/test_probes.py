@@ -1,8 +1,10 @@
 """Probes during training (finetune/probes.py): KL to the base on the new task's rows and at the first reply token of
 general prompts, and the new task's answers leaking into those replies, in metrics.jsonl at the scheduled updates."""
 
+import json
+
 import pytest
-from conftest import ANSWERS, ITEMS, make_recipe, metrics, run, write_jsonl
+from conftest import ANSWERS, ITEMS, conflicting_recipe, make_recipe, metrics, run, write_jsonl
 
 from finetune.preemption import Preempted, StopSignals
 from finetune.probes import schedule
@@ -71,3 +73,63 @@ def test_a_resumed_run_probes_against_the_base_as_an_uninterrupted_one_does(tmp_
     assert sorted(probed(resumed)) == sorted(probed(straight)) == [1, 2, 4, 8, 16]
     for step, values in probed(straight).items():
         assert probed(resumed)[step] == pytest.approx(values, rel=1e-5, abs=1e-9), step
+
+
+def calibration(path, delta: float, spread: float = 0.005, runs: int = 8):
+    """A calibration file of `runs` earlier runs of 20 updates whose task `original` changed by `delta` give or take
+    `spread`, whatever their probes."""
+    rows = []
+    for i in range(runs):
+        probes = {"1": {"probe_kl_general": 0.01, "probe_kl_task": 0.1},
+                  "2": {"probe_kl_general": 0.02 * (1 + i), "probe_kl_task": 0.3 * (1 + (i * 3) % 5)}}
+        rows.append({"run": f"r{i}", "max_steps": 20, "reproduced": True, "probes": probes, "max_drop": 0.05,
+                     "verdict": "FAIL", "tasks": {"original": {"delta": delta + spread * ((i * 7) % 3 - 1), "n": 16}}})
+    return write_jsonl(path, rows)
+
+
+def test_a_forecast_after_the_first_tenth_is_logged_printed_and_reported_beside_the_measured_change(
+        tmp_path, base_dir, tasks, capsys):
+    recipe = conflicting_recipe(tmp_path, base_dir, tasks,
+                                forecast_calibration=str(calibration(tmp_path / "cal.jsonl", -0.5)))
+    run_dir, _ = run(recipe)
+    logged = [m for m in metrics(run_dir) if "forecast" in m]
+    assert [m["step"] for m in logged] == [2]  # the last probe within 10% of 20 updates
+    forecast = logged[0]["forecast"]
+    assert forecast["runs"] == 8 and forecast["verdict"] == "FAIL" and forecast["beyond_doubt"]
+    lo, hi = forecast["tasks"]["original"]["pi95"]
+    assert lo < forecast["tasks"]["original"]["change"] < hi and -0.6 < lo and hi < -0.4
+    assert "forecast after update 2 of 20 (from 8 calibration runs)" in capsys.readouterr().out
+    assert metrics(run_dir)[-1]["step"] == 20  # on_over_budget: continue trains on
+    report = json.loads((run_dir / "forgetting" / "report.json").read_text())
+    assert report["forecast"] == forecast
+    md = (run_dir / "forgetting" / "report.md").read_text()
+    assert "Forecast after update 2 of 20" in md and f"{report['tasks']['original']['delta']:+.3f}" in md
+
+
+def test_a_forecast_fail_beyond_doubt_stops_a_run_that_is_told_to_stop_and_a_doubtful_one_does_not(
+        tmp_path, base_dir, tasks, capsys):
+    for name in ("sure", "doubtful"):
+        (tmp_path / name).mkdir()
+    sure = conflicting_recipe(tmp_path / "sure", base_dir, tasks, on_over_budget="stop",
+                              forecast_calibration=str(calibration(tmp_path / "fail.jsonl", -0.5)))
+    run_dir, _ = run(sure)
+    assert metrics(run_dir)[-1]["step"] == 2
+    assert "stopping after step 2: the forecast is FAIL beyond doubt" in capsys.readouterr().out
+    # Calibration runs that lost 0.5 give or take 0.5: the most likely verdict is FAIL, but not beyond doubt.
+    doubtful = conflicting_recipe(tmp_path / "doubtful", base_dir, tasks, on_over_budget="stop",
+                                  forecast_calibration=str(calibration(tmp_path / "wide.jsonl", -0.5, spread=0.5)))
+    run_dir, _ = run(doubtful)
+    forecast = next(m["forecast"] for m in metrics(run_dir) if "forecast" in m)
+    assert forecast["verdict"] == "FAIL" and not forecast["beyond_doubt"] and metrics(run_dir)[-1]["step"] == 20
+
+
+def test_a_forecast_needs_its_calibration_file_and_the_probes(tmp_path, tiny_model):
+    from finetune.recipe import RecipeError, load_recipe
+
+    missing = make_recipe(tmp_path, tiny_model, "missing", eval={"forecast_calibration": "nowhere/cal.jsonl"})
+    with pytest.raises(RecipeError, match=r"eval.forecast_calibration.*nowhere/cal.jsonl does not exist"):
+        load_recipe(missing)
+    off = make_recipe(tmp_path, tiny_model, "off", train={"probe_every": None},
+                      eval={"forecast_calibration": str(calibration(tmp_path / "cal.jsonl", -0.5))})
+    with pytest.raises(RecipeError, match=r"probes, which are off.*train.probe_every: 0"):
+        load_recipe(off)

@@ -11,9 +11,11 @@ about runs unlike the calibration runs (another model, other tasks, far other se
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
-from statistics import NormalDist
+from pathlib import Path
+from statistics import NormalDist, median
 
 FEATURES = ("probe_kl_general", "probe_kl_task")
 FLOOR = 1e-4  # KL below this reads as this: log(0) is no feature
@@ -27,6 +29,60 @@ def features(probes: dict[int, dict], max_steps: int, share: float = 0.1) -> tup
         return None
     step = max(early, key=int)
     return int(step), [1.0, *(math.log(max(probes[step][k], FLOOR)) for k in FEATURES)]
+
+
+def half_width(n: int) -> float:
+    """About the half-width of the report's paired 95% interval for a change near 0 with a few percent of examples
+    flipping each way: how the final verdict's interval is sized by a task's n."""
+    return 1.96 * math.sqrt(0.1 / n)
+
+
+def read_calibration(path: Path, share: float = 0.1) -> list[dict]:
+    """The runs of a calibration file (bench/forecast_calibration.py) a forecast can be fitted on: those whose first
+    updates reproduced and that have a probe within the first `share` of their updates, each with its features."""
+    rows = [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+    used = []
+    for r in rows:
+        f = features(r["probes"], r["max_steps"], share) if r.get("reproduced") else None
+        if f is not None:
+            used.append({**r, "step": f[0], "x": f[1]})
+    return used
+
+
+def forecast_run(calibration: list[dict], probes: dict, max_steps: int, max_drop: float,
+                 share: float = 0.1) -> dict | None:
+    """A run's forecast from its probes so far (step -> probe values) and the calibration runs: per original task
+    (those every calibration run measured) the final change with its 95% prediction interval, the odds of each final
+    verdict, the most likely one and whether it is beyond doubt. None without a probe in the first `share` of updates
+    or too few calibration runs to fit."""
+    f = features(probes, max_steps, share)
+    if f is None or not calibration:
+        return None
+    step, x = f
+    tasks = sorted(set.intersection(*(set(r["tasks"]) for r in calibration)))
+    changes, forecasts, widths = {}, {}, {}
+    for task in tasks:
+        model = fit([r["x"] for r in calibration], [r["tasks"][task]["delta"] for r in calibration])
+        if model is None:
+            return None
+        point, lo, hi = model.predict(x)
+        changes[task] = {"change": point, "pi95": [lo, hi]}
+        forecasts[task] = (point, model.predictive(x)[1], model.dof)
+        widths[task] = half_width(int(median(r["tasks"][task]["n"] for r in calibration)))
+    odds = verdict_odds(forecasts, widths, max_drop)
+    likely = max(odds, key=odds.get)
+    return {"step": step, "max_steps": max_steps, "runs": len(calibration), "tasks": changes, "odds": odds,
+            "verdict": likely, "beyond_doubt": odds[likely] >= 0.95}
+
+
+def describe(forecast: dict) -> str:
+    """One line for the progress output."""
+    tasks = "; ".join(f"{t} {c['change']:+.3f} [{c['pi95'][0]:+.3f}, {c['pi95'][1]:+.3f}]"
+                      for t, c in forecast["tasks"].items())
+    odds = ", ".join(f"{v} {forecast['odds'][v]:.2f}" for v in ("PASS", "INCONCLUSIVE", "FAIL"))
+    sure = "beyond doubt" if forecast["beyond_doubt"] else "not beyond doubt (odds under 0.95)"
+    return (f"forecast after update {forecast['step']} of {forecast['max_steps']} (from {forecast['runs']} calibration "
+            f"runs): final change {tasks}; verdict odds {odds}: {forecast['verdict']}, {sure}")
 
 
 @dataclass
@@ -48,7 +104,7 @@ class Fit:
         point, scale = self.predictive(x)
         half = t_quantile(0.5 + level / 2, self.dof) * scale
         # A change of a score lies in [-1, 1], as the report's intervals do; a wider band says no more.
-        return point, max(-1.0, point - half), min(1.0, point + half)
+        return min(1.0, max(-1.0, point)), max(-1.0, point - half), min(1.0, point + half)
 
 
 def fit(xs: list[list[float]], ys: list[float]) -> Fit | None:

@@ -116,11 +116,12 @@ def _curve_point(e: Evaluation) -> dict:
 
 def build_report(base: Evaluation, tuned: Evaluation, *, max_drop: float, curve: list[Evaluation],
                  provenance: dict, final_note: str, method: dict | None = None,
-                 settings: tuple[str, str] = ("eval.max_drop", "eval.limit")) -> dict:
+                 settings: tuple[str, str] = ("eval.max_drop", "eval.limit"), forecast: dict | None = None) -> dict:
     """The report.json record. `curve` is every evaluation during training (the base is added as step 0);
     `final_note` says which checkpoint final/ is and why (e.g. "step 120, the best within budget"); `method` says
     how comparisons name and group the run (mitigations.describe); `settings` what the verdict calls the budget and
-    the limit on examples."""
+    the limit on examples; `forecast` the forecast made during training (reports/forecast.py), shown beside what
+    was measured."""
     lost = changes(base.tasks, tuned.tasks)
     gained = changes(base.targets, tuned.targets)
     names = {spec: base.tasks[spec].task for spec in base.tasks}
@@ -136,6 +137,7 @@ def build_report(base: Evaluation, tuned: Evaluation, *, max_drop: float, curve:
         "final": {"step": tuned.step, "why": final_note},
         "method": method or UNNAMED,
         "provenance": provenance,
+        **({"forecast": forecast} if forecast else {}),
     }
 
 
@@ -216,6 +218,21 @@ def _sections(report: dict) -> list[tuple[str, list[str], list[list[str]], str]]
                     f"The share of replies to original-task prompts whose first word is an answer of the target tasks "
                     f"({shown}), where that is not the right answer. It is the mechanism of forgetting when the new "
                     "answer format takes over short prompts."))
+    forecast = report.get("forecast")
+    if forecast:
+        rows = []
+        for task, c in forecast["tasks"].items():
+            measured = report["tasks"].get(task, {}).get("delta")
+            inside = "" if measured is None else ("yes" if c["pi95"][0] <= measured <= c["pi95"][1] else "no")
+            rows.append([task, f"{c['change']:+.3f} [{c['pi95'][0]:+.3f}, {c['pi95'][1]:+.3f}]",
+                         _fmt(measured, True), inside])
+        odds = ", ".join(f"{v} {forecast['odds'][v]:.2f}" for v in ("PASS", "INCONCLUSIVE", "FAIL"))
+        out.append((f"Forecast after update {forecast['step']} of {forecast['max_steps']}, beside what was measured",
+                    ["task", "forecast change [95% PI]", "measured change", "measured inside"], rows,
+                    f"From the probes of the first updates and {forecast['runs']} calibration runs "
+                    f"(eval.forecast_calibration). Verdict odds: {odds}; most likely {forecast['verdict']}"
+                    f"{', beyond doubt' if forecast['beyond_doubt'] else ', not beyond doubt'}. Measured: "
+                    f"{report['verdict']['status']}."))
     if report["drift"]:
         out.append(("Drift from the base model", ["texts the base wrote", "KL(base ‖ tuned) per token [95% CI]",
                                                   "perplexity base", "perplexity tuned", "ratio", "texts", "tokens"],
