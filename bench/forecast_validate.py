@@ -57,10 +57,15 @@ def main() -> int:
         lines.append(f"| {Path(r['run']).name} | {r['step']} | {probe['probe_kl_general']:.3f} | "
                      f"{probe['probe_kl_task']:.3f} | " + " | ".join(cells) + f" | {forecast_cell} | {r['verdict']}"
                      + ("" if forecast == r["verdict"] else " **differs**") + " |")
+    finals = [r["verdict"] for r in used]
+    common = max(set(finals), key=finals.count)
+    hits = finals.count(common)
     lines += ["", f"Prediction intervals covering the measured change: {covered} of {total} ({covered / total:.0%}). "
               f"Most likely forecast verdict equal to the final verdict: {agree} of {len(used)} "
               f"({agree / len(used):.0%}). Forecast beyond doubt (odds at least 0.95): {sure} run(s), of which "
               f"{sure_right} right.",
+              f"For scale, always forecasting the most frequent final verdict ({common}) would match {hits} of "
+              f"{len(used)}.",
               "Odds: each task's final change drawn from its forecast (point + scale x t), the final verdict's rule "
               "applied with the interval half-width the task's n gives, tasks taken as independent.",
               f"Left out: {len(rows) - len(used)} run(s) whose first updates did not reproduce or had no probe."]
