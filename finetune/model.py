@@ -13,7 +13,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import attention
-from .model_files import ModelError, _write_aside, resolve_model_path
+from .model_files import ModelError, resolve_model_path, write_aside
 from .recipe import LoraSection, ModelSection, QuantizationSection
 
 
@@ -168,7 +168,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
         tokenizer.save_pretrained(folder)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _write_aside(out_dir, write)
+    write_aside(out_dir, write)
     return out_dir
 
 

@@ -68,10 +68,10 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    _write_aside(target, write)
+    write_aside(target, write)
 
 
-def _write_aside(final: Path, write: Callable[[Path], None]) -> None:
+def write_aside(final: Path, write: Callable[[Path], None]) -> None:
     """Write a folder beside `final` and rename it into place, so a crash never leaves one that looks complete."""
     partial = final.with_name(f".{final.name}.partial-{os.getpid()}")
     try:
