@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.reports.forecast import fit, half_width, read_calibration, verdict_odds  # noqa: E402
+from finetune.reports.forecast import BEYOND_DOUBT, change_text, forecast_run, read_calibration  # noqa: E402
 
 
 def main() -> int:
@@ -34,25 +34,23 @@ def main() -> int:
     points = []
     for i, r in enumerate(used):
         others = used[:i] + used[i + 1:]
-        cells, forecasts, widths = [], {}, {}
+        # The forecast a run makes during training, with this run's own task sizes for the verdict's intervals.
+        made = forecast_run(others, r["probes"], r["max_steps"], r["max_drop"], args.share,
+                            sizes={t: r["tasks"][t]["n"] for t in tasks})
+        cells = []
         for t in tasks:
-            model = fit([o["x"] for o in others], [o["tasks"][t]["delta"] for o in others])
-            point, lo, hi = model.predict(r["x"])
-            forecasts[t] = (point, model.predictive(r["x"])[1], model.dof)
-            measured = r["tasks"][t]["delta"]
-            inside = lo <= measured <= hi
+            c, measured = made["tasks"][t], r["tasks"][t]["delta"]
+            inside = c["pi95"][0] <= measured <= c["pi95"][1]
             covered += inside
             total += 1
-            widths[t] = half_width(r["tasks"][t]["n"])
-            points.append((point, lo, hi, measured, t))
-            cells.append(f"{point:+.3f} [{lo:+.3f}, {hi:+.3f}] / {measured:+.3f}{'' if inside else ' **miss**'}")
-        odds = verdict_odds(forecasts, widths, r["max_drop"])
-        forecast = max(odds, key=odds.get)  # the most likely final verdict
+            points.append((c["change"], *c["pi95"], measured, t))
+            cells.append(f"{change_text(c)} / {measured:+.3f}{'' if inside else ' **miss**'}")
+        forecast = made["verdict"]  # the most likely final verdict
         agree += forecast == r["verdict"]
-        if odds[forecast] >= 0.95:  # beyond doubt: what `eval.on_over_budget: stop` could act on
+        if made["beyond_doubt"]:  # what `eval.on_over_budget: stop` could act on
             sure += 1
             sure_right += forecast == r["verdict"]
-        forecast_cell = f"{forecast} ({odds[forecast]:.2f}{', beyond doubt' if odds[forecast] >= 0.95 else ''})"
+        forecast_cell = f"{forecast} ({made['odds'][forecast]:.2f}{', beyond doubt' if made['beyond_doubt'] else ''})"
         probe = r["probes"][str(r["step"])]  # JSON keys are strings
         lines.append(f"| {Path(r['run']).name} | {r['step']} | {probe['probe_kl_general']:.3f} | "
                      f"{probe['probe_kl_task']:.3f} | " + " | ".join(cells) + f" | {forecast_cell} | {r['verdict']}"
@@ -62,8 +60,8 @@ def main() -> int:
     hits = finals.count(common)
     lines += ["", f"Prediction intervals covering the measured change: {covered} of {total} ({covered / total:.0%}). "
               f"Most likely forecast verdict equal to the final verdict: {agree} of {len(used)} "
-              f"({agree / len(used):.0%}). Forecast beyond doubt (odds at least 0.95): {sure} run(s), of which "
-              f"{sure_right} right.",
+              f"({agree / len(used):.0%}). Forecast beyond doubt (odds at least {BEYOND_DOUBT}): {sure} run(s), of "
+              f"which {sure_right} right.",
               f"For scale, always forecasting the most frequent final verdict ({common}) would match {hits} of "
               f"{len(used)}.",
               "Odds: each task's final change drawn from its forecast (point + scale x t), the final verdict's rule "

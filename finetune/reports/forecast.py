@@ -19,6 +19,7 @@ from statistics import NormalDist, median
 
 FEATURES = ("probe_kl_general", "probe_kl_task")
 FLOOR = 1e-4  # KL below this reads as this: log(0) is no feature
+BEYOND_DOUBT = 0.95  # odds at or above which a forecast verdict is acted on (eval.on_over_budget: stop)
 
 
 def features(probes: dict[int, dict], max_steps: int, share: float = 0.1) -> tuple[int, list[float]] | None:
@@ -49,12 +50,13 @@ def read_calibration(path: Path, share: float = 0.1) -> list[dict]:
     return used
 
 
-def forecast_run(calibration: list[dict], probes: dict, max_steps: int, max_drop: float,
-                 share: float = 0.1) -> dict | None:
+def forecast_run(calibration: list[dict], probes: dict, max_steps: int, max_drop: float, share: float = 0.1,
+                 sizes: dict[str, int] | None = None) -> dict | None:
     """A run's forecast from its probes so far (step -> probe values) and the calibration runs: per original task
     (those every calibration run measured) the final change with its 95% prediction interval, the odds of each final
-    verdict, the most likely one and whether it is beyond doubt. None without a probe in the first `share` of updates
-    or too few calibration runs to fit."""
+    verdict, the most likely one and whether it is beyond doubt. `sizes`: each task's number of examples where known
+    (a finished run's, in the validation); else the calibration runs' median. None without a probe in the first
+    `share` of updates or too few calibration runs to fit."""
     f = features(probes, max_steps, share)
     if f is None or not calibration:
         return None
@@ -68,21 +70,29 @@ def forecast_run(calibration: list[dict], probes: dict, max_steps: int, max_drop
         point, lo, hi = model.predict(x)
         changes[task] = {"change": point, "pi95": [lo, hi]}
         forecasts[task] = (point, model.predictive(x)[1], model.dof)
-        widths[task] = half_width(int(median(r["tasks"][task]["n"] for r in calibration)))
+        n = sizes[task] if sizes else int(median(r["tasks"][task]["n"] for r in calibration))
+        widths[task] = half_width(n)
     odds = verdict_odds(forecasts, widths, max_drop)
     likely = max(odds, key=odds.get)
     return {"step": step, "max_steps": max_steps, "runs": len(calibration), "tasks": changes, "odds": odds,
-            "verdict": likely, "beyond_doubt": odds[likely] >= 0.95}
+            "verdict": likely, "beyond_doubt": odds[likely] >= BEYOND_DOUBT}
+
+
+def change_text(change: dict) -> str:
+    """One task's forecast change and its prediction interval, as the progress line and the report show it."""
+    return f"{change['change']:+.3f} [{change['pi95'][0]:+.3f}, {change['pi95'][1]:+.3f}]"
+
+
+def odds_text(forecast: dict) -> str:
+    return ", ".join(f"{v} {forecast['odds'][v]:.2f}" for v in ("PASS", "INCONCLUSIVE", "FAIL"))
 
 
 def describe(forecast: dict) -> str:
     """One line for the progress output."""
-    tasks = "; ".join(f"{t} {c['change']:+.3f} [{c['pi95'][0]:+.3f}, {c['pi95'][1]:+.3f}]"
-                      for t, c in forecast["tasks"].items())
-    odds = ", ".join(f"{v} {forecast['odds'][v]:.2f}" for v in ("PASS", "INCONCLUSIVE", "FAIL"))
-    sure = "beyond doubt" if forecast["beyond_doubt"] else "not beyond doubt (odds under 0.95)"
+    tasks = "; ".join(f"{t} {change_text(c)}" for t, c in forecast["tasks"].items())
+    sure = "beyond doubt" if forecast["beyond_doubt"] else f"not beyond doubt (odds under {BEYOND_DOUBT})"
     return (f"forecast after update {forecast['step']} of {forecast['max_steps']} (from {forecast['runs']} calibration "
-            f"runs): final change {tasks}; verdict odds {odds}: {forecast['verdict']}, {sure}")
+            f"runs): final change {tasks}; verdict odds {odds_text(forecast)}: {forecast['verdict']}, {sure}")
 
 
 @dataclass

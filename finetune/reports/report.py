@@ -19,6 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .forgetting import Change, changes, verdict
+from .forecast import change_text, odds_text
 from .leak import answer_leak
 from ..recipe import Recipe, recipe_to_dict
 from .records import Evaluation, TaskScore
@@ -224,14 +225,13 @@ def _sections(report: dict) -> list[tuple[str, list[str], list[list[str]], str]]
         for task, c in forecast["tasks"].items():
             measured = report["tasks"].get(task, {}).get("delta")
             inside = "" if measured is None else ("yes" if c["pi95"][0] <= measured <= c["pi95"][1] else "no")
-            rows.append([task, f"{c['change']:+.3f} [{c['pi95'][0]:+.3f}, {c['pi95'][1]:+.3f}]",
-                         _fmt(measured, True), inside])
-        odds = ", ".join(f"{v} {forecast['odds'][v]:.2f}" for v in ("PASS", "INCONCLUSIVE", "FAIL"))
+            rows.append([task, change_text(c), _fmt(measured, True), inside])
         out.append((f"Forecast after update {forecast['step']} of {forecast['max_steps']}, beside what was measured",
                     ["task", "forecast change [95% PI]", "measured change", "measured inside"], rows,
                     f"From the probes of the first updates and {forecast['runs']} calibration runs "
-                    f"(eval.forecast_calibration). Verdict odds: {odds}; most likely {forecast['verdict']}"
-                    f"{', beyond doubt' if forecast['beyond_doubt'] else ', not beyond doubt'}. Measured: "
+                    f"(eval.forecast_calibration). Verdict odds: {odds_text(forecast)}; most likely "
+                    f"{forecast['verdict']}{', beyond doubt' if forecast['beyond_doubt'] else ', not beyond doubt'}. "
+                    "Measured: "
                     f"{report['verdict']['status']}."))
     if report["drift"]:
         out.append(("Drift from the base model", ["texts the base wrote", "KL(base ‖ tuned) per token [95% CI]",
