@@ -141,8 +141,11 @@ def assert_forgetting_measured_as_in_one_process(tmp_path, base_dir, tasks, conf
                        [{"text": f"Q: what is {x}? A: two"} for x in "abcdefghijklmnop"])
     sections = dict(model={"cache_dir": str(tmp_path / "cache")},
                     data={"train": [{"path": str(data), "format": "text"}], "packing": False},
+                    # float32: the claim is sharding's exactness. Under bf16 autocast (`auto` picks it on CPUs with
+                    # AVX512-BF16 or AMX) a rank's batch shapes change the kernels' rounding: the drift KL moved by
+                    # 1.4e-5 of itself on an AVX512-BF16 CPU, past the 1e-5 below.
                     eval={"tasks": [str(tasks["original"])], "target_tasks": [str(tasks["conflict"])], "every": 2,
-                          "max_drop": 0.05, "limit": 8})
+                          "max_drop": 0.05, "limit": 8, "mixed_precision": "no"})
     train = {"max_steps": 4, "lr": 3e-3}
     one = make_recipe(tmp_path, base_dir, "eval-one", **sections, train={**train, "batch_size": 8})
     two = make_recipe(tmp_path, base_dir, "eval-two", **sections, train={**train, "batch_size": 4})

@@ -189,3 +189,33 @@ def test_lm_eval_generates_through_a_method_given_the_padded_prompts_and_their_m
     assert mask[1, 0] == 0 and mask[:, -1].all()  # left padding
     lm._model_generate(context, max_length=context.shape[1] + 2, stop=["\n"], attention_mask=mask, marker=1)
     assert given[-1]["input_ids"] is context and given[-1]["marker"] == 1 and given[-1]["attention_mask"] is mask
+
+
+def test_bitsandbytes_repacks_a_4bit_layer_for_the_cpu_only_where_its_instance_switch_allows():
+    """finetune/model.py's `_one_4bit_kernel` turns off a Linear4bit's instance attribute
+    `support_avx512bf16_for_cpu`, which the layer's forward reads before repacking its weights for the CPU (in eval
+    mode, without gradients). Checked on any CPU: the switch is on here, the layer repacks when it is on and the
+    CPU is forced to report AVX512-BF16, and keeps its weights when it is off."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.nn.modules as modules
+
+    def layer():
+        torch.manual_seed(0)
+        lin = bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4", compute_dtype=torch.float32)
+        lin.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4")
+        return lin.to("cpu").eval()
+
+    on, off = layer(), layer()
+    assert hasattr(on, "support_avx512bf16_for_cpu")
+    on.support_avx512bf16_for_cpu = True  # as on a CPU with AVX512-BF16
+    off.support_avx512bf16_for_cpu = False
+    before = off.weight.data.clone()
+    with torch.no_grad():
+        try:
+            on(torch.randn(2, 64))
+        except Exception:  # noqa: BLE001  the packed kernel itself may need the instructions this CPU lacks
+            pass
+        off(torch.randn(2, 64))
+    assert getattr(on.weight.quant_state, "packing_format_for_cpu", False), "bitsandbytes changed the repacking"
+    assert not getattr(off.weight.quant_state, "packing_format_for_cpu", False) and torch.equal(off.weight.data, before)
+    assert "support_avx512bf16_for_cpu" in modules.Linear4bit.forward.__code__.co_names

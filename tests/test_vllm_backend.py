@@ -101,8 +101,10 @@ def test_vllm_scores_the_weights_it_is_handed_as_the_in_memory_path_does(base_di
         tuned = peft.get_peft_model(tuned, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     tuned = nudged(tuned, 1)
     task_files = [str(write_task(tmp_path / "mc", "original", 0)), str(write_generation_task(tmp_path / "gen"))]
-    # lm-eval's own path (share_prefixes off), so both backends compute each score the same way.
+    # lm-eval's own path (share_prefixes off) in float32 (the stand-in has no autocast; `auto` would pick bf16 for
+    # the in-memory path on an AVX512-BF16 or AMX CPU), so both backends compute each score the same way.
     evals = {backend: ForgettingEval(EvalSection(tasks=task_files, limit=8, backend=backend, share_prefixes=False,
+                                                 mixed_precision="no",
                                                  drift_texts=[str(write_texts(tmp_path))]), section, tokenizer)
              for backend in ("vllm", "hf")}
     measured = {}
