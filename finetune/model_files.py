@@ -57,6 +57,10 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, GgufConfig
 
+    from . import quiet
+
+    quiet.silence_gguf_conversion()
+
     # Dequantized, the model is a plain one: transformers drops its quantization marker, so it can be saved
     # (a quantized GGUF model refuses save_pretrained) and the saved config reloads without the GGUF file.
     model = AutoModelForCausalLM.from_pretrained(

@@ -8,6 +8,8 @@ What a normal run would otherwise print, where it comes from, and the switch use
   "<task>: Custom kwargs can be passed ..."    lm-eval's loggers, per task     the lm_eval logger's level
   unlabelled "10/10" bars, "Tokenizing inputs" lm-eval building requests       its modules' tqdm, disabled
   "fatal: not a git repository"                lm-eval runs `git describe`     the same call, stderr dropped
+  "Converting and de-quantizing GGUF tensors"  transformers' GGUF loader's tqdm  that module's tqdm, disabled
+                                                                               (finetune says it converts, once)
   "Setting accelerator to CPU ..."             DeepSpeed, imported by every    a filter on its logger, set before
                                                accelerate unwrap_model when    it is imported (its own set-up resets
                                                installed                       the level, not the filter)
@@ -85,6 +87,17 @@ def _git_hash_silently() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() or None
+
+
+def silence_gguf_conversion() -> None:
+    """transformers' GGUF loader's own tqdm bar (not under its progress-bar switch), for model_files.py to call
+    before converting (a no-op unless the CLI asked)."""
+    if not _quiet:
+        return
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from tqdm.auto import tqdm
+
+    gguf_utils.tqdm = lambda *args, **kwargs: tqdm(*args, **{**kwargs, "disable": True})
 
 
 def silence_lm_eval() -> None:

@@ -308,3 +308,23 @@ def test_chat_names_the_system_prompt_a_dataset_was_trained_under(tmp_path):
     assert trained_system_prompts(tmp_path) == {"a.jsonl": "Sort words."}
     (tmp_path / "recipe.yaml").write_text("data:\n  train: [{path: b.jsonl, format: chat}]\n", encoding="utf-8")
     assert trained_system_prompts(tmp_path) == {} and trained_system_prompts(tmp_path / "missing") == {}
+
+
+def test_the_gguf_conversion_bar_is_off_unless_verbose(monkeypatch, capsys):
+    """transformers' GGUF loader draws its "Converting and de-quantizing GGUF tensors" bar with the `tqdm` of its
+    own module, looked up at call time and outside transformers' progress-bar switch; finetune says once that it
+    converts, so a quiet CLI turns that bar off."""
+    import inspect
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from finetune import quiet
+
+    assert "tqdm(reader.tensors" in inspect.getsource(gguf_utils), "transformers changed how the GGUF bar is drawn"
+    monkeypatch.setattr(gguf_utils, "tqdm", gguf_utils.tqdm)  # restored after the test
+    for verbose in (True, False):
+        monkeypatch.setattr(quiet, "_quiet", False)
+        quiet.configure(verbose)
+        quiet.silence_gguf_conversion()
+        list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+        assert ("Converting and de-quantizing" in capsys.readouterr().err) == verbose
