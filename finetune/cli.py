@@ -97,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="examples per task (default: all)")
     e.add_argument("--backend", choices=["hf", "vllm"], help="what scores the tasks (default: the run's recipe "
                    "eval.backend, else hf): vllm = lm-eval's vLLM model, on CUDA GPUs")
+    e.add_argument("--mixed-precision", choices=["auto", "no", "bf16"],
+                   help="precision of the evaluation's forward passes (default: the run's recipe "
+                   "eval.mixed_precision, else auto: bf16 where the hardware computes in it); the base is measured "
+                   "again in the precision chosen")
     e.add_argument("--checkpoints", action="store_true",
                    help="also measure every checkpoint a finished run kept: the learning-forgetting curve over steps")
     e.add_argument("--out", type=Path, help="new report folder (default: TUNED/forgetting for a run folder, "
@@ -161,7 +165,8 @@ def _eval(args) -> int:
     from .measure.saved import eval_command
 
     report, out = eval_command(Path(args.tuned), args.base, tasks=args.tasks, target_tasks=args.target_tasks,
-                               limit=args.limit, out=args.out, checkpoints=args.checkpoints, backend=args.backend)
+                               limit=args.limit, out=args.out, checkpoints=args.checkpoints, backend=args.backend,
+                               mixed_precision=args.mixed_precision)
     print(f"{report['verdict']['text']}\nreport: {out / 'report.html'}")
     return 0
 

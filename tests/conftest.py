@@ -162,7 +162,8 @@ def make_recipe(tmp_path, model_dir, name="r", rows=32, fmt="chat", **sections):
     if not data.exists():
         write_jsonl(data, chat_rows(rows) if fmt == "chat" else text_rows(rows))
     recipe = {
-        "model": {"path": str(model_dir)},
+        # The test's own cache: the default, ~/.cache/finetune, is the user's (base evaluations were written there).
+        "model": {"path": str(model_dir), "cache_dir": str(tmp_path / "cache")},
         "data": {"train": [{"path": str(data), "format": fmt}], "max_length": 64},
         "train": {"lr": 3e-3, "max_steps": 4, "batch_size": 4, "seed": 0},
         "output": {"dir": str(tmp_path / "runs" / name), "save_every": 0},

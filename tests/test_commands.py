@@ -328,3 +328,21 @@ def test_the_gguf_conversion_bar_is_off_unless_verbose(monkeypatch, capsys):
         quiet.silence_gguf_conversion()
         list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
         assert ("Converting and de-quantizing" in capsys.readouterr().err) == verbose
+
+
+@pytest.mark.slow
+def test_finetune_eval_measures_in_the_precision_asked_and_the_base_again_in_it(tmp_path, tiny_model):
+    """`finetune eval --mixed-precision`: the report says which precision scored it, and the base's cached scores
+    of the other precision are not reused (a bf16 base against a float32 tuned model would mix the two)."""
+    shutil.copytree(ROOT / "data" / "tasks", tmp_path / "tasks")
+    run_dir, _ = run(make_recipe(tmp_path, tiny_model, lora={"r": 4}))
+    task = str(tmp_path / "tasks" / "general_knowledge.yaml")
+    cache = tmp_path / "cache" / "base_eval"
+    seen = {}
+    for setting in ("no", "bf16"):
+        out = tmp_path / f"report-{setting}"
+        assert cli_main(["eval", str(tiny_model), str(run_dir), "--tasks", task, "--limit", "4",
+                         "--mixed-precision", setting, "--out", str(out)]) == 0
+        seen[setting] = json.loads((out / "report.json").read_text())["provenance"]["evaluation"]
+        assert len(list(cache.glob("*.json"))) == 1 + (setting == "bf16")
+    assert seen["no"].startswith("no autocast") and seen["bf16"].startswith("bf16 autocast"), seen

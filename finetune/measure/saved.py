@@ -115,7 +115,7 @@ def evaluate_checkpoints(run: Path, recipe: Recipe, section: EvalSection, out_di
 
 def eval_command(tuned: Path, base_path: str, *, tasks: list[str] | None, target_tasks: list[str] | None,
                  limit: int | None, out: Path | None, checkpoints: bool,
-                 backend: str | None = None) -> tuple[dict, Path]:
+                 backend: str | None = None, mixed_precision: str | None = None) -> tuple[dict, Path]:
     """`finetune eval BASE TUNED`: the tasks are the run's recipe's (TUNED/recipe.yaml) unless given; the report goes
     to `out`, else to the run's forgetting/ (its own report, if any, kept: the next free sibling), else to
     ./forgetting. A run's model card then carries the new verdict. Returns (report, the folder written)."""
@@ -133,7 +133,7 @@ def eval_command(tuned: Path, base_path: str, *, tasks: list[str] | None, target
     recipe = load_recipe(saved) if saved.is_file() else None
     section = recipe.eval if recipe else EvalSection()
     changes = {k: v for k, v in (("tasks", tasks), ("target_tasks", target_tasks), ("limit", limit),
-                                 ("backend", backend)) if v is not None}
+                                 ("backend", backend), ("mixed_precision", mixed_precision)) if v is not None}
     section = dataclasses.replace(section, **changes)
     if not section.tasks and not section.target_tasks:
         raise EvalError("no tasks to evaluate: pass --tasks (and --target-tasks), or a run whose recipe lists "
