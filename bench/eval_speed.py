@@ -67,9 +67,9 @@ def main() -> int:
     p.add_argument("--train-run", help="a finished run folder: its training tokens/s and time, for scale")
     p.add_argument("--out", default=str(ROOT / "bench" / "eval_speed.md"))
     p.add_argument("--bf16", action="store_true",
-                   help="also run finetune's path under bf16 autocast (eval.mixed_precision: bf16) and count the "
-                        "examples that score differently from float32; its speed means something only where the "
-                        "CPU has amx_bf16/avx512_bf16 or on a GPU")
+                   help="also run finetune's path (tasks and drift KL) under bf16 autocast (eval.mixed_precision: "
+                        "bf16) and count the examples that score differently from float32; its speed means something "
+                        "only where the CPU has amx_bf16/avx512_bf16 or on a GPU")
     args = p.parse_args()
 
     os.chdir(ROOT)
@@ -147,10 +147,13 @@ def main() -> int:
         row(f"drift sampling ({kind}, base)", "finetune (batched generate)", len(prompts), len(prompts) * NEW_TOKENS,
             s_sample)
         batched = drift_module.TOKENS_PER_PASS
-        for name, per_pass in (("one text per pass (before)", 1), (f"finetune, {batched} tokens per pass", batched)):
+        passes = [("one text per pass (before)", 1, None), (f"finetune, {batched} tokens per pass", batched, None)]
+        if args.bf16:
+            passes.append((f"finetune, {batched} tokens per pass, bf16 autocast", batched, torch.bfloat16))
+        for name, per_pass, autocast in passes:
             drift_module.TOKENS_PER_PASS = per_pass  # 1: every batch holds one text, as before batching
             drift, s_drift = timed(kl_drift, model, model, tokenizer, texts, max_length=ev.drift_max_length,
-                                   special_tokens=kind != "chat")
+                                   special_tokens=kind != "chat", autocast=autocast)
             row(f"drift KL ({kind})", name, drift.texts, 2 * drift.tokens, s_drift)
         drift_module.TOKENS_PER_PASS = batched
     train = {}
