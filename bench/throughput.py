@@ -1,6 +1,6 @@
 """Training throughput of finetune against TRL's SFTTrainer (defaults, and packing) and a bare PyTorch loop, on the
-same model, data, sequence length, global batch, optimizer (AdamW, same lr), precision (fp32 on CPU, bf16 autocast
-on CUDA), gradient checkpointing and allocator. Prints a Markdown table, writes it to --out and every run's raw
+same model, data, sequence length, global batch, optimizer (AdamW, same lr), precision (fp32 on CPU unless --bf16,
+bf16 autocast on CUDA), gradient checkpointing and allocator. Prints a Markdown table, writes it to --out and every run's raw
 numbers beside it (.json).
 
 Equal work: TRL's SFTConfig turns gradient checkpointing on by default, so the headline rows set it off for TRL, as
@@ -155,7 +155,7 @@ def finetune_recipe(c: dict, tmp: Path):
     recipe = {"model": {"path": c["model"], "gradient_checkpointing": c.get("impl") in CHECKPOINTING},
               "data": {"train": [{"path": c["data"], "format": "chat"}], "max_length": c["max_length"]},
               "train": {"lr": c["lr"], "max_steps": c["steps"], "batch_size": c["batch_size"], "seed": 0,
-                        "mixed_precision": "bf16" if c["cuda"] else "no"},
+                        "mixed_precision": "bf16" if c["bf16"] else "no"},
               "output": {"dir": str(tmp / "run"), "save_every": 0}}
     if c["mode"] == "lora":
         recipe["lora"] = {"r": 16, "alpha": 32}
@@ -236,7 +236,7 @@ def run_trl(c: dict, tmp: Path, device, packing: bool):
     args = SFTConfig(output_dir=str(tmp / "trl"), max_steps=c["steps"], per_device_train_batch_size=c["batch_size"],
                      learning_rate=c["lr"], max_length=c["max_length"], packing=packing, seed=0,
                      gradient_checkpointing=c["impl"] in CHECKPOINTING,
-                     bf16=device.type == "cuda", use_cpu=device.type != "cuda", report_to="none", save_strategy="no")
+                     bf16=c["bf16"], use_cpu=device.type != "cuda", report_to="none", save_strategy="no")
     model = AutoModelForCausalLM.from_pretrained(c["model"], dtype=torch.float32, attn_implementation="sdpa")
     peft_config = (LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
                    if c["mode"] == "lora" else None)
@@ -272,7 +272,7 @@ def run_torch(c: dict, tmp: Path, device):
         sync(device)
         start = time.perf_counter()
         batch = rows[step * c["batch_size"]:(step + 1) * c["batch_size"]].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=c["bf16"]):
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -315,7 +315,7 @@ def worker(c: dict) -> dict:
            "useful_flops_per_token": per_token["useful"], "executed_flops_per_token": per_token["executed"], **layout}
     # Measured right after training, in the same process, so MFU divides by what the machine gave in those minutes.
     out["mm_peak"] = matmul_peak(model, c["batch_size"] * c["max_length"],
-                                 torch.bfloat16 if c["cuda"] else torch.float32, device)
+                                 torch.bfloat16 if c["bf16"] else torch.float32, device)
     out["mfu"] = per_token["useful"] * tokens_per_s / out["mm_peak"]
     out["mfu_executed"] = per_token["executed"] * tokens_per_s / out["mm_peak"]
     sheet = next((v for k, v in BF16_PEAK.items() if k in torch.cuda.get_device_name()), None) if c["cuda"] else None
@@ -345,7 +345,7 @@ def header(results: dict, args) -> str:
     runs = [r for by_impl in results.values() for rs in by_impl.values() for r in rs]
     peaks = sorted(r["mm_peak"] / 1e9 for r in runs)
     where = (f"{torch.cuda.get_device_name()}, bf16 autocast" if args.device == "cuda"
-             else f"CPU, {runs[0]['threads']} thread(s) per run, fp32")
+             else f"CPU, {runs[0]['threads']} thread(s) per run, {'bf16 autocast' if args.bf16 else 'fp32'}")
     return (f"torch {torch.__version__}, {where}; batch {args.batch_size} x max_length {args.max_length}; "
             f"{args.steps} steps, the first {args.warmup} not timed (tiny model: x{TINY_STEPS}); median of "
             f"{args.repeats} round(s), ratios paired within a round. Every run: AdamW lr {args.lr:g}, the same "
@@ -396,7 +396,7 @@ def data_pipeline(rows: int, tmp: Path, model_dir: str, max_length: int) -> str:
     path = tmp / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(rows, seed=1)))
     recipe = finetune_recipe(dict(model=model_dir, data=str(path), max_length=max_length, lr=1e-4, steps=1,
-                                  batch_size=8, cuda=False, mode="full"), tmp)
+                                  batch_size=8, cuda=False, bf16=False, mode="full"), tmp)
     tokenizer = load_tokenizer(recipe.model)
     clock = [time.perf_counter()]
     examples, _, stats = build_datasets(recipe.data, tokenizer, seed=0)
@@ -422,6 +422,9 @@ def main() -> int:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-length", type=int)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--bf16", action="store_true",
+                   help="on CPU, every implementation under bf16 autocast (GPUs always are); MFU then against the "
+                        "bf16 matmul peak. Faster only where the CPU has amx_bf16 or avx512_bf16")
     # One thread by default on CPU: on cores shared with other jobs, a second OpenMP thread that waits for a core
     # stalls every op (2-core machine beside one busy job: 135M 43-50 tok/s with 2 threads, 88-94 with 1).
     p.add_argument("--threads", type=int, default=1, help="threads per CPU run (OMP_NUM_THREADS); 0 = torch's "
@@ -466,7 +469,8 @@ def main() -> int:
                     for impl in impls[round_ % len(impls):] + impls[:round_ % len(impls)]:
                         c = dict(impl=impl, model=model, model_name=name, mode=mode, data=str(data), lr=args.lr,
                                  steps=steps, warmup=warmup, batch_size=args.batch_size,
-                                 max_length=args.max_length, cuda=args.device == "cuda")
+                                 max_length=args.max_length, cuda=args.device == "cuda",
+                                 bf16=args.device == "cuda" or args.bf16)
                         r = spawn(c, args.threads if args.device == "cpu" else 0)
                         by_impl[impl].append(r)
                         print(f"{name} {mode} round {round_ + 1}: {impl} {r['tokens_per_s']:,.0f} tok/s, "
