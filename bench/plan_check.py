@@ -107,7 +107,7 @@ def bench_recipe(model: str, mode: str, tmp: Path, overrides: list[str], steps: 
 
     data = tmp / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in throughput.chat_rows(256, seed=0)))
-    c = dict(model=model, data=str(data), max_length=256, lr=1e-4, steps=steps, batch_size=8, cuda=False,
+    c = dict(model=model, data=str(data), max_length=256, lr=1e-4, steps=steps, batch_size=8, cuda=False, bf16=False,
              mode="full" if mode == "full" else "lora")
     recipe = throughput.finetune_recipe(c, tmp)
     if mode == "qlora":
