@@ -89,15 +89,22 @@ def _git_hash_silently() -> str | None:
     return done.stdout.strip() or None
 
 
+def _tqdm_off(*args, **kwargs):
+    """A library's module-level `tqdm`, replaced: the bar is never drawn (callers pass disable=False themselves,
+    so it is forced here)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(*args, **{**kwargs, "disable": True})
+
+
 def silence_gguf_conversion() -> None:
     """transformers' GGUF loader's own tqdm bar (not under its progress-bar switch), for model_files.py to call
     before converting (a no-op unless the CLI asked)."""
     if not _quiet:
         return
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
-    from tqdm.auto import tqdm
 
-    gguf_utils.tqdm = lambda *args, **kwargs: tqdm(*args, **{**kwargs, "disable": True})
+    gguf_utils.tqdm = _tqdm_off
 
 
 def silence_lm_eval() -> None:
@@ -108,16 +115,11 @@ def silence_lm_eval() -> None:
     import lm_eval.api.task
     import lm_eval.evaluator
     import lm_eval.models.huggingface
-    from tqdm.auto import tqdm
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-
-    def off(*args, **kwargs):  # callers pass disable=False themselves, so it is forced here
-        return tqdm(*args, **{**kwargs, "disable": True})
-
-    lm_eval.api.task.tqdm = off  # "100%| 10/10": building each task's requests, unlabelled
-    lm_eval.api.model.tqdm = off  # "Tokenizing inputs"
+    lm_eval.api.task.tqdm = _tqdm_off  # "100%| 10/10": building each task's requests, unlabelled
+    lm_eval.api.model.tqdm = _tqdm_off  # "Tokenizing inputs"
     if not sys.stderr.isatty():  # in a log file a bar is one long line of carriage returns
-        lm_eval.models.huggingface.tqdm = off
+        lm_eval.models.huggingface.tqdm = _tqdm_off
     lm_eval.evaluator.get_git_commit_hash = _git_hash_silently
     datasets_library()
