@@ -193,6 +193,10 @@ class LoraSection:
     first_layer: int = _nonneg("adapt the decoder layers from this one up (counted from 0 at the input); the layers "
                                "below keep the base's weights, and with them its lower-level features; 0 = every "
                                "layer", 0)
+    wise_ft_alpha: float = _f(1.0, "WiSE-FT at the end of training: after the last update the adapter's update is "
+                              "scaled by this, theta_base + alpha * (theta_tuned - theta_base), before final/ is saved "
+                              "and measured (finetune interpolate measures several alphas after a run); 1 = off",
+                              lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 @dataclass
@@ -530,6 +534,15 @@ def _check(recipe: Recipe, src: str, stem: str) -> None:
                               "(`train.probe_every: null`); set `train.probe_every: 0`, or "
                               "`eval.forecast_calibration: null`.")
         recipe.eval.forecast_calibration = str(_expand(calibration))
+    if recipe.lora is not None and recipe.lora.wise_ft_alpha < 1:
+        if recipe.lora.use_dora:
+            raise RecipeError(f"{src}: `lora.wise_ft_alpha` scales the adapter's update, which for DoRA is not an "
+                              "interpolation (its magnitude vector renormalises the weights); set "
+                              "`lora.use_dora: false` or `lora.wise_ft_alpha: 1`.")
+        if recipe.eval.on_over_budget != "continue":
+            raise RecipeError(f"{src}: `lora.wise_ft_alpha` scales the last model, while `eval.on_over_budget: "
+                              f"{recipe.eval.on_over_budget}` may make an earlier, unscaled one final/; set "
+                              "`eval.on_over_budget: continue` or `lora.wise_ft_alpha: 1`.")
     if recipe.data.validation and recipe.data.val_fraction:
         raise RecipeError(f"{src}: set either `data.validation` or `data.val_fraction`, not both.")
     if recipe.train.warmup_steps and recipe.train.max_steps and recipe.train.warmup_steps > recipe.train.max_steps:

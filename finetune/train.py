@@ -170,6 +170,7 @@ class Training:
     collate: Collator
     val_rows: RowDataset | None
     regularizers: list  # mitigations.Regularizer
+    at_end: list  # mitigations' changes after the last update (mitigations.at_end)
     evals: TrainingEval
     probes: Probes
     max_steps: int
@@ -231,8 +232,9 @@ def _set_up(recipe: Recipe, run: RunDir) -> Training:
     # Both before a checkpoint is loaded, while the weights are still the pretrained ones: what the regularizers
     # pull toward, and the base model's scores on the original tasks.
     running = engine(accelerator)
-    regularizers = mitigations.regularizers(recipe, mitigations.Context(
-        accelerator, running, accelerator.unwrap_model(model), tokenizer))
+    context = mitigations.Context(accelerator, running, accelerator.unwrap_model(model), tokenizer)
+    regularizers = mitigations.regularizers(recipe, context)
+    at_end = mitigations.at_end(recipe, context)
     evals = TrainingEval(recipe, run, accelerator, tokenizer, model,
                          checkpoint_step(run.resume_from) if run.resume_from else 0)
     probes = Probes(recipe, accelerator, model, tokenizer, max_steps)
@@ -249,7 +251,7 @@ def _set_up(recipe: Recipe, run: RunDir) -> Training:
     if probes.steps:
         accelerator.print(probes.describe())
     return Training(recipe, run, accelerator, running, tokenizer, model, optimizer, scheduler, loader, collate,
-                    val_rows, regularizers, evals, probes, max_steps)
+                    val_rows, regularizers, at_end, evals, probes, max_steps)
 
 
 # ---------------------------------------------------------------- the run
@@ -272,6 +274,8 @@ def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
         last = _loop(t, progress, signals)
     finally:
         signals.restore()
+    for change in t.at_end:
+        change()
     save_model(t.accelerator, t.model, t.tokenizer, run.final)
     t.evals.finish(last, t.model, t.tokenizer)
     if t.accelerator.is_main_process:  # the summary reads all of metrics.jsonl: only where it is shown

@@ -87,6 +87,9 @@ class TrainingEval:
     def _report(self, step: int, last) -> None:
         fe, section = self.fe, self.recipe.eval
         chosen, note = last, f"final/ is the model after step {step}, the last update"
+        if self.recipe.lora is not None and self.recipe.lora.wise_ft_alpha < 1:
+            note += (f", with the adapter's update scaled by {self.recipe.lora.wise_ft_alpha:g} (lora.wise_ft_alpha, "
+                     "WiSE-FT)")
         best = choose_best(fe.base, fe.curve, section.max_drop) if section.on_over_budget != "continue" else None
         if best is not None and best.step != step and (self.run.path / "best").is_dir():
             # The last model goes beside final/, never lost; final/ becomes the best model within budget.

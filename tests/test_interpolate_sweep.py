@@ -7,7 +7,7 @@ import sys
 import peft
 import pytest
 import torch
-from conftest import conflicting_recipe, make_recipe, run
+from conftest import conflicting_recipe, make_recipe, run, weights
 from transformers import AutoModelForCausalLM
 
 from finetune.cli import main as cli_main
@@ -83,6 +83,41 @@ def test_interpolate_command_measures_each_alpha_and_picks_within_budget(tmp_pat
         set_alpha(at_alpha, 1.0, True, {}, scales)
         assert not torch.allclose(logits(reloaded), logits(at_alpha), atol=1e-5)
     assert cli_main(["interpolate", str(run_dir)]) == 2  # never overwrites an earlier interpolation
+
+
+def test_wise_ft_alpha_ends_training_at_the_interpolated_adapter_that_interpolate_would_measure(tmp_path, base_dir,
+                                                                                                 tasks):
+    """`lora.wise_ft_alpha` scales the trained adapter once, after the last update: final/ holds it (a standard
+    adapter) and the run's own report measures it, with the scores `finetune interpolate` gives that run at alpha."""
+    recipe = conflicting_recipe(tmp_path, base_dir, tasks, max_drop=0.3)
+    lora = ["lora.r=4", "lora.alpha=8", "train.lr=1e-2"]
+    plain, _ = run(recipe, *lora, f"output.dir={tmp_path / 'plain'}")
+    scaled, _ = run(recipe, *lora, "lora.wise_ft_alpha=0.5", f"output.dir={tmp_path / 'scaled'}")
+    a, b = weights(plain), weights(scaled)
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    for key in a:
+        assert torch.equal(b[key], a[key] * 0.5 if "lora_B" in key else a[key]), key
+    assert cli_main(["interpolate", str(plain), "--alphas", "0.5"]) == 0
+    measured = json.loads((plain / "interpolation" / "alpha-0.5" / "forgetting" / "report.json").read_text())
+    report = json.loads((scaled / "forgetting" / "report.json").read_text())
+    unscaled = json.loads((plain / "forgetting" / "report.json").read_text())
+    for part in ("tasks", "targets"):
+        name = next(iter(report[part]))
+        assert report[part][name]["examples"] == measured[part][name]["examples"]
+    assert report["drift"]["text"]["kl"] == pytest.approx(measured["drift"]["text"]["kl"], rel=1e-6)
+    assert report["drift"]["text"]["kl"] != unscaled["drift"]["text"]["kl"]
+    assert "WiSE-FT alpha 0.5" in report["method"]["label"] and "lora.wise_ft_alpha" in report["final"]["why"]
+
+
+def test_wise_ft_alpha_is_refused_where_it_cannot_mean_an_interpolation(tmp_path, tiny_model):
+    from finetune.recipe import RecipeError, load_recipe
+
+    recipe = make_recipe(tmp_path, tiny_model, lora={"r": 4, "alpha": 8})
+    for overrides, key in ((["lora.wise_ft_alpha=0"], "lora.wise_ft_alpha"),
+                           (["lora.wise_ft_alpha=0.5", "lora.use_dora=true"], "lora.use_dora"),
+                           (["lora.wise_ft_alpha=0.5", "eval.on_over_budget=keep_best"], "eval.on_over_budget")):
+        with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
+            load_recipe(recipe, overrides)
 
 
 def test_sweep_grid_parsing_and_plan(tmp_path, tiny_model):

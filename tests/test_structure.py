@@ -67,14 +67,15 @@ def _code_map() -> dict[str, int]:
     table = readme[readme.index("| layer | module | what it holds |"):].split("\n\n")[0].splitlines()[2:]
     layers, ranks = [], {}
     for row in table:
-        layer, modules = (c.strip() for c in row.split("|")[1:3])
+        layer, modules, holds = (c.strip() for c in row.split("|")[1:4])
         if layer:
             layers.append(layer)
         for path in re.findall(r"`([\w/]+(?:\.py|/))`", modules):
             if path.endswith("/") and not (PACKAGE / path / "__init__.py").is_file():
                 continue  # a folder of data (model_configs/)
-            names = ([f"finetune.{path.strip('/')}"] + [f"finetune.mitigations.{m}" for m in ("replay", "l2sp",
-                                                                                            "kl_to_base")]
+            # A package's row names its modules in what it holds: `replay.py` in `mitigations/`.
+            names = ([f"finetune.{path.strip('/')}"] + [f"finetune.{path.strip('/')}.{m}"
+                                                        for m in re.findall(r"`(\w+)\.py`", holds) if m != "__init__"]
                      if path.endswith("/") else [f"finetune.{path[:-3].replace('/', '.')}"])
             ranks.update(dict.fromkeys(names, len(layers) - 1))
     return ranks

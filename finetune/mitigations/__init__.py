@@ -9,6 +9,9 @@ A module may define any of these (all optional):
         Data side: encoded examples to add to the training set (replay); bad rows counted in `stats`.
     regularizer(recipe, ctx) -> Regularizer | None
         A penalty on every update. Built before a checkpoint is loaded, while the weights are still the base's.
+    at_end(recipe, ctx) -> Callable[[], None] | None
+        A change to the model after the last update, before final/ is saved and measured (wise_ft_end). Built at
+        set-up, so that a setting the run cannot honour is refused before it trains.
 
 Post-hoc methods are commands of their own (wise_ft.py: `finetune interpolate`), listed in POST_HOC so that training
 never imports them, and label the reports they write.
@@ -102,3 +105,8 @@ def mix(recipe, train, tokenizer, stats):
 def regularizers(recipe, ctx: Context) -> list[Regularizer]:
     built = [m.regularizer(recipe, ctx) for m in _modules() if hasattr(m, "regularizer")]
     return [r for r in built if r is not None]
+
+
+def at_end(recipe, ctx: Context) -> list:
+    built = [m.at_end(recipe, ctx) for m in _modules() if hasattr(m, "at_end")]
+    return [f for f in built if f is not None]

@@ -20,6 +20,7 @@ from ..recipe import load_recipe
 from ..reports.compare import compare_runs
 from ..reports.report import build_report, provenance, write_report
 from . import describe
+from .wise_ft_end import scale_adapter
 
 
 class InterpolationError(UserError):
@@ -97,8 +98,6 @@ def _save(model, tokenizer, alpha: float, is_adapter: bool, tuned: dict, dest: P
         # A standard adapter at this alpha: B carries the factor and the scale is back to the config's, so peft
         # loads the folder as it is.
         set_alpha(model, 1.0, True, {}, tuned)
-        with torch.no_grad():
-            for layer, name in lora_layers(model):
-                layer.lora_B[name].weight.mul_(alpha)
+        scale_adapter(model, alpha)
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
