@@ -143,9 +143,13 @@ def main() -> int:
                          f"({'; '.join(f'{s}: {ours[s].value:.3f} vs {low[s].value:.3f}' for s in specs)}).")
     for kind, sample in (("text", sample_texts), ("chat", sample_chat)):
         prompts = PROMPTS[kind][:args.limit]  # all of them without --limit
-        texts, s_sample = timed(sample, model, tokenizer, prompts, new_tokens=NEW_TOKENS, seed=0)
-        row(f"drift sampling ({kind}, base)", "finetune (batched generate)", len(prompts), len(prompts) * NEW_TOKENS,
-            s_sample)
+        batch = drift_module.GENERATION_BATCH
+        for name, rows_at_once in (("20 prompts per batch (before)", 20), (f"{batch} prompts per batch", batch)):
+            drift_module.GENERATION_BATCH = rows_at_once
+            texts, s_sample = timed(sample, model, tokenizer, prompts, new_tokens=NEW_TOKENS, seed=0)
+            row(f"drift sampling ({kind}, base)", f"finetune, {name}", len(prompts), len(prompts) * NEW_TOKENS,
+                s_sample)
+        drift_module.GENERATION_BATCH = batch
         batched = drift_module.TOKENS_PER_PASS
         passes = [("one text per pass (before)", 1, None), (f"finetune, {batched} tokens per pass", batched, None)]
         if args.bf16:

@@ -27,6 +27,7 @@ from ..recipe import EvalSection, ModelSection
 from ..reports.records import Evaluation, TaskScore, from_dict, to_dict
 from . import prefix_sharing, vllm_backend
 from .drift import (
+    GENERATION_BATCH,
     NEW_TOKENS,
     PROMPTS,
     SAMPLING_SEED,
@@ -189,7 +190,8 @@ class ForgettingEval:
             # Entries cached before finetune kept lm-eval's samples are measured again, once, to have them.
             scores = {spec: score for spec, score in scores.items() if score.log}
             missing = [spec for spec in specs if spec not in scores]
-            texts_paths = {kind: self._cache_path("drift", kind, PROMPTS[kind], NEW_TOKENS, SAMPLING_SEED)
+            texts_paths = {kind: self._cache_path("drift", kind, PROMPTS[kind], NEW_TOKENS, SAMPLING_SEED,
+                                                  GENERATION_BATCH)
                            for kind in kinds if kind not in self.texts}
             to_sample = [kind for kind, path in texts_paths.items() if not path.is_file()]
             print(f"measuring the base model on {len(missing)} task(s) (once; cached for later runs)" if missing else
