@@ -270,17 +270,22 @@ def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
         k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
         for k, v in flatten(recipe_to_dict(recipe)).items()})
     signals = StopSignals()
+    looped = time.monotonic()
     try:
         last = _loop(t, progress, signals)
     finally:
         signals.restore()
+    looped = time.monotonic() - looped
     for change in t.at_end:
         change()
     save_model(t.accelerator, t.model, t.tokenizer, run.final)
     t.evals.finish(last, t.model, t.tokenizer)
     if t.accelerator.is_main_process:  # the summary reads all of metrics.jsonl: only where it is shown
         write_model_card(recipe, run)  # after the report, whose verdict it carries
-        print(summary(run, time.monotonic() - started))
+        evals = t.evals.seconds
+        print(summary(run, time.monotonic() - started, {
+            "updates": looped - evals["during"], "evaluation": evals["base"] + evals["during"] + evals["last"],
+            **({"base": evals["base"]} if t.evals.enabled else {})}))
     _end(t.accelerator)
     return t.accelerator.unwrap_model(t.model)
 

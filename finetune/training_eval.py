@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 from accelerate.utils import broadcast_object_list
 
@@ -33,12 +34,17 @@ class TrainingEval:
         section = recipe.eval
         self.enabled = bool(section.tasks or section.target_tasks)
         self.fe = None
+        # Seconds spent measuring, for the run's summary: the base (once; cached for later runs), evaluations during
+        # training (eval.every) and the last model's.
+        self.seconds = {"base": 0.0, "during": 0.0, "last": 0.0}
+        started = time.monotonic()
         if self.enabled:
             self.fe = ForgettingEval(section, recipe.model, tokenizer, curve_file=run.path / "forgetting" /
                                      "curve.jsonl", resumed_step=resumed_step, ranks=Ranks.of(accelerator))
             with self._whole(model) as base:
                 self.fe.evaluate_base(base)
         accelerator.wait_for_everyone()
+        self.seconds["base"] = time.monotonic() - started
 
     def due(self, step: int, max_steps: int) -> bool:
         return self.enabled and bool(self.recipe.eval.every) and step % self.recipe.eval.every == 0 \
@@ -50,8 +56,10 @@ class TrainingEval:
         beyond the budget and beyond doubt; an INCONCLUSIVE step trains on)."""
         policy = self.recipe.eval.on_over_budget
         verdict = [False, False]  # over budget, new best within budget
+        started = time.monotonic()
         with self._whole(model) as whole:
             point = self.fe.evaluate(whole, step)
+        self.seconds["during"] += time.monotonic() - started
         if self.accelerator.is_main_process:
             status = budget_status(self.fe.base.tasks, point.tasks, self.recipe.eval.max_drop)
             verdict[0] = status == FAIL
@@ -67,6 +75,7 @@ class TrainingEval:
 
     def finish(self, step: int, model, tokenizer) -> None:
         """Collective. After final/ is saved: measure the last model, pick what final/ is, write forgetting/report.*."""
+        started = time.monotonic()
         if self.enabled:
             last = next((e for e in self.fe.curve if e.step == step), None)
             if last is None:
@@ -75,6 +84,7 @@ class TrainingEval:
             if self.accelerator.is_main_process:
                 self._report(step, last)
         self.accelerator.wait_for_everyone()
+        self.seconds["last"] = time.monotonic() - started
 
     def _whole(self, model):
         return whole_model(self.accelerator, model, self.recipe.model, self.recipe.lora)
