@@ -22,7 +22,8 @@ FSDP = LAUNCH / "fsdp.yaml"
 CASES = {
     "full-llama-tied": ("tied", {"train": {"l2sp": 10.0, "eval_every": 2}, "data": {"packing": False}}),
     "full-qwen2": ("qwen2", {}),
-    "lora-llama": ("llama", {"lora": {"r": 4}, "train": {"l2sp": 10.0}}),
+    # wise_ft_alpha: the adapter scaled where each rank holds its shard, as one process scales it whole.
+    "lora-llama": ("llama", {"lora": {"r": 4, "wise_ft_alpha": 0.5}, "train": {"l2sp": 10.0}}),
     "lora-checkpointing-llama": ("llama", {"lora": {"r": 4}, "model": {"gradient_checkpointing": True}}),
 }
 
