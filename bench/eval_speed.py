@@ -144,9 +144,12 @@ def main() -> int:
     for kind, sample in (("text", sample_texts), ("chat", sample_chat)):
         prompts = PROMPTS[kind][:args.limit]  # all of them without --limit
         batch = drift_module.GENERATION_BATCH
-        for name, rows_at_once in (("20 prompts per batch (before)", 20), (f"{batch} prompts per batch", batch)):
+        ways = [("20 prompts per batch (before)", 20, None), (f"{batch} prompts per batch", batch, None)]
+        if args.bf16:  # last, so the KL rows below measure the texts a bf16 evaluation draws
+            ways.append((f"{batch} prompts per batch, bf16 autocast", batch, torch.bfloat16))
+        for name, rows_at_once, autocast in ways:
             drift_module.GENERATION_BATCH = rows_at_once
-            texts, s_sample = timed(sample, model, tokenizer, prompts, new_tokens=NEW_TOKENS, seed=0)
+            texts, s_sample = timed(sample, model, tokenizer, prompts, new_tokens=NEW_TOKENS, seed=0, autocast=autocast)
             row(f"drift sampling ({kind}, base)", f"finetune, {name}", len(prompts), len(prompts) * NEW_TOKENS,
                 s_sample)
         drift_module.GENERATION_BATCH = batch

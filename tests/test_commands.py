@@ -354,4 +354,6 @@ def test_finetune_eval_measures_in_the_precision_asked_and_the_base_again_in_it(
                          "--mixed-precision", setting, "--out", str(out)]) == 0
         seen[setting] = json.loads((out / "report.json").read_text())["provenance"]["evaluation"]
         assert len(list(cache.glob("*.json"))) == 1 + (setting == "bf16")
+        # The drift texts too: the base draws them in the evaluation's precision (text and chat kinds).
+        assert len(list((tmp_path / "cache" / "drift").glob("*.json"))) == 2 * (1 + (setting == "bf16"))
     assert seen["no"].startswith("no autocast") and seen["bf16"].startswith("bf16 autocast"), seen

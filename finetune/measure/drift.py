@@ -32,8 +32,8 @@ PROMPTS = json.loads(Path(__file__).with_name("drift_prompts.json").read_text(en
 NEW_TOKENS = 48  # sampled per prompt: long enough to leave the prompt's topic, short enough to stay coherent
 SAMPLING_SEED = 0
 # Prompts sampled together (left-padded). The texts depend on it (one seeded stream, drawn batch by batch), so it
-# is in the cache key. 100, the demo's prompts of each kind in one batch: a decoding step at 20 rows cost little
-# less than at 100 on a CPU (bench/eval_speed.py).
+# is in the cache key. 100, the demo's prompts of each kind in one batch: on 2 CPU cores a decoding step of 50 rows
+# took 1.8x one of 20, so 50 texts were drawn 1.7x faster in one batch than in three (bench/eval_speed.py).
 GENERATION_BATCH = 100
 TOKENS_PER_PASS = 1024  # drift tokens (padding included) per forward pass; both models' logits are held at once
 
@@ -134,16 +134,18 @@ def _compare(base_logits: torch.Tensor, tuned_logits: torch.Tensor, ids: torch.T
 
 
 @torch.no_grad()
-def _sample(base_model, tokenizer, prompts: list[str], *, new_tokens: int, seed: int, special_tokens: bool) \
-        -> list[tuple[str, str]]:
+def _sample(base_model, tokenizer, prompts: list[str], *, new_tokens: int, seed: int, special_tokens: bool,
+            autocast: torch.dtype | None = None) -> list[tuple[str, str]]:
     """(prompt, sampled continuation) for each prompt: temperature 1, no top-k/top-p, the base model's own
-    distribution. The global RNG is forked, so drawing these texts does not move the training run's random stream."""
+    distribution, under `autocast` (the evaluation's precision) when it is set. The global RNG is forked, so drawing
+    these texts does not move the training run's random stream."""
     out = []
     device = _device(base_model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues each row from its last real token
     try:
-        with eval_mode(base_model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with eval_mode(base_model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             torch.manual_seed(seed)
             for i in range(0, len(prompts), GENERATION_BATCH):
                 batch = prompts[i:i + GENERATION_BATCH]
@@ -158,18 +160,21 @@ def _sample(base_model, tokenizer, prompts: list[str], *, new_tokens: int, seed:
     return out
 
 
-def sample_texts(base_model, tokenizer, prompts: list[str], *, new_tokens: int, seed: int) -> list[str]:
+def sample_texts(base_model, tokenizer, prompts: list[str], *, new_tokens: int, seed: int,
+                 autocast: torch.dtype | None = None) -> list[str]:
     """Raw-text drift texts: each prompt and the base's continuation, measured whole."""
-    return [prompt + reply for prompt, reply in
-            _sample(base_model, tokenizer, prompts, new_tokens=new_tokens, seed=seed, special_tokens=True)]
+    return [prompt + reply for prompt, reply in _sample(base_model, tokenizer, prompts, new_tokens=new_tokens,
+                                                        seed=seed, special_tokens=True, autocast=autocast)]
 
 
-def sample_chat(base_model, tokenizer, prompts: list[str], *, new_tokens: int, seed: int) -> list[list]:
+def sample_chat(base_model, tokenizer, prompts: list[str], *, new_tokens: int, seed: int,
+                autocast: torch.dtype | None = None) -> list[list]:
     """Chat drift texts: each request and the base's reply, rendered with the chat template; measured on the reply
     (and the end of turn the template adds after it)."""
     rendered = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                               add_generation_prompt=True) for p in prompts]
-    replies = _sample(base_model, tokenizer, rendered, new_tokens=new_tokens, seed=seed, special_tokens=False)
+    replies = _sample(base_model, tokenizer, rendered, new_tokens=new_tokens, seed=seed, special_tokens=False,
+                      autocast=autocast)
     texts = []
     for prompt, prefix, (_, reply) in zip(prompts, rendered, replies):
         full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},

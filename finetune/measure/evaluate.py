@@ -190,8 +190,9 @@ class ForgettingEval:
             # Entries cached before finetune kept lm-eval's samples are measured again, once, to have them.
             scores = {spec: score for spec, score in scores.items() if score.log}
             missing = [spec for spec in specs if spec not in scores]
-            texts_paths = {kind: self._cache_path("drift", kind, PROMPTS[kind], NEW_TOKENS, SAMPLING_SEED,
-                                                  GENERATION_BATCH)
+            # The texts depend on the batch (one seeded stream drawn batch by batch) and on the precision.
+            sampling = [GENERATION_BATCH, *([str(self.autocast)] if self.autocast is not None else [])]
+            texts_paths = {kind: self._cache_path("drift", kind, PROMPTS[kind], NEW_TOKENS, SAMPLING_SEED, *sampling)
                            for kind in kinds if kind not in self.texts}
             to_sample = [kind for kind, path in texts_paths.items() if not path.is_file()]
             print(f"measuring the base model on {len(missing)} task(s) (once; cached for later runs)" if missing else
@@ -211,7 +212,8 @@ class ForgettingEval:
                               f"{sum(len(PROMPTS[k]) for k in to_sample)} in all; once, then cached)", file=sys.stderr)
                     for kind in to_sample:
                         _write_json(texts_paths[kind], kinds[kind](base, self.tokenizer, PROMPTS[kind],
-                                                                   new_tokens=NEW_TOKENS, seed=SAMPLING_SEED))
+                                                                   new_tokens=NEW_TOKENS, seed=SAMPLING_SEED,
+                                                                   autocast=self.autocast))
         for spec, score in fresh.items():
             if self.ranks.main:
                 _write_json(paths[spec], to_dict(score))
