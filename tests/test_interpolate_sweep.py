@@ -118,6 +118,15 @@ def test_wise_ft_alpha_is_refused_where_it_cannot_mean_an_interpolation(tmp_path
                            (["lora.wise_ft_alpha=0.5", "eval.on_over_budget=keep_best"], "eval.on_over_budget")):
         with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
             load_recipe(recipe, overrides)
+    # Under DeepSpeed, at set-up: before the run trains, not after.
+    from finetune.engine import Engine
+    from finetune.mitigations import Context, at_end
+    from finetune.mitigations.wise_ft_end import WiseFTError
+
+    scaled = load_recipe(recipe, ["lora.wise_ft_alpha=0.5"])
+    with pytest.raises(WiseFTError, match="DeepSpeed"):
+        at_end(scaled, Context(None, Engine("DEEPSPEED"), None, None))
+    assert at_end(load_recipe(recipe), Context(None, Engine("DEEPSPEED"), None, None)) == []
 
 
 def test_sweep_grid_parsing_and_plan(tmp_path, tiny_model):
