@@ -80,8 +80,8 @@ class TrainingDisplay:
 
 def summary(run: RunDir, seconds: float, parts: dict[str, float] | None = None) -> str:
     """The end of a run in a few lines: what was trained, how the loss went, where the time went, where everything
-    is. `parts`: seconds spent on the updates (probes and validation included), on forgetting evaluation, and of
-    that on the base model (once; cached for later runs)."""
+    is. `parts`: seconds spent on the updates (probes and validation included) and, where the run measures
+    forgetting, on its evaluation and of that on the base model (once; cached for later runs)."""
     records = [r for r in read_jsonl(run.metrics) if isinstance(r, dict) and "loss" in r]
     lines = []
     if records:
@@ -94,10 +94,11 @@ def summary(run: RunDir, seconds: float, parts: dict[str, float] | None = None) 
     else:
         lines.append(f"done in {_duration(seconds)}")
     if parts:
-        rest = seconds - parts["updates"] - parts["evaluation"]
-        base = f", of which the base model {_duration(parts['base'])}" if "base" in parts else ""
-        lines.append(f"  time:    updates {_duration(parts['updates'])}; forgetting evaluation "
-                     f"{_duration(parts['evaluation'])}{base}; loading, data and saving {_duration(rest)}")
+        rest = seconds - parts["updates"] - parts.get("evaluation", 0.0)
+        evaluation = (f"; forgetting evaluation {_duration(parts['evaluation'])}, of which the base model "
+                      f"{_duration(parts['base'])}" if "evaluation" in parts else "")
+        lines.append(f"  time:    updates {_duration(parts['updates'])}{evaluation}; loading, data and saving "
+                     f"{_duration(rest)}")
     adapter = (run.final / "adapter_config.json").is_file()
     lines.append(f"  model:   {run.final}/ ({'LoRA adapter' if adapter else 'full model'}; model card README.md; "
                  f"try it: finetune chat {run.path})")

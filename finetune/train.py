@@ -284,8 +284,9 @@ def train(recipe: Recipe, run: RunDir) -> torch.nn.Module:
         write_model_card(recipe, run)  # after the report, whose verdict it carries
         evals = t.evals.seconds
         print(summary(run, time.monotonic() - started, {
-            "updates": looped - evals["during"], "evaluation": evals["base"] + evals["during"] + evals["last"],
-            **({"base": evals["base"]} if t.evals.enabled else {})}))
+            "updates": looped - evals["during"],
+            **({"evaluation": evals["base"] + evals["during"] + evals["last"], "base": evals["base"]}
+               if t.evals.enabled else {})}))
     _end(t.accelerator)
     return t.accelerator.unwrap_model(t.model)
 
