@@ -20,7 +20,7 @@ from .measure.evaluate import ForgettingEval
 from .reports.forgetting import FAIL, budget_status, choose_best
 from .measure.gather import whole_model
 from .measure.lm_eval_samples import write_lm_eval_logs
-from .mitigations import describe
+from .mitigations import describe, wise_ft_end
 from .recipe import Recipe
 from .reports.report import build_report, provenance, write_report
 from .measure.sharing import Ranks
@@ -97,7 +97,7 @@ class TrainingEval:
     def _report(self, step: int, last) -> None:
         fe, section = self.fe, self.recipe.eval
         chosen, note = last, f"final/ is the model after step {step}, the last update"
-        if self.recipe.lora is not None and self.recipe.lora.wise_ft_alpha < 1:
+        if wise_ft_end.label(self.recipe):
             note += (f", with the adapter's update scaled by {self.recipe.lora.wise_ft_alpha:g} (lora.wise_ft_alpha, "
                      "WiSE-FT)")
         best = choose_best(fe.base, fe.curve, section.max_drop) if section.on_over_budget != "continue" else None
