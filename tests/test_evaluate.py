@@ -386,23 +386,33 @@ def test_shared_prefixes_give_lm_evals_own_log_likelihoods(section, tmp_path, mo
     real = prefix_sharing._common_prefix
     monkeypatch.setattr(prefix_sharing, "_common_prefix", lambda rows: prefixes.append(real(rows)) or prefixes[-1])
     model, tokenizer = load(section)
-    spec = str(write_task(tmp_path / "mc", "original", 0))
+    spec = write_task(tmp_path / "mc", "original", 0)
     write_jsonl(tmp_path / "mc" / "original.jsonl", [{**r, "item": " ".join([r["item"]] * (1 + i % 3))}
                                                      for i, r in enumerate(task_rows(0))])
-    assert max(len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) for a in ANSWERS) > 1
+    # Options of one token and of several lengths.
+    choices = [ANSWERS[0], ANSWERS[1] + " " + ANSWERS[2], " ".join(ANSWERS[1:]), ANSWERS[3]]
+    spec.write_text(spec.read_text().replace(json.dumps(ANSWERS), json.dumps(choices)))
+    spec = str(spec)
+    lengths = {len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) for a in choices}
+    assert 1 in lengths and len(lengths - {1}) >= 2
     own, shared = (evaluate_tasks(model, tokenizer, [spec], batch_size=4, limit=None, chat=chat, share_prefixes=s)[spec]
                    for s in (False, True))
     assert prefixes and (min(prefixes) >= prefix_sharing.MIN_PREFIX if chat else max(prefixes) == 0)
+    # Options of each length in a pass of their own, and (above) of several lengths padded together: lm-eval's scores.
+    monkeypatch.setattr(prefix_sharing, "PASS_TOKENS", 0)
+    apart = evaluate_tasks(model, tokenizer, [spec], batch_size=4, limit=None, chat=chat, share_prefixes=True)[spec]
 
     def lls(score):
         return [[float(r[0][0]) for r in s["resps"]] for s in score.log["original"]["samples"]]
 
-    assert len(lls(shared)) == len(ITEMS)
-    assert [x for q in lls(shared) for x in q] == pytest.approx([x for q in lls(own) for x in q], abs=1e-4)
-    assert shared.examples == own.examples and shared.answers == own.answers
-    # and the greedy flags (lm-eval's is_greedy) agree
-    assert [[r[0][1] for r in s["resps"]] for s in shared.log["original"]["samples"]] == \
-        [[r[0][1] for r in s["resps"]] for s in own.log["original"]["samples"]]
+    def greedy(score):
+        return [[r[0][1] for r in s["resps"]] for s in score.log["original"]["samples"]]
+
+    for ours in (shared, apart):
+        assert len(lls(ours)) == len(ITEMS)
+        assert [x for q in lls(ours) for x in q] == pytest.approx([x for q in lls(own) for x in q], abs=1e-4)
+        assert ours.examples == own.examples and ours.answers == own.answers
+        assert greedy(ours) == greedy(own)  # lm-eval's is_greedy
 
 
 def test_shared_prefixes_generate_what_lm_evals_own_path_generates(section, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ always scored the same way.
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 
 import torch
@@ -20,9 +21,10 @@ import torch.nn.functional as F
 
 from .batches import by_length
 
-SCORING = "shared-prefix-4"  # in the base cache's key: scores from another path are not paired with these
-TOKENS_PER_PASS = 4096  # prompt tokens (padding included) per forward pass: a batch, not one question at a time
+SCORING = "shared-prefix-5"  # in the base cache's key: scores from another path are not paired with these
+TOKENS_PER_PASS = 8192  # prompt tokens (padding included) per forward pass: a batch, not one question at a time
 MIN_PREFIX = 8  # shared tokens worth a forward pass of their own
+PASS_TOKENS = 128  # padding tokens that cost less than one more forward pass (its fixed cost, on 2 CPU cores)
 
 
 def loglikelihoods(lm, requests: list) -> list[tuple[float, bool]] | None:
@@ -59,9 +61,9 @@ def _cache_of(output) -> tuple[str, object]:
 def _score_groups(lm, contexts: list[list[int]], conts: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:
     """The answers of each context's continuations. The contexts' common prefix (the system turn of a chat template,
     fixed few-shot turns) runs once and its cache is repeated for them; the rest of each context runs as one batch,
-    laid out prefix, padding, rest, whose last position predicts every option's first token. Each context's cache is
-    then repeated once per option, and the options' further tokens run after it, right-padded, at the positions they
-    hold after their own context."""
+    laid out prefix, padding, rest, whose last position predicts every option's first token. Then, pass by pass for
+    options of similar lengths (_by_length), each context's cache is repeated once per option, and the options'
+    further tokens run after it, right-padded, at the positions they hold after their own context."""
     device = lm.device
     pad = lm.tokenizer.pad_token_id or 0
     prefix = _common_prefix(contexts)
@@ -83,25 +85,60 @@ def _score_groups(lm, contexts: list[list[int]], conts: list[list[list[int]]]) -
     first_lp = F.log_softmax(first.logits[:, -1], dim=-1, dtype=lm.softmax_dtype)  # [contexts, vocab]
     owner = [g for g, options in enumerate(conts) for _ in options]  # the context of each option row
     options = [c for group in conts for c in group]
-    longest = max(len(c) for c in options)
-    rest_lp = None
-    if longest > 1:
-        name, cache = _cache_of(first)
-        cache.batch_select_indices(torch.tensor(owner, device=device))  # repeated indices repeat a context's cache
+    lp_sum = first_lp[owner, [c[0] for c in options]].double()
+    greedy = first_lp[owner].argmax(-1) == torch.tensor([c[0] for c in options], device=device)
+    name, cache = _cache_of(first)
+    for members in _by_length(options):
+        rows_of = torch.tensor(members, device=device)
+        of_context = torch.tensor([owner[k] for k in members], device=device)
         # Each option's tokens but its last, right-padded: the logits at step j predict its token j + 1.
-        rows = torch.tensor([c[:-1] + [pad] * (longest - len(c)) for c in options], device=device)
-        starts = torch.tensor([len(contexts[g]) for g in owner], device=device)
-        option_mask = torch.cat([mask[owner], torch.ones_like(rows)], dim=1)  # padding after a row's tokens: unseen
-        option_positions = starts[:, None] + torch.arange(longest - 1, device=device)[None]
-        logits = lm.model(input_ids=rows, attention_mask=option_mask, position_ids=option_positions, use_cache=False,
-                          **{name: cache}).logits
-        rest_lp = F.log_softmax(logits, dim=-1, dtype=lm.softmax_dtype)  # [options, longest - 1, vocab]
+        n = max(len(options[k]) for k in members) - 1
+        rows = torch.tensor([options[k][:-1] + [pad] * (n + 1 - len(options[k])) for k in members], device=device)
+        targets = torch.tensor([options[k][1:] + [-1] * (n + 1 - len(options[k])) for k in members], device=device)
+        real = targets >= 0
+        starts = torch.tensor([len(contexts[owner[k]]) for k in members], device=device)
+        option_mask = torch.cat([mask[of_context], torch.ones_like(rows)], dim=1)  # padding after a row: unseen
+        logits = lm.model(input_ids=rows, attention_mask=option_mask, position_ids=starts[:, None] + torch.arange(
+            n, device=device)[None], use_cache=False, **{name: _selected(cache, of_context)}).logits
+        lp = F.log_softmax(logits, dim=-1, dtype=lm.softmax_dtype)  # [options, n, vocab]
+        picked = lp.gather(-1, targets.clamp(min=0)[..., None])[..., 0].double()
+        lp_sum[rows_of] += (picked * real).sum(-1)
+        greedy[rows_of] &= ((lp.argmax(-1) == targets) | ~real).all(-1)
     answers: list[list[tuple[float, bool]]] = [[] for _ in contexts]
-    for k, (g, cont) in enumerate(zip(owner, options)):
-        lps = [first_lp[g]] + [rest_lp[k, j] for j in range(len(cont) - 1)]
-        total = sum(float(lp[t]) for lp, t in zip(lps, cont))
-        answers[g].append((total, all(int(lp.argmax()) == t for lp, t in zip(lps, cont))))
+    for g, total, is_greedy in zip(owner, lp_sum.tolist(), greedy.tolist()):
+        answers[g].append((total, is_greedy))
     return answers
+
+
+def _by_length(options: list[list[int]]) -> list[list[int]]:
+    """The indices of the options of more than one token, in passes: options of one length together, and the
+    next length's joined to them where the padding that adds costs less than a pass of its own. A multiple-choice
+    option is mostly one or two tokens and a few run to eight: padded to the longest, 87% of the option tokens of the
+    demo's general-knowledge suite were padding, and a pass costs ~100 tokens' time before its first token on 2 CPU
+    cores (bench/eval_speed.py). One-token options need no pass at all."""
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for k, c in enumerate(options):
+        if len(c) > 1:
+            by_length[len(c)].append(k)
+    passes: list[list[int]] = []
+    width = 0
+    for n, members in sorted(by_length.items()):
+        if passes and len(passes[-1]) * (n - width) <= PASS_TOKENS:
+            passes[-1] += members
+        else:
+            passes.append(list(members))
+        width = n
+    return passes
+
+
+def _selected(cache, rows: torch.Tensor):
+    """A new cache holding `rows` of `cache` (a row repeated where an index repeats), leaving `cache` as it is for
+    the next options: a forward pass appends its keys and values to the cache it is given. The layers are copied
+    shallowly; batch_select_indices then gives each copy tensors of its own."""
+    selected = copy.copy(cache)
+    selected.layers = [copy.copy(layer) for layer in cache.layers]
+    selected.batch_select_indices(rows)
+    return selected
 
 
 def _common_prefix(rows: list[list[int]]) -> int:
