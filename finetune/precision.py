@@ -7,6 +7,8 @@ float32). Elsewhere torch emulates it, and a bf16 forward pass can be several ti
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -49,3 +51,26 @@ def eval_autocast(setting: str, device: torch.device) -> tuple[torch.dtype | Non
     if fast:
         return torch.bfloat16, f"bf16 autocast: {why} (eval.mixed_precision: no turns it off)"
     return None, f"no autocast: {why}"
+
+
+@contextmanager
+def cast_once(dtype: torch.dtype | None, model: torch.nn.Module | None) -> Iterator[None]:
+    """One autocast region to `dtype` around a whole evaluation on the CPU, in which every float weight of `model` is
+    cast once. Autocast keeps its cast copy of a weight that requires grad until its outermost region ends, but casts a
+    frozen weight again at each use: the base weights of a LoRA model were cast to bf16 at every forward pass, ~40 ms
+    of each of SmolLM2-135M's on 2 CPU cores (a decoding step of 32 rows took 120 ms instead of 67). So frozen weights
+    are marked as requiring grad for the duration (under no_grad nothing is recorded) and put back after; the casts
+    are the same, so are the results. On a GPU the copies would cost memory that training did not need (half the
+    size of a float32 base), and the casts are cheap there: nothing changes."""
+    if dtype is None or model is None or next(model.parameters()).device.type != "cpu":
+        yield
+        return
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    with torch.autocast("cpu", dtype=dtype):
+        for p in frozen:
+            p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)

@@ -452,6 +452,28 @@ def test_evaluation_precision_follows_the_cpus_bf16_units_unless_the_recipe_says
     assert ("slower" in why) == (not flags and setting != "no")  # bf16 where it is emulated is named as slower
 
 
+def test_an_evaluation_casts_frozen_weights_once_and_gives_the_same_logits(section):
+    # Autocast keeps its bf16 copy of a weight only while the weight requires grad: cast_once marks frozen weights
+    # so for the region, which must change nothing in the results and leave every flag as it was.
+    model, _ = load(section)
+    frozen = {name for name, p in model.named_parameters() if "layers.0." in name}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
+    ids = torch.tensor([[3, 5, 7, 11, 13, 2, 4]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(input_ids=ids).logits
+    with torch.no_grad(), precision.cast_once(torch.bfloat16, model):
+        flags = {name for name, p in model.named_parameters() if p.requires_grad}
+        once = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    assert torch.equal(plain, once) and torch.equal(once, again) and plain.dtype == torch.bfloat16
+    assert flags == {name for name, _ in model.named_parameters()}  # all marked for the region ...
+    assert {name for name, p in model.named_parameters() if not p.requires_grad} == frozen  # ... and put back
+    with precision.cast_once(None, model):  # no autocast asked: nothing changes
+        assert {name for name, p in model.named_parameters() if not p.requires_grad} == frozen
+        assert not torch.is_autocast_enabled("cpu")
+
+
 def test_bf16_evaluation_runs_every_forward_pass_in_bf16_and_caches_the_base_apart(section, tmp_path, drift_file,
                                                                                   monkeypatch):
     monkeypatch.setattr(precision, "cpu_flags", set)  # `auto` means no autocast on any machine running this
