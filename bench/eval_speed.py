@@ -163,6 +163,18 @@ def main() -> int:
                                    special_tokens=kind != "chat", autocast=autocast)
             row(f"drift KL ({kind})", name, drift.texts, 2 * drift.tokens, s_drift)
         drift_module.TOKENS_PER_PASS = batched
+        # A run's path: the base's head inputs computed once with its texts (cached), then only the tuned model runs.
+        # The same tokens are counted as above (two models' distributions compared), so tokens/s compare.
+        autocast = passes[-1][2]
+        inputs, s_inputs = timed(drift_module.head_inputs, model, tokenizer, texts, max_length=ev.drift_max_length,
+                                 special_tokens=kind != "chat", autocast=autocast)
+        row(f"drift KL ({kind})", f"the base's head inputs, once (cached){', bf16 autocast' if autocast else ''}",
+            len(texts), sum(len(i) for i in inputs if i is not None), s_inputs)
+        drift, s_drift = timed(kl_drift, None, model, tokenizer, texts, max_length=ev.drift_max_length,
+                               special_tokens=kind != "chat", autocast=autocast, base_inputs=inputs,
+                               base_head=drift_module.output_layer(model))
+        row(f"drift KL ({kind})", f"finetune, {batched} tokens per pass, the base from its cached head inputs"
+            f"{', bf16 autocast' if autocast else ''}", drift.texts, 2 * drift.tokens, s_drift)
     train = {}
     if args.train_run:
         lines = [json.loads(x) for x in (Path(args.train_run) / "metrics.jsonl").read_text().splitlines() if x]

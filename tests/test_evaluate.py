@@ -46,6 +46,7 @@ def test_a_model_against_itself_changes_nothing(section, tasks, drift_file):
                                     drift_texts=[str(drift_file)]), section, tokenizer)
     report = build_report(fe.evaluate_base(model), fe.evaluate(model, step=1), max_drop=0.0, curve=fe.curve,
                           provenance=provenance(), final_note="")
+    assert all(inputs is not None for inputs in fe.base_inputs.values())  # the base ran once, before training
     half = 1.959963984540054 ** 2 / (len(ITEMS) + 1.959963984540054 ** 2)  # nothing changed, yet n is finite
     for change in [*report["tasks"].values(), *report["targets"].values()]:
         assert change["delta"] == 0 and change["ci95"] == pytest.approx([-half, half]) and not change["significant"]
@@ -328,6 +329,47 @@ def test_drift_grows_with_the_interpolation_alpha(section, drift_file):
         set_alpha(model, alpha, False, base.state_dict(), tuned)
         kls.append(kl_drift(base, model, tokenizer, texts(0), max_length=32).kl)
     assert kls[0] == 0.0 and kls[0] < kls[1] < kls[2] < kls[3], kls
+
+
+def test_drift_from_the_bases_cached_head_inputs_is_the_drift_from_running_it(section, monkeypatch):
+    import finetune.measure.drift as drift
+
+    base, tokenizer = load(section)
+    tuned, _ = load(section)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    items = [t * (1 + i % 3) for i, t in enumerate(texts(0)[:9])] + [[texts(1)[0], 10], "a"]
+    monkeypatch.setattr(drift, "TOKENS_PER_PASS", 64)  # several batches
+    for autocast in (None, torch.bfloat16):
+        inputs = drift.head_inputs(base, tokenizer, items, max_length=32, autocast=autocast)
+        assert inputs[-1] is None and all(i.shape[0] > 0 for i in inputs[:-1])
+        ran = kl_drift(base, tuned, tokenizer, items, max_length=32, autocast=autocast)
+        cached = kl_drift(None, tuned, tokenizer, items, max_length=32, autocast=autocast, base_inputs=inputs,
+                          base_head=drift.output_layer(base))
+        assert cached == ran and ran.kl > 0.01  # to the bit
+
+
+def test_a_model_whose_logits_are_more_than_its_heads_output_runs_the_base_every_time(section):
+    import finetune.measure.drift as drift
+
+    class SoftCapped(torch.nn.Module):  # as Gemma 2's final_logit_softcapping
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def get_output_embeddings(self):
+            return self.model.get_output_embeddings()
+
+        def forward(self, **inputs):
+            out = self.model(**inputs)
+            out.logits = 2.0 * torch.tanh(out.logits / 2.0)
+            return out
+
+    base, tokenizer = load(section)
+    assert drift.head_inputs(base, tokenizer, texts(0), max_length=32) is not None
+    assert drift.head_inputs(SoftCapped(base), tokenizer, texts(0), max_length=32) is None
 
 
 def test_drift_in_batches_is_each_texts_own_kl(section, monkeypatch):

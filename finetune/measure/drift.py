@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -59,7 +61,8 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 def kl_drift(base_model, tuned_model, tokenizer, texts: list, *, max_length: int, special_tokens: bool = True,
-             ranks: Ranks = Ranks(), autocast: torch.dtype | None = None) -> Drift:
+             ranks: Ranks = Ranks(), autocast: torch.dtype | None = None, base_inputs: list | None = None,
+             base_head: torch.nn.Module | None = None) -> Drift:
     """Mean per-token KL(P_base || P_tuned) over the measured tokens of `texts`, both perplexities, and a bootstrap
     interval over texts. Each text is a string, measured whole (every token but the first, which nothing predicts),
     or [text, start]: only tokens that begin at or after character `start` are measured. With several `ranks`, each
@@ -70,13 +73,19 @@ def kl_drift(base_model, tuned_model, tokenizer, texts: list, *, max_length: int
     logits, so the KL is exactly 0.0 for a model compared with itself. The batches are made from all the texts
     before the ranks share them out, so every text is measured in the same batch, to the bit, whatever the number of
     ranks. Both models' forward passes run under `autocast` (a dtype) when it is set; everything after the logits is
-    float64."""
+    float64.
+
+    With `base_inputs` (head_inputs() of the base on these texts, cached with them) and `base_head` (the base's
+    output layer), the base does not run again: its logits are its head applied to what its head saw, in the same
+    batches, so the result is the same to the bit as running it. Either way the heads compute the measured
+    positions' logits only."""
     encoded = [_encode(tokenizer, item, max_length=max_length, special_tokens=special_tokens) for item in texts]
     batches = _batches(encoded)
-    with eval_mode(base_model), eval_mode(tuned_model):
+    with eval_mode(tuned_model), eval_mode(base_model if base_inputs is None else tuned_model):
         per_batch = ranks.map(batches, lambda share: [
-            _measure_batch(base_model, tuned_model, [encoded[i] for i in b], autocast) for b in share],
-            what="drift batches")
+            _measure_batch(base_model, tuned_model, [encoded[i] for i in b], autocast,
+                           None if base_inputs is None else ([base_inputs[i] for i in b], base_head))
+            for b in share], what="drift batches")
     by_text = {i: m for batch, results in zip(batches, per_batch) for i, m in zip(batch, results)}
     measured = [by_text[i] for i in sorted(by_text)]  # texts with nothing to predict are in no batch
     kl_per_text = [kl for kl, _, _, _ in measured]
@@ -91,6 +100,88 @@ def kl_drift(base_model, tuned_model, tokenizer, texts: list, *, max_length: int
                  texts=len(kl_per_text))
 
 
+def head_inputs(base_model, tokenizer, texts: list, *, max_length: int, special_tokens: bool = True,
+                ranks: Ranks = Ranks(), autocast: torch.dtype | None = None) -> list | None:
+    """What the base's output layer sees at each text's measured positions ([positions, hidden], on the CPU; None
+    for a text with none), computed in kl_drift's batches, so that later measurements need not run the base again;
+    None for a model whose logits are more than its output layer's output (a final soft-cap or scale), which
+    kl_drift then runs whole. A few MB per hundred texts for a model of hidden size 576."""
+    encoded = [_encode(tokenizer, item, max_length=max_length, special_tokens=special_tokens) for item in texts]
+    batches = _batches(encoded)
+    with eval_mode(base_model):
+        if not batches or not _logits_are_head_output(base_model, encoded[batches[0][0]]):
+            return None
+        per_batch = ranks.map(batches, lambda share: [
+            _head_inputs_of_batch(base_model, [encoded[i] for i in b], autocast) for b in share], what="drift batches")
+    out: list = [None] * len(texts)
+    for batch, rows in zip(batches, per_batch):
+        for i, r in zip(batch, rows):
+            out[i] = r
+    return out
+
+
+def output_layer(model) -> torch.nn.Module:
+    """The layer that turns a model's last hidden states into logits (lm_head)."""
+    return (model.peft_model if isinstance(model, AdapterDisabled) else model).get_output_embeddings()
+
+
+@contextmanager
+def _head_at(model, positions: torch.Tensor) -> Iterator[list]:
+    """For the duration, `model`'s output layer computes logits only at `positions` (indices into the batch's
+    rows x width positions): a forward pre-hook hands it those rows of its input, [1, positions, hidden]. The
+    list it yields receives what the layer was given."""
+    seen: list = []
+
+    def keep_measured(module, args):
+        hidden = args[0]
+        rows = hidden.reshape(-1, hidden.shape[-1])[positions][None]
+        seen.append(rows)
+        return (rows, *args[1:])
+
+    handle = output_layer(model).register_forward_pre_hook(keep_measured)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _layout(batch: list[tuple[list[int], list[int]]], device: torch.device):
+    """(ids, attention mask, the flat positions whose logits predict measured tokens, those tokens) of a batch,
+    right-padded."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in batch], device=device)
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=device)
+    positions = torch.tensor([row * width + t - 1 for row, (_, measured) in enumerate(batch) for t in measured],
+                             device=device)
+    return ids, mask, positions, ids.reshape(-1)[positions + 1]
+
+
+@torch.no_grad()
+def _logits_are_head_output(model, text: tuple[list[int], list[int]]) -> bool:
+    """Whether the model's logits are its output layer's output and nothing more, checked on one text in the
+    model's own dtype: the model's logits and its output layer applied to what that layer was given differ by float
+    rounding (the matmuls' shapes differ), or by far more where a final soft-cap or scale follows the layer."""
+    ids, mask, positions, _ = _layout([text], _device(model))
+    whole = model(input_ids=ids, attention_mask=mask).logits
+    with _head_at(model, positions) as seen:
+        model(input_ids=ids, attention_mask=mask)
+    measured = output_layer(model)(seen[0])[0]
+    whole = whole.reshape(-1, whole.shape[-1])[positions]
+    if whole.shape != measured.shape:
+        return False
+    tolerance = max(4 * torch.finfo(whole.dtype).eps, 1e-5) * float(whole.abs().max())
+    return float((whole.float() - measured.float()).abs().max()) <= tolerance
+
+
+@torch.no_grad()
+def _head_inputs_of_batch(model, batch: list[tuple[list[int], list[int]]], autocast: torch.dtype | None) -> list:
+    ids, mask, positions, _ = _layout(batch, _device(model))
+    with torch.autocast(ids.device.type, dtype=autocast, enabled=autocast is not None), \
+            _head_at(model, positions) as seen:
+        model(input_ids=ids, attention_mask=mask)
+    return [rows.cpu() for rows in seen[0][0].split([len(measured) for _, measured in batch])]
+
+
 def _batches(encoded: list) -> list[list[int]]:
     """The indices of the texts to measure, by length, in batches of up to TOKENS_PER_PASS tokens (padding
     included)."""
@@ -100,17 +191,24 @@ def _batches(encoded: list) -> list[list[int]]:
 
 @torch.no_grad()
 def _measure_batch(base_model, tuned_model, batch: list[tuple[list[int], list[int]]],
-                   autocast: torch.dtype | None = None) -> list[tuple[float, int, float, float]]:
+                   autocast: torch.dtype | None = None, cached: tuple[list, torch.nn.Module] | None = None) \
+        -> list[tuple[float, int, float, float]]:
     """(KL summed over the text's measured tokens, their number, their log-likelihood under the base, under the
-    tuned model) for each encoded text of one batch."""
-    device, width = _device(tuned_model), max(len(ids) for ids, _ in batch)
-    ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in batch], device=device)
-    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=device)
-    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-        base_logits = base_model(input_ids=ids, attention_mask=mask).logits
-        tuned_logits = tuned_model(input_ids=ids, attention_mask=mask).logits
-    return [_compare(base_logits[row], tuned_logits[row], ids[row], measured)
-            for row, (_, measured) in enumerate(batch)]
+    tuned model) for each encoded text of one batch; `cached`: (the base's head inputs for these texts, its output
+    layer) in place of running the base."""
+    ids, mask, positions, targets = _layout(batch, _device(tuned_model))
+    with torch.autocast(ids.device.type, dtype=autocast, enabled=autocast is not None):
+        with _head_at(tuned_model, positions):
+            tuned_logits = tuned_model(input_ids=ids, attention_mask=mask).logits[0]
+        if cached is None:
+            with _head_at(base_model, positions):
+                base_logits = base_model(input_ids=ids, attention_mask=mask).logits[0]
+        else:
+            inputs, head = cached
+            base_logits = head(torch.cat(inputs).to(ids.device, non_blocking=True)[None])[0]
+    counts = [len(measured) for _, measured in batch]
+    return [_compare(b, t, y) for b, t, y in zip(base_logits.split(counts), tuned_logits.split(counts),
+                                                 targets.split(counts))]
 
 
 def _encode(tokenizer, item, *, max_length: int, special_tokens: bool) -> tuple[list[int], list[int]] | None:
@@ -122,15 +220,15 @@ def _encode(tokenizer, item, *, max_length: int, special_tokens: bool) -> tuple[
     return (enc["input_ids"], measured) if measured else None
 
 
-def _compare(base_logits: torch.Tensor, tuned_logits: torch.Tensor, ids: torch.Tensor, measured: list[int]) \
+def _compare(base_logits: torch.Tensor, tuned_logits: torch.Tensor, targets: torch.Tensor) \
         -> tuple[float, int, float, float]:
-    rows = torch.tensor(measured, device=ids.device) - 1  # the prefix that predicts each measured token
-    base_lp = torch.log_softmax(base_logits[rows].double(), dim=-1)
-    tuned_lp = torch.log_softmax(tuned_logits[rows].double(), dim=-1)
+    """One text's sums over its measured tokens, from the two models' logits where they predict them."""
+    base_lp = torch.log_softmax(base_logits.double(), dim=-1)
+    tuned_lp = torch.log_softmax(tuned_logits.double(), dim=-1)
     # kl_div(input, target) = sum target_p * (log target_p - input): KL(base || tuned) per position.
     kl = torch.nn.functional.kl_div(tuned_lp, base_lp, log_target=True, reduction="sum").item()
-    targets = ids[rows + 1, None]
-    return kl, len(measured), base_lp.gather(1, targets).sum().item(), tuned_lp.gather(1, targets).sum().item()
+    return kl, len(targets), base_lp.gather(1, targets[:, None]).sum().item(), \
+        tuned_lp.gather(1, targets[:, None]).sum().item()
 
 
 @torch.no_grad()

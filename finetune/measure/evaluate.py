@@ -9,12 +9,13 @@ example by example. The main process alone reads and writes the base-result cach
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import inspect
 import json
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from importlib.metadata import version
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 
 from ..files import atomic_write_text, read_jsonl
 from ..model import load_model, resolve_model_path
-from ..precision import eval_autocast
+from ..precision import cast_once, eval_autocast
 from ..recipe import EvalSection, ModelSection
 from ..reports.records import Evaluation, TaskScore, from_dict, to_dict
 from . import prefix_sharing, vllm_backend
@@ -31,8 +32,11 @@ from .drift import (
     NEW_TOKENS,
     PROMPTS,
     SAMPLING_SEED,
+    TOKENS_PER_PASS,
     AdapterDisabled,
+    head_inputs,
     kl_drift,
+    output_layer,
     read_texts,
     sample_chat,
     sample_texts,
@@ -147,6 +151,10 @@ class ForgettingEval:
         # chat template, "chat" (the base's replies in that template, sampled in evaluate_base).
         self.texts: dict[str, list] = {"text": read_texts(section.drift_texts)} if section.drift_texts else {}
         self.base: Evaluation | None = None
+        # By kind: what the base's output layer saw at the texts' measured positions (drift.head_inputs; None where
+        # the model's logits are more than that layer's output), so that each measurement runs the tuned model alone.
+        self.base_inputs: dict[str, list | None] = {}
+        self._base_head = None  # the base's output layer, for a model that trains its own (not an adapter's base)
         self.ranks = ranks
         # `precision`: what was chosen and why, for the run's output and the report's footer.
         self.autocast, self.precision = eval_autocast(section.mixed_precision, eval_device())
@@ -182,7 +190,7 @@ class ForgettingEval:
         kinds = {"text": sample_texts, **({"chat": sample_chat} if self.tokenizer.chat_template else {})}
         # The main process alone reads the cache and decides what is missing, so that every rank takes the same
         # branch below (on several machines, each would read its own disk).
-        scores, missing, texts_paths, to_sample = {}, [], {}, []
+        scores, missing, texts_paths, to_sample, to_encode = {}, [], {}, [], []
         if self.ranks.main:
             paths = {spec: self._cache_path("base_eval", settings, task_fingerprint(tasks, self.section.limit))
                      for spec, (_, tasks) in loaded.items()}
@@ -197,12 +205,19 @@ class ForgettingEval:
             to_sample = [kind for kind, path in texts_paths.items() if not path.is_file()]
             print(f"measuring the base model on {len(missing)} task(s) (once; cached for later runs)" if missing else
                   f"the base model's scores: from the cache ({self.cache_dir})", file=sys.stderr)
-        missing, to_sample = self.ranks.from_main((missing, to_sample))
+            inputs_paths = {kind: self._inputs_path(kind, self.texts[kind] if kind in self.texts else
+                                                    _read_json(texts_paths[kind]))
+                            for kind in [*self.texts, *texts_paths] if kind not in to_sample}
+            to_encode = to_sample + [kind for kind, path in inputs_paths.items() if not path.is_file()]
+        missing, to_sample, to_encode = self.ranks.from_main((missing, to_sample, to_encode))
         fresh, in_memory = {}, bool(missing) and not self.served_apart
         if missing and self.served_apart:  # vLLM loads the base from its folder: nothing to load here
             fresh = self._scores(None, {spec: loaded[spec] for spec in missing})
-        if in_memory or to_sample:
-            with self._plain_base(model) as base:
+        if model is not None and not _is_peft(model):
+            # Training will change this model's output layer; the drift needs the base's.
+            self._base_head = copy.deepcopy(output_layer(model))
+        with self._plain_base(model) if in_memory or to_sample or to_encode else nullcontext() as base:
+            with cast_once(self.autocast, base):
                 if in_memory:
                     fresh = self._scores(base, {spec: loaded[spec] for spec in missing})
                 # Sampled by one process: one seeded stream over the prompts, as the cached texts were drawn.
@@ -214,13 +229,25 @@ class ForgettingEval:
                         _write_json(texts_paths[kind], kinds[kind](base, self.tokenizer, PROMPTS[kind],
                                                                    new_tokens=NEW_TOKENS, seed=SAMPLING_SEED,
                                                                    autocast=self.autocast))
+                if to_encode:
+                    for kind, path in texts_paths.items():
+                        self.texts[kind] = _read_json(path)
+                    self.texts = self.ranks.from_main(self.texts)
+                for kind in to_encode:  # collective: the ranks share the batches
+                    inputs = head_inputs(base, self.tokenizer, self.texts[kind], **self._drift_args(kind))
+                    if self.ranks.main:
+                        _save_tensors(self._inputs_path(kind, self.texts[kind]), inputs)
+                    self.base_inputs[kind] = inputs
         for spec, score in fresh.items():
             if self.ranks.main:
                 _write_json(paths[spec], to_dict(score))
             scores[spec] = score
         for kind, path in texts_paths.items():
             self.texts[kind] = _read_json(path)
-        scores, self.texts = self.ranks.from_main((scores, self.texts))
+        cached_inputs = {kind: torch.load(self._inputs_path(kind, texts), weights_only=True)
+                         for kind, texts in self.texts.items() if kind not in self.base_inputs} if self.ranks.main else {}
+        scores, self.texts, cached_inputs = self.ranks.from_main((scores, self.texts, cached_inputs))
+        self.base_inputs.update(cached_inputs)
         self.base = Evaluation(step=0, tasks={s: scores[s] for s in self.section.tasks},
                                targets={s: scores[s] for s in self.section.target_tasks})
         return self.base
@@ -236,12 +263,16 @@ class ForgettingEval:
                   f"{len(self.section.tasks) + len(self.section.target_tasks)} task(s), and its drift from the base",
                   file=sys.stderr)
         specs = self.section.tasks + self.section.target_tasks
-        scores = self._scores(model, {spec: load_tasks(spec) for spec in specs})
-        base = self._base_beside(model)
-        # Chat texts are rendered by the template, special tokens included; raw texts get the tokenizer's own.
-        drift = {kind: kl_drift(base, model, self.tokenizer, texts, max_length=self.section.drift_max_length,
-                                special_tokens=kind != "chat", ranks=self.ranks, autocast=self.autocast)
-                 for kind, texts in self.texts.items()}
+        with cast_once(self.autocast, model):
+            scores = self._scores(model, {spec: load_tasks(spec) for spec in specs})
+            drift, base = {}, None
+            for kind, texts in self.texts.items():
+                if self.base_inputs.get(kind) is not None:
+                    drift[kind] = kl_drift(None, model, self.tokenizer, texts, **self._drift_args(kind),
+                                           base_inputs=self.base_inputs[kind], base_head=self._base_head_for(model))
+                else:  # a model whose logits the base's head inputs do not give: the base runs beside it
+                    base = base or self._base_beside(model)
+                    drift[kind] = kl_drift(base, model, self.tokenizer, texts, **self._drift_args(kind))
         point = Evaluation(step=step, tasks={s: scores[s] for s in self.section.tasks},
                            targets={s: scores[s] for s in self.section.target_tasks}, drift=drift)
         self.curve.append(point)
@@ -250,6 +281,30 @@ class ForgettingEval:
             with open(self.curve_file, "a", encoding="utf-8") as f:
                 f.write(json.dumps(to_dict(without_logs(point))) + "\n")
         return point
+
+    def _drift_args(self, kind: str) -> dict:
+        # Chat texts are rendered by the template, special tokens included; raw texts get the tokenizer's own.
+        return {"max_length": self.section.drift_max_length, "special_tokens": kind != "chat", "ranks": self.ranks,
+                "autocast": self.autocast}
+
+    def _inputs_path(self, kind: str, texts: list) -> Path:
+        """Where the base's head inputs on these texts are cached: they depend on the texts, their batches and the
+        precision, besides the weights."""
+        digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
+        return self._cache_path("drift", kind, "head inputs", digest, TOKENS_PER_PASS, self.section.drift_max_length,
+                                str(self.autocast)).with_suffix(".pt")
+
+    def _base_head_for(self, tuned):
+        """The base's output layer as a function: an adapter's base is the tuned model's own layer with the adapter
+        off; a model trained whole gets the copy kept before training, or the base's, loaded once."""
+        if _is_peft(tuned):
+            def head(hidden):
+                with tuned.disable_adapter():
+                    return output_layer(tuned)(hidden)
+            return head
+        if self._base_head is None:
+            self._base_head = output_layer(self._load_base(next(tuned.parameters()).device))
+        return self._base_head
 
     @property
     def served_apart(self) -> bool:
@@ -293,6 +348,14 @@ class ForgettingEval:
         if _is_peft(tuned):
             return AdapterDisabled(tuned)
         return self._load_base(next(tuned.parameters()).device)
+
+
+def _save_tensors(path: Path, value) -> None:
+    """torch.save aside, then renamed, as _write_json."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    aside = path.with_name(path.name + ".partial")
+    torch.save(value, aside)
+    aside.replace(path)
 
 
 def without_logs(e: Evaluation) -> Evaluation:
