@@ -5,6 +5,7 @@ train and measure on 2 ranks are in test_distributed.py and test_fsdp.py.)"""
 import json
 
 import pytest
+import torch
 from conftest import ROOT, accelerate_launch, write_generation_task, write_task
 from multiproc import LAUNCH, shares
 from shared_eval_worker import measure
@@ -55,12 +56,21 @@ def test_two_ranks_measure_exactly_what_one_process_measures(tmp_path, base_dir,
     assert without_logs(scores[0]) == without_logs(scores[1]) and sample_keys(scores[0]) == sample_keys(scores[1])
     assert all(c[p] == cached[1][p] for c in cached[:1] for p in c if p.parts[0] == "drift")
 
-    # Shared: the base's and the tuned model's requests (3 tasks of 7 documents: 11 and 10 documents per rank),
-    # then the tuned model's drift texts of each kind, in batches made from all 100 texts and dealt out in turn.
+    # The base's output-layer inputs on the drift texts, cached by 2 ranks as by one process, to the bit.
+    inputs = [{p.relative_to(tmp_path / f"cache-{n}"): torch.load(p, weights_only=True)
+               for p in (tmp_path / f"cache-{n}").rglob("*.pt")} for n in ("one", "two")]
+    assert inputs[0].keys() == inputs[1].keys() and len(inputs[0]) == 2
+    assert all(len(inputs[0][p]) == len(inputs[1][p]) == 100 for p in inputs[0])
+    assert all((a is None and b is None) or torch.equal(a, b)
+               for p in inputs[0] for a, b in zip(inputs[0][p], inputs[1][p]))
+
+    # Shared: the base's requests (3 tasks of 7 documents: 11 and 10 documents per rank), its drift texts of each
+    # kind (its output layer's inputs, once), then the tuned model's requests and drift texts, the drift in batches
+    # made from all 100 texts and dealt out in turn.
     pieces = shares(proc.stdout)
-    assert [(p["what"], p["documents"], p["ranks"]) for p in pieces[:4]] == \
-        [("loglikelihood requests", 14, [(28, 7), (28, 7)]), ("generate_until requests", 7, [(4, 4), (3, 3)])] * 2
-    drift = pieces[4:]
-    assert [p["what"] for p in drift] == ["drift batches"] * 2, pieces
+    requests = [("loglikelihood requests", 14, [(28, 7), (28, 7)]), ("generate_until requests", 7, [(4, 4), (3, 3)])]
+    assert [(p["what"], p["documents"], p["ranks"]) for p in pieces[:2] + pieces[4:6]] == requests * 2
+    drift = pieces[2:4] + pieces[6:]
+    assert [p["what"] for p in drift] == ["drift batches"] * 4, pieces
     assert all(p["total"] > 2 and [n for n, _ in p["ranks"]] == [(p["total"] + 1) // 2, p["total"] // 2]
                for p in drift), drift
