@@ -86,7 +86,7 @@ def main() -> int:
         sample_texts,
     )
     from finetune.measure.tasks import evaluate_tasks, load_tasks
-    from finetune.model import load_model
+    from finetune.model import load_model, output_layer
     from finetune.model_files import load_tokenizer
     from finetune.quiet import silence_lm_eval
     from finetune.recipe import load_recipe
@@ -172,7 +172,7 @@ def main() -> int:
             len(texts), sum(len(i) for i in inputs if i is not None), s_inputs)
         drift, s_drift = timed(kl_drift, None, model, tokenizer, texts, max_length=ev.drift_max_length,
                                special_tokens=kind != "chat", autocast=autocast, base_inputs=inputs,
-                               base_head=drift_module.output_layer(model))
+                               base_head=output_layer(model))
         row(f"drift KL ({kind})", f"finetune, {batched} tokens per pass, the base from its cached head inputs"
             f"{', bf16 autocast' if autocast else ''}", drift.texts, 2 * drift.tokens, s_drift)
     train = {}

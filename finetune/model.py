@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -197,3 +198,28 @@ def eval_mode(model: torch.nn.Module):
     finally:
         for m, training in modes:
             m.training = training
+
+
+def output_layer(model) -> torch.nn.Module:
+    """The layer that turns a model's last hidden states into logits (lm_head)."""
+    return getattr(model, "peft_model", model).get_output_embeddings()  # drift.AdapterDisabled: its peft model's
+
+
+@contextmanager
+def head_at(model, positions: torch.Tensor) -> Iterator[list]:
+    """For the duration, `model`'s output layer computes logits only at `positions` (indices into the batch's
+    rows x width positions): a forward pre-hook hands it those rows of its input, [1, positions, hidden]. The
+    list it yields receives what the layer was given."""
+    seen: list = []
+
+    def keep_measured(module, args):
+        hidden = args[0]
+        rows = hidden.reshape(-1, hidden.shape[-1])[positions][None]
+        seen.append(rows)
+        return (rows, *args[1:])
+
+    handle = output_layer(model).register_forward_pre_hook(keep_measured)
+    try:
+        yield seen
+    finally:
+        handle.remove()

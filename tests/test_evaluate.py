@@ -18,6 +18,7 @@ from finetune.measure.drift import kl_drift
 from finetune.measure.evaluate import ForgettingEval, without_logs
 from finetune.measure.saved import evaluate_saved
 from finetune.measure.tasks import evaluate_tasks
+from finetune.model import output_layer
 from finetune.reports.forgetting import choose_best
 from finetune.model_files import load_tokenizer
 from finetune.recipe import EvalSection, ModelSection
@@ -347,7 +348,7 @@ def test_drift_from_the_bases_cached_head_inputs_is_the_drift_from_running_it(se
         assert inputs[-1] is None and all(i.shape[0] > 0 for i in inputs[:-1])
         ran = kl_drift(base, tuned, tokenizer, items, max_length=32, autocast=autocast)
         cached = kl_drift(None, tuned, tokenizer, items, max_length=32, autocast=autocast, base_inputs=inputs,
-                          base_head=drift.output_layer(base))
+                          base_head=output_layer(base))
         assert cached == ran and ran.kl > 0.01  # to the bit
 
 

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
-from ..model import eval_mode
+from ..model import eval_mode, head_at, output_layer
 from ..reports.forgetting import bootstrap_ratio
 from ..reports.records import Drift
 from .batches import by_length
@@ -120,31 +118,6 @@ def head_inputs(base_model, tokenizer, texts: list, *, max_length: int, special_
     return out
 
 
-def output_layer(model) -> torch.nn.Module:
-    """The layer that turns a model's last hidden states into logits (lm_head)."""
-    return (model.peft_model if isinstance(model, AdapterDisabled) else model).get_output_embeddings()
-
-
-@contextmanager
-def _head_at(model, positions: torch.Tensor) -> Iterator[list]:
-    """For the duration, `model`'s output layer computes logits only at `positions` (indices into the batch's
-    rows x width positions): a forward pre-hook hands it those rows of its input, [1, positions, hidden]. The
-    list it yields receives what the layer was given."""
-    seen: list = []
-
-    def keep_measured(module, args):
-        hidden = args[0]
-        rows = hidden.reshape(-1, hidden.shape[-1])[positions][None]
-        seen.append(rows)
-        return (rows, *args[1:])
-
-    handle = output_layer(model).register_forward_pre_hook(keep_measured)
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
 def _layout(batch: list[tuple[list[int], list[int]]], device: torch.device):
     """(ids, attention mask, the flat positions whose logits predict measured tokens, those tokens) of a batch,
     right-padded."""
@@ -163,7 +136,7 @@ def _logits_are_head_output(model, text: tuple[list[int], list[int]]) -> bool:
     rounding (the matmuls' shapes differ), or by far more where a final soft-cap or scale follows the layer."""
     ids, mask, positions, _ = _layout([text], _device(model))
     whole = model(input_ids=ids, attention_mask=mask).logits
-    with _head_at(model, positions) as seen:
+    with head_at(model, positions) as seen:
         model(input_ids=ids, attention_mask=mask)
     measured = output_layer(model)(seen[0])[0]
     whole = whole.reshape(-1, whole.shape[-1])[positions]
@@ -177,7 +150,7 @@ def _logits_are_head_output(model, text: tuple[list[int], list[int]]) -> bool:
 def _head_inputs_of_batch(model, batch: list[tuple[list[int], list[int]]], autocast: torch.dtype | None) -> list:
     ids, mask, positions, _ = _layout(batch, _device(model))
     with torch.autocast(ids.device.type, dtype=autocast, enabled=autocast is not None), \
-            _head_at(model, positions) as seen:
+            head_at(model, positions) as seen:
         model(input_ids=ids, attention_mask=mask)
     return [rows.cpu() for rows in seen[0][0].split([len(measured) for _, measured in batch])]
 
@@ -198,10 +171,10 @@ def _measure_batch(base_model, tuned_model, batch: list[tuple[list[int], list[in
     layer) in place of running the base."""
     ids, mask, positions, targets = _layout(batch, _device(tuned_model))
     with torch.autocast(ids.device.type, dtype=autocast, enabled=autocast is not None):
-        with _head_at(tuned_model, positions):
+        with head_at(tuned_model, positions):
             tuned_logits = tuned_model(input_ids=ids, attention_mask=mask).logits[0]
         if cached is None:
-            with _head_at(base_model, positions):
+            with head_at(base_model, positions):
                 base_logits = base_model(input_ids=ids, attention_mask=mask).logits[0]
         else:
             inputs, head = cached

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_write_text, read_jsonl
-from ..model import load_model, resolve_model_path
+from ..model import load_model, output_layer, resolve_model_path
 from ..precision import cast_once, eval_autocast
 from ..recipe import EvalSection, ModelSection
 from ..reports.records import Evaluation, TaskScore, from_dict, to_dict
@@ -36,7 +36,6 @@ from .drift import (
     AdapterDisabled,
     head_inputs,
     kl_drift,
-    output_layer,
     read_texts,
     sample_chat,
     sample_texts,
