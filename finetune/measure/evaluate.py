@@ -243,8 +243,9 @@ class ForgettingEval:
             scores[spec] = score
         for kind, path in texts_paths.items():
             self.texts[kind] = _read_json(path)
-        cached_inputs = {kind: torch.load(self._inputs_path(kind, texts), weights_only=True)
-                         for kind, texts in self.texts.items() if kind not in self.base_inputs} if self.ranks.main else {}
+        cached_inputs = {} if not self.ranks.main else {
+            kind: torch.load(self._inputs_path(kind, texts), weights_only=True)
+            for kind, texts in self.texts.items() if kind not in self.base_inputs}
         scores, self.texts, cached_inputs = self.ranks.from_main((scores, self.texts, cached_inputs))
         self.base_inputs.update(cached_inputs)
         self.base = Evaluation(step=0, tasks={s: scores[s] for s in self.section.tasks},
