@@ -441,8 +441,8 @@ def test_shared_prefixes_give_lm_evals_own_log_likelihoods(section, tmp_path, mo
     own, shared = (evaluate_tasks(model, tokenizer, [spec], batch_size=4, limit=None, chat=chat, share_prefixes=s)[spec]
                    for s in (False, True))
     assert prefixes and (min(prefixes) >= prefix_sharing.MIN_PREFIX if chat else max(prefixes) == 0)
-    # Options of each length in a pass of their own, and (above) of several lengths padded together: lm-eval's scores.
-    monkeypatch.setattr(prefix_sharing, "PASS_TOKENS", 0)
+    # In one pass (above) and in several, the batches cut by the rows' lengths: lm-eval's scores either way.
+    monkeypatch.setattr(prefix_sharing, "TOKENS_PER_PASS", 64)
     apart = evaluate_tasks(model, tokenizer, [spec], batch_size=4, limit=None, chat=chat, share_prefixes=True)[spec]
 
     def lls(score):
