@@ -2,6 +2,7 @@
 finetune uses it. A release that changes one fails here, by name ("accelerate changed X"), before a launch or an
 evaluation test fails for reasons hard to read; and finetune's guard says so to a user in one line."""
 
+import inspect
 import sys
 
 import pytest
@@ -219,3 +220,29 @@ def test_bitsandbytes_repacks_a_4bit_layer_for_the_cpu_only_where_its_instance_s
     assert getattr(on.weight.quant_state, "packing_format_for_cpu", False), "bitsandbytes changed the repacking"
     assert not getattr(off.weight.quant_state, "packing_format_for_cpu", False) and torch.equal(off.weight.data, before)
     assert "support_avx512bf16_for_cpu" in modules.Linear4bit.forward.__code__.co_names
+
+
+def test_lm_eval_renders_every_template_through_utils_apply_template_and_its_env(tasks):
+    """measure/tasks.py keeps each compiled task template: it replaces lm_eval.utils.apply_template, built on
+    utils.env, which lm-eval's Task reaches through the module at every call; the prompts stay the same."""
+    import lm_eval.api.task as task_module
+    from lm_eval import utils
+
+    from finetune.measure.tasks import _compile_templates_once, load_tasks
+
+    assert hasattr(utils, "env") and callable(utils.env.from_string) and callable(utils.apply_template)
+    assert "utils.apply_template(" in inspect.getsource(task_module)
+    _, loaded = load_tasks(str(tasks["original"]))
+    task = next(iter(loaded.values()))
+    docs = list(task.eval_docs)[:3]
+    before = [task.doc_to_text(d) for d in docs]
+    _compile_templates_once()
+    compiled = []
+    real = utils.env.from_string
+    utils.env.from_string = lambda source: compiled.append(source) or real(source)
+    try:
+        after = [task.doc_to_text(d) for d in docs] + [task.doc_to_text(d) for d in docs]
+    finally:
+        utils.env.from_string = real
+    assert after == before * 2 and len(set(before)) == 3
+    assert len(compiled) <= 1  # compiled once (or not at all: kept from an earlier evaluation in this process)
