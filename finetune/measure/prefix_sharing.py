@@ -6,9 +6,9 @@ layer computes only the positions that predict an option's token. The prompts of
 (and fixed few-shot turns, in generation too): that prefix runs once for the batch.
 
 The numbers are lm-eval's up to float rounding: the same positions attend to the same keys, computed in another
-grouping (one row per question instead of one per option; a cache for the prefix). bench/eval_speed.py counts the examples whose score differs from lm-eval's
-own path on the demo's suites; the cache key of the base's scores names the path, so a base and a tuned model are
-always scored the same way.
+grouping (one row per question instead of one per option; a cache for the prefix). bench/eval_speed.py counts
+the examples whose score differs from lm-eval's own path on the demo's suites; the cache key of the base's scores
+names the path, so a base and a tuned model are always scored the same way.
 """
 
 from __future__ import annotations
