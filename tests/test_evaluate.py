@@ -332,9 +332,9 @@ def test_drift_grows_with_the_interpolation_alpha(section, drift_file):
     assert kls[0] == 0.0 and kls[0] < kls[1] < kls[2] < kls[3], kls
 
 
-def test_drift_from_the_bases_cached_head_inputs_is_the_drift_from_running_it(section, monkeypatch):
-    import finetune.measure.drift as drift
-
+def base_and_moved(section):
+    """The base, a copy with every weight moved a little, the tokenizer, and drift texts of many lengths (so
+    batches pad), one measured from a character on, one too short to measure."""
     base, tokenizer = load(section)
     tuned, _ = load(section)
     torch.manual_seed(0)
@@ -342,6 +342,13 @@ def test_drift_from_the_bases_cached_head_inputs_is_the_drift_from_running_it(se
         for p in tuned.parameters():
             p.add_(0.05 * torch.randn_like(p))
     items = [t * (1 + i % 3) for i, t in enumerate(texts(0)[:9])] + [[texts(1)[0], 10], "a"]
+    return base, tuned, tokenizer, items
+
+
+def test_drift_from_the_bases_cached_head_inputs_is_the_drift_from_running_it(section, monkeypatch):
+    import finetune.measure.drift as drift
+
+    base, tuned, tokenizer, items = base_and_moved(section)
     monkeypatch.setattr(drift, "TOKENS_PER_PASS", 64)  # several batches
     for autocast in (None, torch.bfloat16):
         inputs = drift.head_inputs(base, tokenizer, items, max_length=32, autocast=autocast)
@@ -376,14 +383,7 @@ def test_a_model_whose_logits_are_more_than_its_heads_output_runs_the_base_every
 def test_drift_in_batches_is_each_texts_own_kl(section, monkeypatch):
     import finetune.measure.drift as drift
 
-    base, tokenizer = load(section)
-    tuned, _ = load(section)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in tuned.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    # Texts of many lengths (so batches pad), one measured from a character on, one too short to measure.
-    items = [t * (1 + i % 3) for i, t in enumerate(texts(0)[:9])] + [[texts(1)[0], 10], "a"]
+    base, tuned, tokenizer, items = base_and_moved(section)
     monkeypatch.setattr(drift, "TOKENS_PER_PASS", 64)  # several batches of several texts
     batched = kl_drift(base, tuned, tokenizer, items, max_length=32)
     kl = tokens = lp_base = lp_tuned = 0.0
