@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -60,7 +61,7 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 def kl_drift(base_model, tuned_model, tokenizer, texts: list, *, max_length: int, special_tokens: bool = True,
              ranks: Ranks = Ranks(), autocast: torch.dtype | None = None, base_inputs: list | None = None,
-             base_head: torch.nn.Module | None = None) -> Drift:
+             base_head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Drift:
     """Mean per-token KL(P_base || P_tuned) over the measured tokens of `texts`, both perplexities, and a bootstrap
     interval over texts. Each text is a string, measured whole (every token but the first, which nothing predicts),
     or [text, start]: only tokens that begin at or after character `start` are measured. With several `ranks`, each
@@ -74,9 +75,9 @@ def kl_drift(base_model, tuned_model, tokenizer, texts: list, *, max_length: int
     float64.
 
     With `base_inputs` (head_inputs() of the base on these texts, cached with them) and `base_head` (the base's
-    output layer), the base does not run again: its logits are its head applied to what its head saw, in the same
-    batches, so the result is the same to the bit as running it. Either way the heads compute the measured
-    positions' logits only."""
+    output layer, or a function applying it), the base does not run again: its logits are its head applied to what
+    its head saw, in the same batches, so the result is the same to the bit as running it. Either way the heads
+    compute the measured positions' logits only."""
     encoded = [_encode(tokenizer, item, max_length=max_length, special_tokens=special_tokens) for item in texts]
     batches = _batches(encoded)
     with eval_mode(tuned_model), eval_mode(base_model if base_inputs is None else tuned_model):
@@ -164,7 +165,7 @@ def _batches(encoded: list) -> list[list[int]]:
 
 @torch.no_grad()
 def _measure_batch(base_model, tuned_model, batch: list[tuple[list[int], list[int]]],
-                   autocast: torch.dtype | None = None, cached: tuple[list, torch.nn.Module] | None = None) \
+                   autocast: torch.dtype | None = None, cached: tuple[list, Callable] | None = None) \
         -> list[tuple[float, int, float, float]]:
     """(KL summed over the text's measured tokens, their number, their log-likelihood under the base, under the
     tuned model) for each encoded text of one batch; `cached`: (the base's head inputs for these texts, its output
