@@ -189,7 +189,7 @@ class ForgettingEval:
         kinds = {"text": sample_texts, **({"chat": sample_chat} if self.tokenizer.chat_template else {})}
         # The main process alone reads the cache and decides what is missing, so that every rank takes the same
         # branch below (on several machines, each would read its own disk).
-        scores, missing, texts_paths, to_sample, to_encode = {}, [], {}, [], []
+        scores, missing, texts_paths, to_sample, to_encode, inputs_paths = {}, [], {}, [], [], {}
         if self.ranks.main:
             paths = {spec: self._cache_path("base_eval", settings, task_fingerprint(tasks, self.section.limit))
                      for spec, (_, tasks) in loaded.items()}
@@ -204,9 +204,8 @@ class ForgettingEval:
             to_sample = [kind for kind, path in texts_paths.items() if not path.is_file()]
             print(f"measuring the base model on {len(missing)} task(s) (once; cached for later runs)" if missing else
                   f"the base model's scores: from the cache ({self.cache_dir})", file=sys.stderr)
-            inputs_paths = {kind: self._inputs_path(kind, self.texts[kind] if kind in self.texts else
-                                                    _read_json(texts_paths[kind]))
-                            for kind in [*self.texts, *texts_paths] if kind not in to_sample}
+            self.texts.update({kind: _read_json(path) for kind, path in texts_paths.items() if kind not in to_sample})
+            inputs_paths = {kind: self._inputs_path(kind, texts) for kind, texts in self.texts.items()}
             to_encode = to_sample + [kind for kind, path in inputs_paths.items() if not path.is_file()]
         missing, to_sample, to_encode = self.ranks.from_main((missing, to_sample, to_encode))
         fresh, in_memory = {}, bool(missing) and not self.served_apart
@@ -225,12 +224,10 @@ class ForgettingEval:
                         print(f"the base model writes its drift texts ({' and '.join(to_sample)}, "
                               f"{sum(len(PROMPTS[k]) for k in to_sample)} in all; once, then cached)", file=sys.stderr)
                     for kind in to_sample:
-                        _write_json(texts_paths[kind], kinds[kind](base, self.tokenizer, PROMPTS[kind],
-                                                                   new_tokens=NEW_TOKENS, seed=SAMPLING_SEED,
-                                                                   autocast=self.autocast))
+                        self.texts[kind] = kinds[kind](base, self.tokenizer, PROMPTS[kind], new_tokens=NEW_TOKENS,
+                                                       seed=SAMPLING_SEED, autocast=self.autocast)
+                        _write_json(texts_paths[kind], self.texts[kind])
                 if to_encode:
-                    for kind, path in texts_paths.items():
-                        self.texts[kind] = _read_json(path)
                     self.texts = self.ranks.from_main(self.texts)
                 for kind in to_encode:  # collective: the ranks share the batches
                     inputs = head_inputs(base, self.tokenizer, self.texts[kind], **self._drift_args(kind))
@@ -241,11 +238,8 @@ class ForgettingEval:
             if self.ranks.main:
                 _write_json(paths[spec], to_dict(score))
             scores[spec] = score
-        for kind, path in texts_paths.items():
-            self.texts[kind] = _read_json(path)
-        cached_inputs = {} if not self.ranks.main else {
-            kind: torch.load(self._inputs_path(kind, texts), weights_only=True)
-            for kind, texts in self.texts.items() if kind not in self.base_inputs}
+        cached_inputs = {kind: torch.load(path, weights_only=True) for kind, path in inputs_paths.items()
+                         if kind not in to_encode}
         scores, self.texts, cached_inputs = self.ranks.from_main((scores, self.texts, cached_inputs))
         self.base_inputs.update(cached_inputs)
         self.base = Evaluation(step=0, tasks={s: scores[s] for s in self.section.tasks},
