@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -80,7 +81,7 @@ def kl_drift(base_model, tuned_model, tokenizer, texts: list, *, max_length: int
     compute the measured positions' logits only."""
     encoded = [_encode(tokenizer, item, max_length=max_length, special_tokens=special_tokens) for item in texts]
     batches = _batches(encoded)
-    with eval_mode(tuned_model), eval_mode(base_model if base_inputs is None else tuned_model):
+    with eval_mode(tuned_model), eval_mode(base_model) if base_model is not None else nullcontext():
         per_batch = ranks.map(batches, lambda share: [
             _measure_batch(base_model, tuned_model, [encoded[i] for i in b], autocast,
                            None if base_inputs is None else ([base_inputs[i] for i in b], base_head))

@@ -86,22 +86,20 @@ def _score_groups(lm, contexts: list[list[int]], conts: list[list[list[int]]]) -
     position_ids = torch.tensor([p + [0] * (width - len(p)) for p in positions], device=device)
     # Which keys each query sees: the prefix, and within its row a causal context and the option branches. Every
     # position sees itself, so a padding position's attention has something to weigh (no NaN to leak into others).
+    # And the logits wanted, in order: each context's last position, then its options' positions.
     sees = torch.zeros(len(rows), width, prefix + width, dtype=torch.bool)
     sees[:, :, :prefix] = True
     sees[:, torch.arange(width), prefix + torch.arange(width)] = True
+    wanted, first_of = [], []
     for r, (ctx, own) in enumerate(zip(contexts, spans)):
         n = len(ctx) - prefix
         sees[r, :n, prefix:prefix + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        first_of.append(len(wanted))
+        wanted.append(r * width + n - 1)
         for start, length in own:
             sees[r, start:start + length, prefix:prefix + n] = True
             sees[r, start:start + length, prefix + start:prefix + start + length] = \
                 torch.ones(length, length, dtype=torch.bool).tril()
-    # The logits wanted, in order: each context's last position, then its options' positions.
-    wanted, first_of = [], []
-    for r, (ctx, own) in enumerate(zip(contexts, spans)):
-        first_of.append(len(wanted))
-        wanted.append(r * width + len(ctx) - prefix - 1)
-        for start, length in own:
             wanted += range(r * width + start, r * width + start + length)
     shared = {}
     if prefix:
