@@ -200,6 +200,49 @@ def eval_mode(model: torch.nn.Module):
             m.training = training
 
 
+@contextmanager
+def adapter_merged(model: torch.nn.Module) -> Iterator[bool]:
+    """For the duration, a LoRA model's adapters folded into its base weights (yields whether they were), then every
+    weight back to the bit. Evaluation then runs one matmul per adapted layer instead of three and peft's per-layer
+    bookkeeping: one tuned evaluation of the demo's adapter took 66 s instead of 77 on 2 CPU cores (bf16 autocast),
+    the scores the same but for rounding (3 and 1 of 420 multiple-choice items moved). peft's merge writes the merged weights into new tensors (safe_merge),
+    the originals are kept aside and put back after peft's unmerge, because W + BA - BA is not W in float. That
+    holds every adapted weight twice, so only on the CPU, and only where each adapted layer is a plain LoRA linear
+    layer over a whole float weight: not a 4-bit base, nor a weight sharded by FSDP (a DTensor) or by ZeRO-3."""
+    from peft.tuners.lora import Linear
+
+    layers = list(dict.fromkeys(m for m, _ in lora_layers(model)))  # a layer with two adapters: once
+    weights = [m.get_base_layer() for m in layers]
+    mergeable = bool(layers) and all(
+        isinstance(m, Linear) and not m.merged and type(w.weight.data) is torch.Tensor and w.weight.is_floating_point()
+        and w.weight.device.type == "cpu" and not hasattr(w.weight, "ds_id") for m, w in zip(layers, weights))
+    if not mergeable:
+        yield False
+        return
+    kept = [(w.weight.data, None if getattr(w, "bias", None) is None else w.bias.data) for w in weights]
+
+    def put_back():
+        for m, w, (weight, bias) in zip(layers, weights, kept):
+            if m.merged:  # peft unmerges a layer itself where it runs with its adapter disabled
+                m.unmerge()
+            w.weight.data = weight
+            if bias is not None:
+                w.bias.data = bias
+
+    try:
+        with torch.no_grad():
+            for m in layers:
+                m.merge(safe_merge=True)  # every active adapter of the layer
+    except ValueError:  # peft refuses to merge weights that are not finite: such a model is measured as it is
+        put_back()
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        put_back()
+
+
 def output_layer(model) -> torch.nn.Module:
     """The layer that turns a model's last hidden states into logits (lm_head)."""
     return getattr(model, "peft_model", model).get_output_embeddings()  # drift.AdapterDisabled: its peft model's

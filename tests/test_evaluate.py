@@ -517,6 +517,47 @@ def test_an_evaluation_casts_frozen_weights_once_and_gives_the_same_logits(secti
         assert not torch.is_autocast_enabled("cpu")
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_an_adapter_is_evaluated_merged_and_every_weight_is_put_back_to_the_bit(section, tasks, drift_file):
+    import peft
+
+    from finetune.model import adapter_merged, lora_layers
+
+    model, tokenizer = load(section)
+    base_logits = model(input_ids=torch.tensor([[3, 5, 7, 11, 13, 2, 4]])).logits.detach()
+    torch.manual_seed(0)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    for layer, name in lora_layers(lora):  # B starts at 0: an adapter that has learned something
+        torch.nn.init.normal_(layer.lora_B[name].weight, std=0.05)
+    before = {name: p.detach().clone() for name, p in lora.named_parameters()}
+    ids = torch.tensor([[3, 5, 7, 11, 13, 2, 4]])
+    with torch.no_grad():
+        adapted = lora(input_ids=ids).logits
+        with adapter_merged(lora) as merged:
+            assert merged and all(layer.merged for layer, _ in lora_layers(lora))
+            inside = lora(input_ids=ids).logits
+            with lora.disable_adapter():  # peft unmerges a merged layer itself when it runs disabled
+                disabled = lora(input_ids=ids).logits
+    torch.testing.assert_close(inside, adapted, rtol=0, atol=1e-5)
+    torch.testing.assert_close(disabled, base_logits, rtol=0, atol=1e-5)
+    assert (inside - base_logits).abs().max() > 1e-2  # the adapter does change the logits: the check means something
+    assert not any(layer.merged for layer, _ in lora_layers(lora))
+    assert all(torch.equal(p, before[name]) for name, p in lora.named_parameters())  # W + BA - BA is not W
+
+    # Through a whole evaluation too; and an adapter peft will not merge (not finite) is measured as it is.
+    fe = ForgettingEval(EvalSection(tasks=[str(tasks["original"])], drift_texts=[str(drift_file)]), section, tokenizer)
+    fe.evaluate_base(lora)
+    fe.evaluate(lora, step=1)
+    assert all(torch.equal(p, before[name]) for name, p in lora.named_parameters())
+    layer, name = lora_layers(lora)[-1]
+    layer.lora_B[name].weight.data[0, 0] = float("nan")
+    with adapter_merged(lora) as merged:
+        assert not merged and not any(layer.merged for layer, _ in lora_layers(lora))
+    assert all(torch.equal(p, before[n]) for n, p in lora.named_parameters() if "lora_B" not in n)
+    with adapter_merged(model.__class__(model.config)) as merged:  # no adapter: nothing to merge
+        assert not merged
+
+
 def test_bf16_evaluation_runs_every_forward_pass_in_bf16_and_caches_the_base_apart(section, tmp_path, drift_file,
                                                                                   monkeypatch):
     monkeypatch.setattr(precision, "cpu_flags", set)  # `auto` means no autocast on any machine running this

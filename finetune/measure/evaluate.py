@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_write_text, read_jsonl
-from ..model import load_model, output_layer, resolve_model_path
+from ..model import adapter_merged, load_model, output_layer, resolve_model_path
 from ..precision import cast_once, eval_autocast
 from ..recipe import EvalSection, ModelSection
 from ..reports.records import Evaluation, TaskScore, from_dict, to_dict
@@ -257,7 +257,7 @@ class ForgettingEval:
                   f"{len(self.section.tasks) + len(self.section.target_tasks)} task(s), and its drift from the base",
                   file=sys.stderr)
         specs = self.section.tasks + self.section.target_tasks
-        with cast_once(self.autocast, model):
+        with adapter_merged(model), cast_once(self.autocast, model):  # merged first: cast once, merged
             scores = self._scores(model, {spec: load_tasks(spec) for spec in specs})
             drift, base = {}, None
             for kind, texts in self.texts.items():
