@@ -426,8 +426,8 @@ def test_shared_prefixes_give_lm_evals_own_log_likelihoods(section, tmp_path, mo
     from finetune.measure import prefix_sharing
 
     prefixes = []
-    real = prefix_sharing._common_prefix
-    monkeypatch.setattr(prefix_sharing, "_common_prefix", lambda rows: prefixes.append(real(rows)) or prefixes[-1])
+    real = prefix_sharing.common_prefix
+    monkeypatch.setattr(prefix_sharing, "common_prefix", lambda rows: prefixes.append(real(rows)) or prefixes[-1])
     model, tokenizer = load(section)
     spec = write_task(tmp_path / "mc", "original", 0)
     write_jsonl(tmp_path / "mc" / "original.jsonl", [{**r, "item": " ".join([r["item"]] * (1 + i % 3))}

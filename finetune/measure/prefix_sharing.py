@@ -53,7 +53,7 @@ def loglikelihoods(lm, requests: list) -> list[tuple[float, bool]] | None:
     return out
 
 
-def _cache_of(output) -> tuple[str, object]:
+def cache_of(output) -> tuple[str, object]:
     """(the keyword a forward pass takes its key/value cache by, the cache `output` holds): transformers 5.25 renamed
     `past_key_values` to `cache` (the old name warns until 5.40)."""
     name = "cache" if hasattr(output, "cache") else "past_key_values"
@@ -70,7 +70,7 @@ def _score_groups(lm, contexts: list[list[int]], conts: list[list[list[int]]]) -
     predict an option's token."""
     device = lm.device
     pad = lm.tokenizer.pad_token_id or 0
-    prefix = _common_prefix(contexts)
+    prefix = common_prefix(contexts)
     rows, positions, spans = [], [], []  # per context: its tokens, their positions, (start, length) of each option
     for ctx, options in zip(contexts, conts):
         tokens, at, own = list(ctx[prefix:]), list(range(prefix, len(ctx))), []
@@ -105,7 +105,7 @@ def _score_groups(lm, contexts: list[list[int]], conts: list[list[list[int]]]) -
     if prefix:
         head = lm.model(input_ids=torch.tensor([contexts[0][:prefix]], device=device), use_cache=True,
                         logits_to_keep=1)
-        name, cache = _cache_of(head)
+        name, cache = cache_of(head)
         cache.batch_repeat_interleave(len(rows))
         shared = {name: cache}
     with head_at(lm.model, torch.tensor(wanted, device=device)):
@@ -126,7 +126,7 @@ def _score_groups(lm, contexts: list[list[int]], conts: list[list[list[int]]]) -
     return answers
 
 
-def _common_prefix(rows: list[list[int]]) -> int:
+def common_prefix(rows: list[list[int]]) -> int:
     """How many leading tokens every row shares, leaving at least one token of each row to run after them; 0 where
     fewer than MIN_PREFIX are shared (not worth a pass of their own) or there is only one row."""
     shortest = min(len(r) for r in rows)
@@ -148,7 +148,7 @@ def generate_with_shared_prefix(lm, generate, context: torch.Tensor, attention_m
     the prefix sits in the same place in every row, its key/value cache is computed once and repeated for the rows,
     and only the rest runs per row. The same width as lm-eval's batch, so its own slicing of the replies holds."""
     rows = [ids[mask.bool()].tolist() for ids, mask in zip(context, attention_mask)]
-    prefix = _common_prefix(rows)
+    prefix = common_prefix(rows)
     if not prefix:
         return generate(context=context, attention_mask=attention_mask, **kwargs)
     width, pad = context.shape[1], lm.tokenizer.pad_token_id or 0
@@ -157,6 +157,6 @@ def generate_with_shared_prefix(lm, generate, context: torch.Tensor, attention_m
                         device=context.device)
     with torch.no_grad(), _autocast(lm):  # as lm-eval's generate runs the rest
         first = lm.model(input_ids=ids[:1, :prefix], use_cache=True, logits_to_keep=1)
-    name, cache = _cache_of(first)
+    name, cache = cache_of(first)
     cache.batch_repeat_interleave(len(rows))
     return generate(context=ids, attention_mask=mask, **{name: cache}, **kwargs)
