@@ -332,9 +332,10 @@ def test_drift_grows_with_the_interpolation_alpha(section, drift_file):
     assert kls[0] == 0.0 and kls[0] < kls[1] < kls[2] < kls[3], kls
 
 
-def base_and_moved(section):
+def base_and_moved(section, lead: str = ""):
     """The base, a copy with every weight moved a little, the tokenizer, and drift texts of many lengths (so
-    batches pad), one measured from a character on, one too short to measure."""
+    batches pad), one measured from a character on, one too short to measure. With a `lead`, every text begins
+    with it and is measured after it (as a chat text after its system turn)."""
     base, tokenizer = load(section)
     tuned, _ = load(section)
     torch.manual_seed(0)
@@ -342,13 +343,19 @@ def base_and_moved(section):
         for p in tuned.parameters():
             p.add_(0.05 * torch.randn_like(p))
     items = [t * (1 + i % 3) for i, t in enumerate(texts(0)[:9])] + [[texts(1)[0], 10], "a"]
+    if lead:
+        items = [[lead + t, len(lead)] for t in items[:-2]] + [[lead + texts(1)[0], len(lead) + 10], [lead, len(lead)]]
     return base, tuned, tokenizer, items
 
 
-def test_drift_from_the_bases_cached_head_inputs_is_the_drift_from_running_it(section, monkeypatch):
+LEAD = " ".join(texts(1)[1].split()[:6]) + " . "  # a prefix of 8 tokens or more that drift batches run once
+
+
+@pytest.mark.parametrize("lead", ["", LEAD])
+def test_drift_from_the_bases_cached_head_inputs_is_the_drift_from_running_it(section, monkeypatch, lead):
     import finetune.measure.drift as drift
 
-    base, tuned, tokenizer, items = base_and_moved(section)
+    base, tuned, tokenizer, items = base_and_moved(section, lead)
     monkeypatch.setattr(drift, "TOKENS_PER_PASS", 64)  # several batches
     for autocast in (None, torch.bfloat16):
         inputs = drift.head_inputs(base, tokenizer, items, max_length=32, autocast=autocast)
@@ -380,12 +387,17 @@ def test_a_model_whose_logits_are_more_than_its_heads_output_runs_the_base_every
     assert drift.head_inputs(SoftCapped(base), tokenizer, texts(0), max_length=32) is None
 
 
-def test_drift_in_batches_is_each_texts_own_kl(section, monkeypatch):
+@pytest.mark.parametrize("lead", ["", LEAD])
+def test_drift_in_batches_is_each_texts_own_kl(section, monkeypatch, lead):
     import finetune.measure.drift as drift
 
-    base, tuned, tokenizer, items = base_and_moved(section)
+    base, tuned, tokenizer, items = base_and_moved(section, lead)
     monkeypatch.setattr(drift, "TOKENS_PER_PASS", 64)  # several batches of several texts
+    shared, real = [], drift._layout
+    monkeypatch.setattr(drift, "_layout", lambda *a: shared.append(real(*a).prefix) or real(*a))
     batched = kl_drift(base, tuned, tokenizer, items, max_length=32)
+    # A batch's common lead runs once; texts that share none run whole.
+    assert all((p is not None and p.shape[1] >= 8) == bool(lead) for p in shared[:-1]), shared
     kl = tokens = lp_base = lp_tuned = 0.0
     for item in items:  # each text alone, unpadded, by hand
         text, start = (item, 0) if isinstance(item, str) else item

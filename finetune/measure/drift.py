@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -28,6 +29,7 @@ from ..model import eval_mode, head_at, output_layer
 from ..reports.forgetting import bootstrap_ratio
 from ..reports.records import Drift
 from .batches import by_length
+from .prefix_sharing import MIN_PREFIX, cache_of, common_prefix
 from .sharing import Ranks
 
 PROMPTS = json.loads(Path(__file__).with_name("drift_prompts.json").read_text(encoding="utf-8"))
@@ -38,6 +40,7 @@ SAMPLING_SEED = 0
 # took 1.8x one of 20, so 50 texts were drawn 1.7x faster in one batch than in three (bench/eval_speed.py).
 GENERATION_BATCH = 100
 TOKENS_PER_PASS = 1024  # drift tokens (padding included) per forward pass; both models' logits are held at once
+LAYOUT = "shared-prefix"  # how a batch runs (_layout), in the key of the base's cached head inputs
 
 
 class DriftError(UserError):
@@ -120,15 +123,43 @@ def head_inputs(base_model, tokenizer, texts: list, *, max_length: int, special_
     return out
 
 
-def _layout(batch: list[tuple[list[int], list[int]]], device: torch.device):
-    """(ids, attention mask, the flat positions whose logits predict measured tokens, those tokens) of a batch,
-    right-padded."""
-    width = max(len(ids) for ids, _ in batch)
-    ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in batch], device=device)
-    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=device)
-    positions = torch.tensor([row * width + t - 1 for row, (_, measured) in enumerate(batch) for t in measured],
-                             device=device)
-    return ids, mask, positions, ids.reshape(-1)[positions + 1]
+class _Layout(NamedTuple):
+    """A batch of drift texts as the models run it: the texts' common prefix (a chat template's system turn) once,
+    then each text's rest, right-padded."""
+    prefix: torch.Tensor | None  # [1, shared tokens], or None: nothing shared
+    ids: torch.Tensor  # [texts, width]: each text after the prefix
+    mask: torch.Tensor  # [texts, prefix + width]
+    positions: torch.Tensor  # flat indices into ids' texts x width whose logits predict measured tokens
+    targets: torch.Tensor  # those tokens
+
+
+def _layout(batch: list[tuple[list[int], list[int]]], device: torch.device) -> _Layout:
+    """The batch's layout. The prefix shared is at most what comes before every text's first position whose logits
+    are measured (a chat text's reply): it runs once, its key/value cache repeated for the texts; 2,400 of the demo's
+    8,550 chat drift tokens. Raw texts are measured from their second token and share none."""
+    rows = [ids for ids, _ in batch]
+    shared = min(common_prefix(rows), min(measured[0] for _, measured in batch) - 1)
+    shared = shared if shared >= MIN_PREFIX else 0
+    width = max(len(ids) for ids in rows) - shared
+    ids = torch.tensor([r[shared:] + [0] * (width - len(r) + shared) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r) + shared) for r in rows], device=device)
+    positions = torch.tensor([row * width + t - 1 - shared for row, (_, measured) in enumerate(batch)
+                              for t in measured], device=device)
+    prefix = torch.tensor([rows[0][:shared]], device=device) if shared else None
+    return _Layout(prefix, ids, mask, positions, ids.reshape(-1)[positions + 1])
+
+
+def _run(model, layout: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the logits at the layout's measured positions, [positions, vocab]; what the output layer was given there)."""
+    shared = {}
+    if layout.prefix is not None:  # outside head_at: the prefix's own pass asks for its last position's logits
+        first = model(input_ids=layout.prefix, use_cache=True, logits_to_keep=1)
+        name, cache = cache_of(first)
+        cache.batch_repeat_interleave(len(layout.ids))
+        shared = {name: cache}
+    with head_at(model, layout.positions) as seen:
+        logits = model(input_ids=layout.ids, attention_mask=layout.mask, use_cache=False, **shared).logits[0]
+    return logits, seen[0][0]
 
 
 @torch.no_grad()
@@ -136,12 +167,10 @@ def _logits_are_head_output(model, text: tuple[list[int], list[int]]) -> bool:
     """Whether the model's logits are its output layer's output and nothing more, checked on one text in the
     model's own dtype: the model's logits and its output layer applied to what that layer was given differ by float
     rounding (the matmuls' shapes differ), or by far more where a final soft-cap or scale follows the layer."""
-    ids, mask, positions, _ = _layout([text], _device(model))
-    whole = model(input_ids=ids, attention_mask=mask).logits
-    with head_at(model, positions) as seen:
-        model(input_ids=ids, attention_mask=mask)
-    measured = output_layer(model)(seen[0])[0]
-    whole = whole.reshape(-1, whole.shape[-1])[positions]
+    layout = _layout([text], _device(model))
+    whole = model(input_ids=layout.ids, attention_mask=layout.mask).logits
+    measured = output_layer(model)(_run(model, layout)[1][None])[0]
+    whole = whole.reshape(-1, whole.shape[-1])[layout.positions]
     if whole.shape != measured.shape:
         return False
     tolerance = max(4 * torch.finfo(whole.dtype).eps, 1e-5) * float(whole.abs().max())
@@ -150,11 +179,10 @@ def _logits_are_head_output(model, text: tuple[list[int], list[int]]) -> bool:
 
 @torch.no_grad()
 def _head_inputs_of_batch(model, batch: list[tuple[list[int], list[int]]], autocast: torch.dtype | None) -> list:
-    ids, mask, positions, _ = _layout(batch, _device(model))
-    with torch.autocast(ids.device.type, dtype=autocast, enabled=autocast is not None), \
-            head_at(model, positions) as seen:
-        model(input_ids=ids, attention_mask=mask)
-    return [rows.cpu() for rows in seen[0][0].split([len(measured) for _, measured in batch])]
+    layout = _layout(batch, _device(model))
+    with torch.autocast(layout.ids.device.type, dtype=autocast, enabled=autocast is not None):
+        seen = _run(model, layout)[1]
+    return [rows.cpu() for rows in seen.split([len(measured) for _, measured in batch])]
 
 
 def _batches(encoded: list) -> list[list[int]]:
@@ -171,19 +199,18 @@ def _measure_batch(base_model, tuned_model, batch: list[tuple[list[int], list[in
     """(KL summed over the text's measured tokens, their number, their log-likelihood under the base, under the
     tuned model) for each encoded text of one batch; `cached`: (the base's head inputs for these texts, its output
     layer) in place of running the base."""
-    ids, mask, positions, targets = _layout(batch, _device(tuned_model))
-    with torch.autocast(ids.device.type, dtype=autocast, enabled=autocast is not None):
-        with head_at(tuned_model, positions):
-            tuned_logits = tuned_model(input_ids=ids, attention_mask=mask).logits[0]
+    layout = _layout(batch, _device(tuned_model))
+    device = layout.ids.device
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        tuned_logits = _run(tuned_model, layout)[0]
         if cached is None:
-            with head_at(base_model, positions):
-                base_logits = base_model(input_ids=ids, attention_mask=mask).logits[0]
+            base_logits = _run(base_model, layout)[0]
         else:
             inputs, head = cached
-            base_logits = head(torch.cat(inputs).to(ids.device, non_blocking=True)[None])[0]
+            base_logits = head(torch.cat(inputs).to(device, non_blocking=True)[None])[0]
     counts = [len(measured) for _, measured in batch]
     return [_compare(b, t, y) for b, t, y in zip(base_logits.split(counts), tuned_logits.split(counts),
-                                                 targets.split(counts))]
+                                                 layout.targets.split(counts))]
 
 
 def _encode(tokenizer, item, *, max_length: int, special_tokens: bool) -> tuple[list[int], list[int]] | None:

@@ -29,6 +29,7 @@ from ..reports.records import Evaluation, TaskScore, from_dict, to_dict
 from . import prefix_sharing, vllm_backend
 from .drift import (
     GENERATION_BATCH,
+    LAYOUT,
     NEW_TOKENS,
     PROMPTS,
     SAMPLING_SEED,
@@ -285,8 +286,8 @@ class ForgettingEval:
         """Where the base's head inputs on these texts are cached: they depend on the texts, their batches and the
         precision, besides the weights."""
         digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
-        return self._cache_path("drift", kind, "head inputs", digest, TOKENS_PER_PASS, self.section.drift_max_length,
-                                str(self.autocast)).with_suffix(".pt")
+        return self._cache_path("drift", kind, "head inputs", digest, TOKENS_PER_PASS, LAYOUT,
+                                self.section.drift_max_length, str(self.autocast)).with_suffix(".pt")
 
     def _base_head_for(self, tuned):
         """The base's output layer as a function: an adapter's base is the tuned model's own layer with the adapter
