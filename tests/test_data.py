@@ -241,6 +241,37 @@ def test_packed_and_unpacked_batches_give_the_same_loss_and_gradients(tmp_path, 
         assert torch.allclose(grad, expected[name], rtol=1e-4, atol=1e-6), (name, (grad - expected[name]).abs().max())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_evaluation_passes_give_sdpa_the_grouped_heads_and_transformers_numbers(tiny_models, monkeypatch,
+                                                                                      dtype):
+    """Without autograd, a masked pass hands sdpa the key/value heads grouped (not repeated), with the same numbers
+    as transformers' sdpa path; with autograd, transformers' own path runs."""
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    model = load_model(ModelSection(path=str(tiny_models["llama"])), None)
+    module = model.model.layers[0].self_attn
+    assert module.num_key_value_groups > 1
+    torch.manual_seed(0)
+    heads, kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    query = torch.randn(3, heads, 5, 16, dtype=dtype)
+    key, value = (torch.randn(3, kv, 9, 16, dtype=dtype) for _ in range(2))
+    mask = torch.rand(3, 1, 5, 9) > 0.4
+    mask[..., 0] = True  # every query sees something
+    keys_seen, real = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, *a, **kw: keys_seen.append(k.shape[1])
+                        or real(q, k, *a, **kw))
+    with torch.no_grad():
+        ours, _ = attention.segment_sdpa_forward(module, query, key, value, mask, scaling=0.25)
+        theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert keys_seen == [kv, heads]  # grouped for ours, repeated by transformers
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-2)
+    assert ours.shape == (3, 5, heads, 16)
+    keys_seen.clear()
+    attention.segment_sdpa_forward(module, query.requires_grad_(), key, value, mask, scaling=0.25)
+    assert keys_seen == [heads]
+
+
 def test_position_ids_alone_do_not_separate_packed_examples_under_sdpa(tmp_path, tiny_models, tokenizer):
     """Why the 4D mask exists: without it the second example's loss changes (guards against silently
     dropping the mask in favour of position ids on kernels that ignore them)."""
