@@ -570,6 +570,29 @@ def test_an_adapter_is_evaluated_merged_and_every_weight_is_put_back_to_the_bit(
         assert not merged
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_the_drifts_base_head_is_the_bases_also_where_the_adapter_trains_the_head(section, tasks):
+    import copy
+
+    import peft
+
+    fe = ForgettingEval(EvalSection(tasks=[str(tasks["original"])]), section, load(section)[1])
+    hidden = torch.randn(1, 5, load(section)[0].config.hidden_size)
+    for trained_head in (False, True):
+        model, _ = load(section)
+        base_head = copy.deepcopy(output_layer(model))
+        lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                          modules_to_save=["lm_head"] if trained_head else None))
+        if trained_head:  # the run trained its own copy of the output layer
+            with torch.no_grad():
+                output_layer(lora).modules_to_save["default"].weight.add_(0.1)
+        head = fe._base_head_for(lora)
+        with torch.no_grad():
+            assert torch.equal(head(hidden), base_head(hidden))
+            assert torch.equal(output_layer(lora)(hidden), base_head(hidden)) != trained_head
+        assert (head is output_layer(lora)) != trained_head  # peft is switched off only where it must be
+
+
 def test_bf16_evaluation_runs_every_forward_pass_in_bf16_and_caches_the_base_apart(section, tmp_path, drift_file,
                                                                                   monkeypatch):
     monkeypatch.setattr(precision, "cpu_flags", set)  # `auto` means no autocast on any machine running this

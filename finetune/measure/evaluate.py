@@ -293,9 +293,17 @@ class ForgettingEval:
         """The base's output layer as a function: an adapter's base is the tuned model's own layer with the adapter
         off; a model trained whole gets the copy kept before training, or the base's, loaded once."""
         if _is_peft(tuned):
+            from peft.tuners.tuners_utils import BaseTunerLayer
+            from peft.utils import AuxiliaryTrainingWrapper
+
+            layer = output_layer(tuned)
+            if not isinstance(layer, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+                return layer  # the adapter leaves the output layer alone: it is the base's (switching peft off walks
+                #               every module, twice per drift batch)
+
             def head(hidden):
                 with tuned.disable_adapter():
-                    return output_layer(tuned)(hidden)
+                    return layer(hidden)
             return head
         if self._base_head is None:
             self._base_head = output_layer(self._load_base(next(tuned.parameters()).device))
