@@ -430,6 +430,21 @@ def test_an_evaluation_starts_no_survey_of_the_machine(section, tasks, monkeypat
     assert len(scores[str(tasks["original"])].examples) == 4 and surveys == []
 
 
+def test_the_greedy_flag_from_row_maxima_is_argmaxs_ties_included():
+    from finetune.measure.prefix_sharing import is_greedy
+
+    torch.manual_seed(0)
+    lp = torch.randn(6, 50).round(decimals=1)  # coarse values: ties within rows
+    lp[0, 3] = lp[0, 7] = lp[0].max() + 1  # a tie for the top: argmax takes 3, not 7
+    top = lp.amax(-1)
+    argmax = lp.argmax(-1).tolist()
+    for at in ([0], [0, 1], [2, 3, 4], [5]):
+        for tokens in ([argmax[k] for k in at], [7] + [argmax[k] for k in at[1:]],
+                       [argmax[k] for k in at[:-1]] + [(argmax[at[-1]] + 1) % 50]):
+            assert is_greedy(lp, top, at, tokens) == all(argmax[k] == t for k, t in zip(at, tokens)), (at, tokens)
+    assert is_greedy(lp, top, [0], [3]) and not is_greedy(lp, top, [0], [7])
+
+
 @pytest.mark.parametrize("chat", [False, True])
 def test_shared_prefixes_give_lm_evals_own_log_likelihoods(section, tmp_path, monkeypatch, chat):
     # Each prompt encoded once for its four options must give what lm-eval's own path gives, option by option,
