@@ -10,7 +10,9 @@ Loads the recipe's base model once and times, on the recipe's original and targe
   - drift: the KL of the model against itself on the base's drift texts (two forward passes, as for a tuned model),
     one text per pass (finetune before batching them) and in finetune's batches, and the base's one-time sampling
     of those texts;
-  - training, for scale: the median tokens/s of a finished run's metrics.jsonl (--train-run), and its 60-update time.
+  - training, for scale: the median tokens/s of a finished run's metrics.jsonl (--train-run), and its 60-update time;
+  - where --train-run holds a LoRA adapter, that tuned model's whole evaluation (tasks and both drift kinds, as a
+    run measures it), with the adapter as peft runs it and merged into the weights for the duration.
 
     python bench/eval_speed.py                         # the demo's recipe and suites; writes bench/eval_speed.md
     python bench/eval_speed.py --train-run runs/demo-lora
@@ -22,6 +24,7 @@ both paths, so tokens/s ratios are time ratios. Figures are of the machine that 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -141,6 +144,7 @@ def main() -> int:
             moved = sum(ours[s].examples[k] != low[s].examples[k] for s in specs for k in ours[s].examples)
             notes.append(f"{part}: {moved} of {items} examples score differently under bf16 autocast than in float32 "
                          f"({'; '.join(f'{s}: {ours[s].value:.3f} vs {low[s].value:.3f}' for s in specs)}).")
+    drift_texts, drift_inputs = {}, {}  # per kind, for the tuned adapter's rows below
     for kind, sample in (("text", sample_texts), ("chat", sample_chat)):
         prompts = PROMPTS[kind][:args.limit]  # all of them without --limit
         batch = drift_module.GENERATION_BATCH
@@ -175,6 +179,39 @@ def main() -> int:
                                base_head=output_layer(model))
         row(f"drift KL ({kind})", f"finetune, {batched} tokens per pass, the base from its cached head inputs"
             f"{', bf16 autocast' if autocast else ''}", drift.texts, 2 * drift.tokens, s_drift)
+        drift_texts[kind], drift_inputs[kind] = texts, inputs
+    adapter = Path(args.train_run or "") / "final"
+    if args.train_run and (adapter / "adapter_config.json").is_file():
+        # A tuned LoRA model's evaluation as a run measures it (all tasks, both drift kinds from the base's cached
+        # head inputs, one autocast region), with the adapter as peft runs it and merged into the weights.
+        import peft
+
+        from finetune.model import adapter_merged
+        from finetune.precision import cast_once
+
+        tuned = peft.PeftModel.from_pretrained(load_model(recipe.model, None), adapter).eval()
+        autocast = torch.bfloat16 if args.bf16 else None
+        scored = {}
+        for name, merge in (("the adapter as peft runs it", False), ("the adapter merged into the weights", True)):
+            name += ", bf16 autocast" if autocast else ""
+            with adapter_merged(tuned) if merge else contextlib.nullcontext(), cast_once(autocast, tuned):
+                scores, seconds = timed(evaluate_tasks, tuned, tokenizer, list(kinds), batch_size=ev.batch_size,
+                                        limit=args.limit, chat=ev.apply_chat_template, share_prefixes=True,
+                                        autocast=autocast)
+                tokens = sum(tokens_of(tokenizer, score) for score in scores.values())
+                for kind, texts in drift_texts.items():
+                    drift, s_drift = timed(kl_drift, None, tuned, tokenizer, texts, max_length=ev.drift_max_length,
+                                           special_tokens=kind != "chat", autocast=autocast,
+                                           base_inputs=drift_inputs[kind], base_head=output_layer(tuned))
+                    seconds, tokens = seconds + s_drift, tokens + 2 * drift.tokens
+            scored[name] = scores
+            row(f"tuned evaluation ({args.train_run})", name, sum(len(x.examples) for x in scores.values()), tokens,
+                seconds)
+        first, merged = scored.values()
+        moved = sum(first[s].examples[k] != merged[s].examples[k] for s in first for k in first[s].examples)
+        values = "; ".join(f"{s}: {first[s].value:.3f} vs {merged[s].value:.3f}" for s in first)
+        notes.append(f"tuned evaluation: {moved} of {sum(len(x.examples) for x in first.values())} examples score "
+                     f"differently with the adapter merged ({values}).")
     train = {}
     if args.train_run:
         lines = [json.loads(x) for x in (Path(args.train_run) / "metrics.jsonl").read_text().splitlines() if x]
