@@ -1,0 +1,92 @@
+"""A tuned LoRA model's whole forgetting evaluation, as a run measures it, with the adapter as peft runs it and merged
+into the weights for the duration (finetune.model.adapter_merged), alternated in one process so that the machine's
+drift over minutes does not decide the comparison.
+
+    python bench/adapter_merge.py RUN [--repeats 2] [--out bench/adapter_merge.md]
+
+RUN: a finished LoRA run folder (its recipe.yaml and final/), e.g. a fresh clone's runs/demo-lora after
+scripts/demo.sh; run from the folder it was trained in (its recipe names data by relative paths). The base's scores
+and drift inputs come from the cache the run left (or are measured first, untimed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", type=Path)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "adapter_merge.md")
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT))
+    import peft
+    import torch
+
+    import finetune.measure.evaluate as evaluate
+    from finetune.model import adapter_merged, load_model
+    from finetune.model_files import load_tokenizer
+    from finetune.precision import cpu_flags
+    from finetune.quiet import silence_lm_eval
+    from finetune.recipe import load_recipe
+
+    silence_lm_eval()
+    recipe = load_recipe(args.run / "recipe.yaml")
+    tokenizer = load_tokenizer(recipe.model)
+    model = peft.PeftModel.from_pretrained(load_model(recipe.model, None), args.run / "final")
+    fe = evaluate.ForgettingEval(recipe.eval, recipe.model, tokenizer)
+    fe.evaluate_base(model)
+    drift_seconds = []
+    real_kl = evaluate.kl_drift
+
+    def timed_kl(*a, **kw):
+        start = time.perf_counter()
+        out = real_kl(*a, **kw)
+        drift_seconds.append(time.perf_counter() - start)
+        return out
+
+    evaluate.kl_drift = timed_kl
+    rows = []
+    for repeat in range(1, args.repeats + 1):
+        for way, merge in (("the adapter as peft runs it", False), ("merged into the weights", True)):
+            evaluate.adapter_merged = adapter_merged if merge else (lambda m: contextlib.nullcontext(False))
+            drift_seconds.clear()
+            start = time.perf_counter()
+            point = fe.evaluate(model, None)
+            seconds = time.perf_counter() - start
+            rows.append({"repeat": repeat, "way": way, "seconds": round(seconds, 1),
+                         "drift_seconds": round(sum(drift_seconds), 1),
+                         "scores": {s: round(x.value, 4) for s, x in {**point.tasks, **point.targets}.items()},
+                         "kl": {k: round(d.kl, 4) for k, d in point.drift.items()}})
+            print(rows[-1], file=sys.stderr, flush=True)
+    by_way = {w: [r["seconds"] for r in rows if r["way"] == w] for w in dict.fromkeys(r["way"] for r in rows)}
+    peft_s, merged_s = (statistics.median(v) for v in by_way.values())
+    header = (f"{platform.machine()}, CPU flags: {', '.join(sorted(f for f in cpu_flags() if 'bf16' in f)) or 'no bf16'}"
+              f"; torch {torch.__version__}, {torch.get_num_threads()} thread(s); evaluation precision "
+              f"{fe.autocast or 'float32'}; run {args.run}.")
+    table = ["| repeat | adapter | seconds | of which drift | scores | drift KL |", "|---|---|---|---|---|---|"]
+    table += [f"| {r['repeat']} | {r['way']} | {r['seconds']} | {r['drift_seconds']} | "
+              f"{', '.join(f'{Path(s).stem} {v:.3f}' for s, v in r['scores'].items())} | "
+              f"{', '.join(f'{k} {v:.3f}' for k, v in r['kl'].items())} |" for r in rows]
+    summary = (f"Median {peft_s:.1f} s with the adapter as peft runs it, {merged_s:.1f} s merged: "
+               f"{peft_s / merged_s:.2f}x.")
+    text = "\n".join([header, "", *table, "", summary]) + "\n"
+    args.out.write_text(text, encoding="utf-8")
+    args.out.with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n",
+                                             encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
