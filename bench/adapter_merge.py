@@ -71,7 +71,8 @@ def main() -> int:
             print(rows[-1], file=sys.stderr, flush=True)
     by_way = {w: [r["seconds"] for r in rows if r["way"] == w] for w in dict.fromkeys(r["way"] for r in rows)}
     peft_s, merged_s = (statistics.median(v) for v in by_way.values())
-    header = (f"{platform.machine()}, CPU flags: {', '.join(sorted(f for f in cpu_flags() if 'bf16' in f)) or 'no bf16'}"
+    bf16_flags = ", ".join(sorted(f for f in cpu_flags() if "bf16" in f)) or "no bf16"
+    header = (f"{platform.machine()}, CPU flags: {bf16_flags}"
               f"; torch {torch.__version__}, {torch.get_num_threads()} thread(s); evaluation precision "
               f"{fe.autocast or 'float32'}; run {args.run}.")
     table = ["| repeat | adapter | seconds | of which drift | scores | drift KL |", "|---|---|---|---|---|---|"]
