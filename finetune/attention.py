@@ -51,9 +51,9 @@ def _gqa_with_mask_on_cpu(query: torch.Tensor, key: torch.Tensor, attention_mask
                           kwargs: dict) -> bool:
     """Whether sdpa can take grouped-query attention with a mask as it is: transformers repeats the key/value heads
     wherever a mask is given (CUDA's kernels need that), but torch's CPU kernel takes them grouped, with the same
-    result. Evaluation's masked passes (padded batches, multiple-choice trees, a shared prefix) spent ~40% of their
-    attention time copying heads (SmolLM2-135M, 2 CPU cores). Not under autograd (training keeps transformers'
-    path), nor for one query (transformers packs the heads itself there), a position bias or a soft-cap."""
+    result to the bit. At a multiple-choice batch's shapes (SmolLM2-135M, bf16, 2 CPU cores) the call took 18-21 ms
+    instead of 24-31. Not under autograd (training keeps transformers' path), nor for one query (transformers packs
+    the heads itself there), a position bias or a soft-cap."""
     return (attention_mask is not None and query.device.type == "cpu" and query.shape[1] != key.shape[1]
             and query.shape[2] > 1 and not torch.is_grad_enabled()
             and not any(kwargs.get(k) is not None for k in ("position_bias", "softcap"))
