@@ -29,7 +29,7 @@ from ..model import eval_mode, head_at, output_layer
 from ..reports.forgetting import bootstrap_ratio
 from ..reports.records import Drift
 from .batches import by_length
-from .prefix_sharing import MIN_PREFIX, cache_of, common_prefix
+from .prefix_sharing import MIN_PREFIX, common_prefix, repeated_prefix_cache
 from .sharing import Ranks
 
 PROMPTS = json.loads(Path(__file__).with_name("drift_prompts.json").read_text(encoding="utf-8"))
@@ -151,12 +151,8 @@ def _layout(batch: list[tuple[list[int], list[int]]], device: torch.device) -> _
 
 def _run(model, layout: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """(the logits at the layout's measured positions, [positions, vocab]; what the output layer was given there)."""
-    shared = {}
-    if layout.prefix is not None:  # outside head_at: the prefix's own pass asks for its last position's logits
-        first = model(input_ids=layout.prefix, use_cache=True, logits_to_keep=1)
-        name, cache = cache_of(first)
-        cache.batch_repeat_interleave(len(layout.ids))
-        shared = {name: cache}
+    # Outside head_at: the prefix's own pass asks for its last position's logits.
+    shared = repeated_prefix_cache(model, layout.prefix, len(layout.ids)) if layout.prefix is not None else {}
     with head_at(model, layout.positions) as seen:
         logits = model(input_ids=layout.ids, attention_mask=layout.mask, use_cache=False, **shared).logits[0]
     return logits, seen[0][0]

@@ -53,11 +53,15 @@ def loglikelihoods(lm, requests: list) -> list[tuple[float, bool]] | None:
     return out
 
 
-def cache_of(output) -> tuple[str, object]:
-    """(the keyword a forward pass takes its key/value cache by, the cache `output` holds): transformers 5.25 renamed
-    `past_key_values` to `cache` (the old name warns until 5.40)."""
+def repeated_prefix_cache(model, prefix: torch.Tensor, rows: int) -> dict:
+    """{the keyword a forward pass takes its key/value cache by: the cache of `prefix` ([1, tokens]), run once (its
+    last position's logits only) and repeated for `rows` rows}. transformers 5.25 renamed `past_key_values` to
+    `cache` (the old name warns until 5.40)."""
+    output = model(input_ids=prefix, use_cache=True, logits_to_keep=1)
     name = "cache" if hasattr(output, "cache") else "past_key_values"
-    return name, getattr(output, name)
+    cache = getattr(output, name)
+    cache.batch_repeat_interleave(rows)
+    return {name: cache}
 
 
 def _score_groups(lm, contexts: list[list[int]], conts: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:
@@ -101,13 +105,8 @@ def _score_groups(lm, contexts: list[list[int]], conts: list[list[list[int]]]) -
             sees[r, start:start + length, prefix + start:prefix + start + length] = \
                 torch.ones(length, length, dtype=torch.bool).tril()
             wanted += range(r * width + start, r * width + start + length)
-    shared = {}
-    if prefix:
-        head = lm.model(input_ids=torch.tensor([contexts[0][:prefix]], device=device), use_cache=True,
-                        logits_to_keep=1)
-        name, cache = cache_of(head)
-        cache.batch_repeat_interleave(len(rows))
-        shared = {name: cache}
+    shared = repeated_prefix_cache(lm.model, torch.tensor([contexts[0][:prefix]], device=device), len(rows)) \
+        if prefix else {}
     with head_at(lm.model, torch.tensor(wanted, device=device)):
         logits = lm.model(input_ids=ids, attention_mask=sees[:, None].to(device), position_ids=position_ids,
                           use_cache=False, **shared).logits[0]
@@ -164,7 +163,5 @@ def generate_with_shared_prefix(lm, generate, context: torch.Tensor, attention_m
     mask = torch.tensor([[1] * prefix + [0] * (width - len(r)) + [1] * (len(r) - prefix) for r in rows],
                         device=context.device)
     with torch.no_grad(), _autocast(lm):  # as lm-eval's generate runs the rest
-        first = lm.model(input_ids=ids[:1, :prefix], use_cache=True, logits_to_keep=1)
-    name, cache = cache_of(first)
-    cache.batch_repeat_interleave(len(rows))
-    return generate(context=ids, attention_mask=mask, **{name: cache}, **kwargs)
+        shared = repeated_prefix_cache(lm.model, ids[:1, :prefix], len(rows))
+    return generate(context=ids, attention_mask=mask, **shared, **kwargs)
