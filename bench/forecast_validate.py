@@ -9,12 +9,14 @@ the forecast verdict equals the final one, and a plot of forecast against measur
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.reports.forecast import BEYOND_DOUBT, change_text, forecast_run, read_calibration  # noqa: E402
+from finetune.reports.forecast import (BEYOND_DOUBT, LEVEL, VERDICTS, change_text, forecast_run,  # noqa: E402
+                                       read_calibration, verdict)
 
 
 def main() -> int:
@@ -28,9 +30,13 @@ def main() -> int:
     tasks = sorted(set.intersection(*(set(r["tasks"]) for r in used)))
     lines = [f"# Forecast of final forgetting, leave-one-out ({len(used)} runs of {len(rows)} paired; "
              f"probes of the first {args.share:.0%} of updates)", "",
-             "| run | probe step | KL general | KL task | " + " | ".join(f"{t}: forecast [95% PI] / measured" for t in tasks)
-             + " | forecast verdict (odds) | final verdict |", "|---" * (5 + len(tasks)) + "|"]
+             "| run | probe step | KL general | KL task | " + " | ".join(f"{t}: forecast [{LEVEL:.0%} PI] / measured"
+                                                                  for t in tasks)
+             + " | inputs | forecast verdict (odds) | final verdict | a second suite's agreement |",
+             "|---" * (7 + len(tasks)) + "|"]
     covered = total = agree = sure = sure_right = 0
+    brier = ceiling = 0.0
+    inputs = []
     points = []
     for i, r in enumerate(used):
         others = used[:i] + used[i + 1:]
@@ -40,21 +46,26 @@ def main() -> int:
         cells = []
         for t in tasks:
             c, measured = made["tasks"][t], r["tasks"][t]["delta"]
-            inside = c["pi95"][0] <= measured <= c["pi95"][1]
+            inside = c["interval"][0] <= measured <= c["interval"][1]
             covered += inside
             total += 1
-            points.append((c["change"], *c["pi95"], measured, t))
+            points.append((c["change"], *c["interval"], measured, t))
             cells.append(f"{change_text(c)} / {measured:+.3f}{'' if inside else ' **miss**'}")
         forecast = made["verdict"]  # the most likely final verdict
         agree += forecast == r["verdict"]
+        brier += sum((made["odds"][v] - (v == r["verdict"])) ** 2 for v in VERDICTS)
+        inputs.append(made["inputs"])
+        repeat = second_suite(r, tasks)
+        ceiling += repeat
         if made["beyond_doubt"]:  # what `eval.on_over_budget: stop` could act on
             sure += 1
             sure_right += forecast == r["verdict"]
         forecast_cell = f"{forecast} ({made['odds'][forecast]:.2f}{', beyond doubt' if made['beyond_doubt'] else ''})"
         probe = r["probes"][str(r["step"])]  # JSON keys are strings
         lines.append(f"| {Path(r['run']).name} | {r['step']} | {probe['probe_kl_general']:.3f} | "
-                     f"{probe['probe_kl_task']:.3f} | " + " | ".join(cells) + f" | {forecast_cell} | {r['verdict']}"
-                     + ("" if forecast == r["verdict"] else " **differs**") + " |")
+                     f"{probe['probe_kl_task']:.3f} | " + " | ".join(cells)
+                     + f" | {made['inputs']} | {forecast_cell} | {r['verdict']}"
+                     + ("" if forecast == r["verdict"] else " **differs**") + f" | {repeat:.2f} |")
     finals = [r["verdict"] for r in used]
     common = max(set(finals), key=finals.count)
     hits = finals.count(common)
@@ -62,10 +73,18 @@ def main() -> int:
               f"Most likely forecast verdict equal to the final verdict: {agree} of {len(used)} "
               f"({agree / len(used):.0%}). Forecast beyond doubt (odds at least {BEYOND_DOUBT}): {sure} run(s), of "
               f"which {sure_right} right.",
+              f"Brier score of the verdict odds (0: sure and right, 2: sure and wrong): {brier / len(used):.3f}. "
+              f"Forecasts from the probes: {inputs.count('probes')} of {len(used)}; from the calibration runs' "
+              "spread alone (the probes forecast them no better, leave-one-out within the calibration): "
+              f"{inputs.count('none')}.",
               f"For scale, always forecasting the most frequent final verdict ({common}) would match {hits} of "
-              f"{len(used)}.",
-              "Odds: each task's final change drawn from its forecast (point + scale x t), the final verdict's rule "
-              "applied with the interval half-width the task's n gives, tasks taken as independent.",
+              f"{len(used)}. A forecaster that knew each run's measured changes exactly would match the verdict of "
+              f"a second suite of the same size in {ceiling:.1f} of {len(used)} (last column: each task's change "
+              "drawn around the measured one with the spread its paired 95% interval gives, 4,000 draws, the "
+              "verdict's rule applied): the verdict of a run near the budget's edge is itself a toss-up.",
+              "Odds: each calibration run's leave-one-out error added to the forecast (jackknife+), all tasks of a "
+              "run together, the final verdict's rule applied with the interval half-width the task's n gives; "
+              f"intervals: the draws' conformal {LEVEL:.0%} quantiles.",
               f"Left out: {len(rows) - len(used)} run(s) whose first updates did not reproduce or had no probe."]
     text = "\n".join(lines) + "\n"
     print(text)
@@ -73,6 +92,17 @@ def main() -> int:
     args.out.write_text(text)
     _plot(points, args.out.with_suffix(".png"))
     return 0
+
+
+def second_suite(run: dict, tasks: list[str], draws: int = 4000) -> float:
+    """How often a second suite of the same size would give the run's final verdict again if its measured changes
+    were the truth: each task's change drawn from a normal curve with the spread of its paired 95% interval."""
+    rng = random.Random(0)
+    sd = {t: (run["tasks"][t]["ci95"][1] - run["tasks"][t]["ci95"][0]) / (2 * 1.96) for t in tasks}
+    half = {t: 1.96 * sd[t] for t in tasks}
+    same = sum(verdict({t: rng.gauss(run["tasks"][t]["delta"], sd[t]) for t in tasks}, half, run["max_drop"])
+               == run["verdict"] for _ in range(draws))
+    return same / draws
 
 
 def _plot(points, path: Path) -> None:
@@ -94,7 +124,7 @@ def _plot(points, path: Path) -> None:
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_xlabel("measured final change")
-    ax.set_ylabel("forecast from the first 10% of updates (95% PI)")
+    ax.set_ylabel(f"forecast from the first 10% of updates ({LEVEL:.0%} PI)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

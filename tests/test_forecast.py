@@ -1,31 +1,75 @@
-"""The forecast of final forgetting (finetune/reports/forecast.py): its least squares, its prediction interval's
-coverage, the probe it reads and the verdict it forecasts."""
+"""The forecast of final forgetting (finetune/reports/forecast.py): its least squares, its intervals' coverage, the
+odds it gives, whether it uses the probes, the probe it reads and the verdict it forecasts."""
 
 import math
 import random
 
-from finetune.reports.forecast import features, fit, t_cdf, t_quantile, verdict, verdict_odds
+from finetune.reports.forecast import draws, features, fit, forecast_run, interval, odds, verdict
 
 
-def test_least_squares_recovers_a_known_line_and_its_interval_covers_new_points_as_often_as_it_says():
+def test_least_squares_recovers_a_known_curve_and_too_few_or_identical_runs_give_no_fit():
+    exact = fit([[1.0, x, x * x] for x in range(6)], [1 + 2 * x - x * x for x in range(6)])
+    assert [round(b, 9) for b in exact.beta] == [1, 2, -1]
+    assert fit([[1.0, 0.5, 0.1]] * 3, [0.0, 0.1, 0.2]) is None  # n <= p + 1
+    assert fit([[1.0, 0.5, 0.1]] * 6, [0.0] * 6) is None  # X'X singular
+
+
+def runs(changes: list[float], logs: list[tuple[float, float]], n: int = 400) -> list[dict]:
+    """Calibration runs as read_calibration gives them: one task `a`, each run's change and log KLs."""
+    return [{"x": [1.0, *lg], "max_drop": 0.05, "tasks": {"a": {"delta": d, "n": n}},
+             "verdict": verdict({"a": d}, {"a": 1.96 * math.sqrt(0.1 / n)}, 0.05)} for d, lg in zip(changes, logs)]
+
+
+def test_the_interval_covers_a_new_runs_change_as_often_as_its_level_says():
+    # Jackknife+ promises at least 1 - 2a; with 20 exchangeable runs, [min, max] of the draws covers ~19/21 = 0.905.
     rng = random.Random(0)
     covered, trials = 0, 2000
     for _ in range(trials):
-        xs = [[1.0, rng.uniform(-3, 1), rng.uniform(-2, 2)] for _ in range(20)]
-        ys = [0.02 - 0.04 * x[1] + 0.01 * x[2] + rng.gauss(0, 0.02) for x in xs]
-        model = fit(xs, ys)
-        new = [1.0, rng.uniform(-3, 1), rng.uniform(-2, 2)]
-        _, lo, hi = model.predict(new)
-        covered += lo <= 0.02 - 0.04 * new[1] + 0.01 * new[2] + rng.gauss(0, 0.02) <= hi
-    # 2,000 trials: a binomial standard error of 0.5 points around 95%.
-    assert 0.935 <= covered / trials <= 0.965
-    exact = fit([[1.0, x, x * x] for x in range(6)], [1 + 2 * x - x * x for x in range(6)])
-    assert [round(b, 9) for b in exact.beta] == [1, 2, -1] and exact.scale < 1e-9
+        logs = [(rng.uniform(-3, 1), rng.uniform(-2, 2)) for _ in range(21)]
+        changes = [0.02 - 0.04 * a + 0.01 * b + rng.gauss(0, 0.02) for a, b in logs]
+        cal = runs(changes[:20], logs[:20])
+        lo, hi = interval([d["a"] for d in draws(cal, ["a"], [1.0, *logs[20]], "probes")])
+        covered += lo <= changes[20] <= hi
+    # 2,000 trials: a binomial standard error of 0.7 points.
+    assert 0.87 <= covered / trials <= 0.94
+    assert interval([0.1] * 8) == [-1.0, 1.0]  # 8 draws resolve no 90% bound: the ends of the scale
 
 
-def test_too_few_runs_or_identical_ones_give_no_fit():
-    assert fit([[1.0, 0.5, 0.1]] * 3, [0.0, 0.1, 0.2]) is None  # n <= p + 1
-    assert fit([[1.0, 0.5, 0.1]] * 6, [0.0] * 6) is None  # X'X singular
+def test_without_the_probes_the_draws_are_the_calibration_runs_own_changes_and_the_odds_their_verdicts_shares():
+    changes = [0.0, -0.02, -0.04, -0.2, 0.01]
+    cal = runs(changes, [(0.0, float(i)) for i in range(5)])
+    drawn = draws(cal, ["a"], [1.0, 7.0, 7.0], "none")
+    assert [round(d["a"], 12) for d in drawn] == changes
+    widths = {"a": 0.031}
+    assert odds(drawn, widths, 0.05) == {"PASS": 2 / 5, "INCONCLUSIVE": 2 / 5, "FAIL": 1 / 5}
+    # A run's tasks are drawn together: two tasks that fail in the same run make one FAIL in five, not two.
+    both = [{"a": d["a"], "b": d["a"]} for d in drawn]
+    assert odds(both, {"a": 0.031, "b": 0.031}, 0.05)["FAIL"] == 1 / 5
+
+
+def test_the_probes_are_used_where_they_foretell_the_calibration_runs_and_left_out_where_they_do_not():
+    probes = {"4": {"probe_kl_general": 0.5, "probe_kl_task": math.exp(2.5)}}
+    used = left_out = 0
+    for seed in range(40):
+        rng = random.Random(seed)
+        logs = [(rng.uniform(-2, 1), rng.uniform(-1, 3)) for _ in range(20)]
+        if seed < 10:  # the change follows log KL task: the run to forecast would lose 0.125
+            told = forecast_run(runs([-0.05 * b + rng.gauss(0, 0.005) for _, b in logs], logs), probes, 60, 0.05)
+            used += told["inputs"] == "probes" and abs(told["tasks"]["a"]["change"] + 0.125) < 0.02
+        else:  # the change is noise whatever the probes: two more coefficients can only mislead
+            noise = forecast_run(runs([rng.gauss(-0.03, 0.04) for _ in logs], logs), probes, 60, 0.05)
+            left_out += noise["inputs"] == "none"
+    # By chance the probes' leave-one-out score can beat the spread's on noise too; most of the time it must not.
+    assert used == 10 and left_out > 15
+
+
+def test_a_point_forecast_past_the_budget_with_a_wide_spread_is_no_fail_beyond_doubt():
+    probes = {"4": {"probe_kl_general": 0.5, "probe_kl_task": 2.0}}
+    logs = [(0.0, math.log(2.0) + 0.01 * i) for i in range(20)]
+    wide = forecast_run(runs([-0.12 + (0.3 if i % 4 == 0 else 0.0) for i in range(20)], logs), probes, 60, 0.05)
+    assert wide["verdict"] == "FAIL" and wide["odds"]["FAIL"] == 0.75 and not wide["beyond_doubt"]
+    sure = forecast_run(runs([-0.12 + 0.001 * (i % 3) for i in range(20)], logs), probes, 60, 0.05)
+    assert sure["verdict"] == "FAIL" and sure["beyond_doubt"]
 
 
 def test_the_forecast_reads_the_last_probe_within_the_first_tenth():
@@ -41,31 +85,3 @@ def test_the_forecast_verdict_is_the_final_verdicts_rule_on_the_forecast():
     assert verdict({"a": 0.0, "b": -0.01}, widths, 0.05) == "PASS"
     assert verdict({"a": 0.0, "b": -0.09}, widths, 0.05) == "FAIL"
     assert verdict({"a": 0.0, "b": -0.03}, widths, 0.05) == "INCONCLUSIVE"
-    assert abs(t_quantile(0.975, 10) - 2.2281) < 1e-3
-
-
-def test_verdict_odds_are_the_final_rule_applied_to_draws_from_the_forecast():
-    # Draw each task's change from its forecast (point + scale * t), apply the final verdict's rule, count.
-    rng = random.Random(1)
-    forecasts = {"a": (-0.02, 0.03, 5), "b": (0.01, 0.05, 5)}
-    widths = {"a": 0.03, "b": 0.035}
-    odds = verdict_odds(forecasts, widths, 0.05)
-    assert abs(sum(odds.values()) - 1) < 1e-9
-
-    def t_draw(dof):
-        return rng.gauss(0, 1) / math.sqrt(sum(rng.gauss(0, 1) ** 2 for _ in range(dof)) / dof)
-
-    trials, counts = 20000, {"PASS": 0, "FAIL": 0, "INCONCLUSIVE": 0}
-    for _ in range(trials):
-        drawn = {k: p + s * t_draw(d) for k, (p, s, d) in forecasts.items()}
-        counts[verdict(drawn, widths, 0.05)] += 1
-    for k in counts:  # 20,000 draws: a standard error under 0.4 points
-        assert abs(counts[k] / trials - odds[k]) < 0.015, (k, counts[k] / trials, odds[k])
-
-
-def test_a_point_forecast_past_the_budget_with_a_wide_interval_is_no_fail_beyond_doubt():
-    widths = {"a": 0.03}
-    wide = verdict_odds({"a": (-0.12, 0.5, 4)}, widths, 0.05)
-    assert verdict({"a": -0.12}, widths, 0.05) == "FAIL" and wide["FAIL"] < 0.95
-    assert verdict_odds({"a": (-0.12, 0.01, 20)}, widths, 0.05)["FAIL"] > 0.99
-    assert abs(t_cdf(2.0, 5) - 0.9490) < 1e-3 and abs(t_cdf(-2.0, 20) - 0.0296) < 1e-3

@@ -1,12 +1,20 @@
 """A forecast of a run's final forgetting from its first probes (finetune/probes.py): for each original task, the
 final change of its score, with a prediction interval, and the verdict the final evaluation would then give.
 
-The model is ordinary least squares, one per task, of the measured final change on the logarithms of the two KL
-probes at the last probe within the first `share` of updates (RL's Razor: forgetting grows with the KL from the
-base; the first reply tokens are where a fine-tune overwrites the answer format). It is fitted on earlier runs of
-the same model and tasks (a calibration file), never on the run it forecasts. The prediction interval is the
-textbook one for a new observation, t-quantile times the residual scale times sqrt(1 + leverage); it says nothing
-about runs unlike the calibration runs (another model, other tasks, far other settings).
+Each task's change is fitted by ordinary least squares on the logarithms of the two KL probes at the last probe
+within the first `share` of updates (RL's Razor: forgetting grows with the KL from the base; the first reply tokens
+are where a fine-tune overwrites the answer format), on earlier runs of the same model and tasks (a calibration
+file), never on the run it forecasts. What the forecast is uncertain of is taken from those runs, not from a normal
+curve: each calibration run adds its own leave-one-out error to the forecast (jackknife+, Barber et al. 2021), all
+tasks of a run together, so the few runs that collapse give the forecast the heavy tail the changes have, and a
+run that loses on every task counts once. The interval is the draws' conformal quantiles; the verdict odds are the
+share of draws that give each final verdict.
+
+The probes are used only where they forecast the calibration runs' own verdicts better (leave-one-out, by Brier
+score) than the runs' spread alone; else the forecast is that spread, and says so. On the demo model's 27 runs the
+probes of update 4 of 60 did worse than the spread alone (bench/forecast/validation.md): a run's fate is decided
+after its first tenth there. Nothing is said about runs unlike the calibration runs (another model, other tasks,
+far other settings).
 """
 
 from __future__ import annotations
@@ -15,11 +23,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import NormalDist, median
+from statistics import median
 
 FEATURES = ("probe_kl_general", "probe_kl_task")
 FLOOR = 1e-4  # KL below this reads as this: log(0) is no feature
 BEYOND_DOUBT = 0.95  # odds at or above which a forecast verdict is acted on (eval.on_over_budget: stop)
+LEVEL = 0.9  # of the prediction interval: a 95% one needs 39 calibration runs to be finite, 90% 19
+VERDICTS = ("PASS", "INCONCLUSIVE", "FAIL")
 
 
 def features(probes: dict[int, dict], max_steps: int, share: float = 0.1) -> tuple[int, list[float]] | None:
@@ -53,38 +63,48 @@ def read_calibration(path: Path, share: float = 0.1) -> list[dict]:
 def forecast_run(calibration: list[dict], probes: dict, max_steps: int, max_drop: float, share: float = 0.1,
                  sizes: dict[str, int] | None = None) -> dict | None:
     """A run's forecast from its probes so far (step -> probe values) and the calibration runs: per original task
-    (those every calibration run measured) the final change with its 95% prediction interval, the odds of each final
-    verdict, the most likely one and whether it is beyond doubt. `sizes`: each task's number of examples where known
-    (a finished run's, in the validation); else the calibration runs' median. None without a probe in the first
-    `share` of updates or too few calibration runs to fit."""
+    (those every calibration run measured) the final change (the draws' median) with its prediction interval, the
+    odds of each final verdict, the most likely one and whether it is beyond doubt, and whether the probes were used
+    (`inputs`: "probes", or "none" where they forecast the calibration runs no better than their spread; `skill`:
+    each one's leave-one-out Brier score there). `sizes`: each task's number of examples where known (a finished
+    run's, in the validation); else the calibration runs' median. None without a probe in the first `share` of
+    updates or with too few calibration runs to fit."""
     f = features(probes, max_steps, share)
     if f is None or not calibration:
         return None
     step, x = f
     tasks = sorted(set.intersection(*(set(r["tasks"]) for r in calibration)))
-    changes, forecasts, widths = {}, {}, {}
-    for task in tasks:
-        model = fit([r["x"] for r in calibration], [r["tasks"][task]["delta"] for r in calibration])
-        if model is None:
-            return None
-        point, lo, hi = model.predict(x)
-        changes[task] = {"change": point, "pi95": [lo, hi]}
-        forecasts[task] = (point, model.predictive(x)[1], model.dof)
-        n = sizes[task] if sizes else int(median(r["tasks"][task]["n"] for r in calibration))
-        widths[task] = half_width(n)
-    odds = verdict_odds(forecasts, widths, max_drop)
-    likely = max(odds, key=odds.get)
-    return {"step": step, "max_steps": max_steps, "runs": len(calibration), "tasks": changes, "odds": odds,
-            "verdict": likely, "beyond_doubt": odds[likely] >= BEYOND_DOUBT}
+    skill = {inputs: brier(calibration, tasks, inputs) for inputs in ("none", "probes")}
+    if skill["none"] is None:
+        return None
+    inputs = "probes" if skill["probes"] is not None and skill["probes"] < skill["none"] else "none"
+    drawn = draws(calibration, tasks, _inputs(x, inputs), inputs)
+    if sizes is None:
+        sizes = {t: int(median(r["tasks"][t]["n"] for r in calibration)) for t in tasks}
+    changes = {t: {"change": median(d[t] for d in drawn), "interval": interval([d[t] for d in drawn])}
+               for t in tasks}
+    chances = odds(drawn, {t: half_width(sizes[t]) for t in tasks}, max_drop)
+    likely = max(VERDICTS, key=chances.get)
+    return {"step": step, "max_steps": max_steps, "runs": len(calibration), "inputs": inputs, "skill": skill,
+            "level": LEVEL, "tasks": changes, "odds": chances, "verdict": likely,
+            "beyond_doubt": chances[likely] >= BEYOND_DOUBT}
 
 
 def change_text(change: dict) -> str:
     """One task's forecast change and its prediction interval, as the progress line and the report show it."""
-    return f"{change['change']:+.3f} [{change['pi95'][0]:+.3f}, {change['pi95'][1]:+.3f}]"
+    return f"{change['change']:+.3f} [{change['interval'][0]:+.3f}, {change['interval'][1]:+.3f}]"
 
 
 def odds_text(forecast: dict) -> str:
-    return ", ".join(f"{v} {forecast['odds'][v]:.2f}" for v in ("PASS", "INCONCLUSIVE", "FAIL"))
+    return ", ".join(f"{v} {forecast['odds'][v]:.2f}" for v in VERDICTS)
+
+
+def inputs_text(forecast: dict) -> str:
+    """What the forecast rests on, in a few words."""
+    if forecast["inputs"] == "probes":
+        return "the probes"
+    return ("the calibration runs' spread alone: the probes forecast their verdicts no better (Brier "
+            f"{forecast['skill']['probes']:.2f} against {forecast['skill']['none']:.2f}, leave-one-out)")
 
 
 def describe(forecast: dict) -> str:
@@ -92,45 +112,86 @@ def describe(forecast: dict) -> str:
     tasks = "; ".join(f"{t} {change_text(c)}" for t, c in forecast["tasks"].items())
     sure = "beyond doubt" if forecast["beyond_doubt"] else f"not beyond doubt (odds under {BEYOND_DOUBT})"
     return (f"forecast after update {forecast['step']} of {forecast['max_steps']} (from {forecast['runs']} calibration "
-            f"runs): final change {tasks}; verdict odds {odds_text(forecast)}: {forecast['verdict']}, {sure}")
+            f"runs; {inputs_text(forecast)}): final change {tasks} ({forecast['level']:.0%} intervals); verdict odds "
+            f"{odds_text(forecast)}: {forecast['verdict']}, {sure}")
+
+
+def draws(calibration: list[dict], tasks: list[str], x: list[float], inputs: str) -> list[dict[str, float]]:
+    """One draw of the new run's final changes per calibration run: the fit without that run, at x, plus that run's
+    error under that fit (jackknife+), all tasks together."""
+    out = []
+    for j, held in enumerate(calibration):
+        rest = calibration[:j] + calibration[j + 1:]
+        xs = [_inputs(r["x"], inputs) for r in rest]
+        draw = {}
+        for task in tasks:
+            model = fit(xs, [r["tasks"][task]["delta"] for r in rest])
+            if model is None:
+                return []
+            draw[task] = model.at(x) + held["tasks"][task]["delta"] - model.at(_inputs(held["x"], inputs))
+        out.append(draw)
+    return out
+
+
+def interval(values: list[float], level: float = LEVEL) -> list[float]:
+    """The conformal prediction interval of `level` from n draws: the floor(a/2 (n+1))-th smallest to the
+    ceil((1-a/2)(n+1))-th, a = 1 - level; a bound too few draws resolve is the end of the scale, -1 or 1."""
+    v, n = sorted(values), len(values)
+    lo, hi = math.floor((1 - level) / 2 * (n + 1)), math.ceil((1 + level) / 2 * (n + 1))
+    # A change of a score lies in [-1, 1], as the report's intervals do.
+    return [max(-1.0, v[lo - 1]) if lo >= 1 else -1.0, min(1.0, v[hi - 1]) if hi <= n else 1.0]
+
+
+def odds(drawn: list[dict[str, float]], half_widths: dict[str, float], max_drop: float) -> dict[str, float]:
+    """The share of draws whose changes, each with the half-width of its task's final interval, give each final
+    verdict. A verdict is forecast "beyond doubt" only at odds of 0.95 or more: a point forecast past the budget
+    with a wide interval is not a FAIL."""
+    counts = dict.fromkeys(VERDICTS, 0)
+    for d in drawn:
+        counts[verdict(d, half_widths, max_drop)] += 1
+    return {v: c / len(drawn) for v, c in counts.items()}
+
+
+def brier(calibration: list[dict], tasks: list[str], inputs: str) -> float | None:
+    """How well forecasts from `inputs` foretell the calibration runs' own verdicts: each run forecast from the
+    others (its own task sizes and budget), the Brier score of the odds against its verdict (0: sure and right; 2:
+    sure and wrong), averaged; None with too few runs to fit."""
+    total = 0.0
+    for i, run in enumerate(calibration):
+        drawn = draws(calibration[:i] + calibration[i + 1:], tasks, _inputs(run["x"], inputs), inputs)
+        if not drawn:
+            return None
+        chances = odds(drawn, {t: half_width(run["tasks"][t]["n"]) for t in tasks}, run["max_drop"])
+        total += sum((chances[v] - (v == run["verdict"])) ** 2 for v in VERDICTS)
+    return total / len(calibration)
+
+
+def _inputs(x: list[float], inputs: str) -> list[float]:
+    """A run's inputs to the fit: [1, log KLs] with the probes, [1] without."""
+    return x if inputs == "probes" else x[:1]
 
 
 @dataclass
 class Fit:
-    """One task's least-squares fit: coefficients, (X'X)^-1, residual scale and degrees of freedom."""
+    """One task's least-squares coefficients."""
 
     beta: list[float]
-    inverse: list[list[float]]
-    scale: float
-    dof: int
 
-    def predictive(self, x: list[float]) -> tuple[float, float]:
-        """(point, scale) of the forecast for a new run at x: its change is point + scale * t(dof)."""
-        point = sum(b * v for b, v in zip(self.beta, x))
-        leverage = sum(x[i] * self.inverse[i][j] * x[j] for i in range(len(x)) for j in range(len(x)))
-        return point, self.scale * math.sqrt(1 + leverage)
-
-    def predict(self, x: list[float], level: float = 0.95) -> tuple[float, float, float]:
-        point, scale = self.predictive(x)
-        half = t_quantile(0.5 + level / 2, self.dof) * scale
-        # A change of a score lies in [-1, 1], as the report's intervals do; a wider band says no more.
-        return min(1.0, max(-1.0, point)), max(-1.0, point - half), min(1.0, point + half)
+    def at(self, x: list[float]) -> float:
+        return sum(b * v for b, v in zip(self.beta, x))
 
 
 def fit(xs: list[list[float]], ys: list[float]) -> Fit | None:
-    """Least squares of ys on xs (rows with a leading 1), or None with too few rows to estimate a residual scale."""
+    """Least squares of ys on xs (rows with a leading 1), or None with no more rows than coefficients plus one (no
+    error left to measure) or X'X singular."""
     p, n = len(xs[0]), len(xs)
     if n <= p + 1:
         return None
-    xtx = [[sum(x[i] * x[j] for x in xs) for j in range(p)] for i in range(p)]
-    inverse = _inverse(xtx)
+    inverse = _inverse([[sum(x[i] * x[j] for x in xs) for j in range(p)] for i in range(p)])
     if inverse is None:
         return None
     xty = [sum(x[i] * y for x, y in zip(xs, ys)) for i in range(p)]
-    beta = [sum(inverse[i][j] * xty[j] for j in range(p)) for i in range(p)]
-    residuals = [y - sum(b * v for b, v in zip(beta, x)) for x, y in zip(xs, ys)]
-    scale = math.sqrt(sum(r * r for r in residuals) / (n - p))
-    return Fit(beta, inverse, scale, n - p)
+    return Fit([sum(inverse[i][j] * xty[j] for j in range(p)) for i in range(p)])
 
 
 def verdict(predicted: dict[str, float], half_widths: dict[str, float], max_drop: float) -> str:
@@ -142,49 +203,6 @@ def verdict(predicted: dict[str, float], half_widths: dict[str, float], max_drop
     if all(d - half_widths[t] > -max_drop for t, d in predicted.items()):
         return "PASS"
     return "INCONCLUSIVE"
-
-
-def verdict_odds(forecasts: dict[str, tuple[float, float, int]], half_widths: dict[str, float],
-                 max_drop: float) -> dict[str, float]:
-    """How likely each final verdict is, given each task's forecast (point, scale, dof: its change is point +
-    scale * t(dof)) and the half-width of its final interval. A task ends FAIL when its change is below
-    -max_drop - half-width, PASS when above -max_drop + half-width; tasks are taken as independent. A verdict is
-    forecast "beyond doubt" only at odds of 0.95 or more: a point forecast past the budget with a wide interval is
-    not a FAIL."""
-    all_pass, none_fail = 1.0, 1.0
-    for task, (point, scale, dof) in forecasts.items():
-        w = half_widths[task]
-        fail = t_cdf((-max_drop - w - point) / scale, dof)
-        passing = 1.0 - t_cdf((-max_drop + w - point) / scale, dof)
-        all_pass *= passing
-        none_fail *= 1.0 - fail
-    return {"PASS": all_pass, "FAIL": 1.0 - none_fail, "INCONCLUSIVE": max(0.0, none_fail - all_pass)}
-
-
-def t_cdf(x: float, dof: int) -> float:
-    """Student's t distribution function, by bisection on t_quantile (no scipy: reports run without it)."""
-    lo, hi = 1e-9, 1.0 - 1e-9
-    if x <= t_quantile(lo, dof):
-        return 0.0
-    if x >= t_quantile(hi, dof):
-        return 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if t_quantile(mid, dof) < x:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
-
-
-def t_quantile(q: float, dof: int) -> float:
-    """Student's t quantile (Hill's 1970 approximation through the normal quantile; within 1e-3 for dof >= 3)."""
-    z = NormalDist().inv_cdf(q)
-    g1 = (z ** 3 + z) / 4
-    g2 = (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
-    g3 = (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
-    g4 = (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160
-    return z + g1 / dof + g2 / dof ** 2 + g3 / dof ** 3 + g4 / dof ** 4
 
 
 def _inverse(m: list[list[float]]) -> list[list[float]] | None:

@@ -19,7 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .forgetting import Change, changes, verdict
-from .forecast import change_text, odds_text
+from .forecast import change_text, inputs_text, odds_text
 from .leak import answer_leak
 from ..recipe import Recipe, recipe_to_dict
 from .records import Evaluation, TaskScore
@@ -224,12 +224,13 @@ def _sections(report: dict) -> list[tuple[str, list[str], list[list[str]], str]]
         rows = []
         for task, c in forecast["tasks"].items():
             measured = report["tasks"].get(task, {}).get("delta")
-            inside = "" if measured is None else ("yes" if c["pi95"][0] <= measured <= c["pi95"][1] else "no")
+            inside = "" if measured is None else ("yes" if c["interval"][0] <= measured <= c["interval"][1] else "no")
             rows.append([task, change_text(c), _fmt(measured, True), inside])
         out.append((f"Forecast after update {forecast['step']} of {forecast['max_steps']}, beside what was measured",
-                    ["task", "forecast change [95% PI]", "measured change", "measured inside"], rows,
-                    f"From the probes of the first updates and {forecast['runs']} calibration runs "
-                    f"(eval.forecast_calibration). Verdict odds: {odds_text(forecast)}; most likely "
+                    ["task", f"forecast change [{forecast['level']:.0%} PI]", "measured change", "measured inside"],
+                    rows,
+                    f"From {forecast['runs']} calibration runs (eval.forecast_calibration) and "
+                    f"{inputs_text(forecast)}. Verdict odds: {odds_text(forecast)}; most likely "
                     f"{forecast['verdict']}{', beyond doubt' if forecast['beyond_doubt'] else ', not beyond doubt'}. "
                     "Measured: "
                     f"{report['verdict']['status']}."))
