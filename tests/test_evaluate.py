@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 import finetune.measure.evaluate as evaluate
 from finetune import precision
-from finetune.measure.drift import kl_drift
+from finetune.measure.drift import _Draw, kl_drift
+from finetune.measure.prefix_sharing import with_shared_lead
 from finetune.measure.evaluate import ForgettingEval, without_logs
 from finetune.measure.saved import evaluate_saved
 from finetune.measure.tasks import evaluate_tasks
@@ -236,6 +237,34 @@ def test_lora_at_a_low_learning_rate_forgets_less_than_full_fine_tuning(section,
     assert (tmp_path / "lora" / "forgetting" / "report.html").is_file()
     runs = compare_runs([tmp_path / "lora", tmp_path / "full"], tmp_path / "compare")["runs"]
     assert runs[0]["pareto"]  # nothing forgets less
+
+
+def test_drift_texts_are_drawn_from_the_models_own_distribution():
+    scores = torch.tensor([[0.0, 1.0, 2.0, -1.0, -math.inf]]).repeat(200_000, 1)
+    kept = _Draw(torch.Generator().manual_seed(0))(None, scores)
+    assert (kept.isfinite().sum(-1) == 1).all()  # one token left per row: greedy decoding takes it
+    drawn = kept.argmax(-1)
+    share = torch.bincount(drawn, minlength=5).double() / len(drawn)
+    p = torch.softmax(scores[0].double(), -1)
+    # 200,000 draws: each share within 5 binomial standard errors; a token of probability 0 never
+    assert ((share - p).abs() <= 5 * (p * (1 - p) / len(drawn)).sqrt()).all() and share[4] == 0, (share, p)
+
+
+def test_sampling_with_a_shared_lead_continues_each_prompt_as_the_whole_prompt_does(section):
+    model, tokenizer = load(section)
+    lead = "Answer the question below in a few words, as a careful assistant would: "
+    prompts = [lead + q for q in ("what is a?", "what is b, and why?", "say hello.")]
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    shared = with_shared_lead(model, enc["input_ids"], enc["attention_mask"], tokenizer.pad_token_id or 0)
+    assert {"cache", "past_key_values"} & set(shared)  # the lead ran once, its cache repeated
+    with torch.no_grad():
+        whole = model.generate(**enc, do_sample=False, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
+        led = model.generate(**shared, do_sample=False, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
+    width = enc["input_ids"].shape[1]
+    assert torch.equal(whole[:, width:], led[:, width:])
+    plain = tokenizer(["a", "b"], return_tensors="pt", padding=True)
+    assert with_shared_lead(model, plain["input_ids"], plain["attention_mask"], 0) is None  # nothing shared
 
 
 def test_drift_texts_from_files(tmp_path):

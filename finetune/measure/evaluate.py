@@ -28,6 +28,7 @@ from ..recipe import EvalSection, ModelSection
 from ..reports.records import Evaluation, TaskScore, from_dict, to_dict
 from . import prefix_sharing, vllm_backend
 from .drift import (
+    DRAW,
     GENERATION_BATCH,
     LAYOUT,
     NEW_TOKENS,
@@ -199,7 +200,7 @@ class ForgettingEval:
             scores = {spec: score for spec, score in scores.items() if score.log}
             missing = [spec for spec in specs if spec not in scores]
             # The texts depend on the batch (one seeded stream drawn batch by batch) and on the precision.
-            sampling = [GENERATION_BATCH, *([str(self.autocast)] if self.autocast is not None else [])]
+            sampling = [GENERATION_BATCH, DRAW, *([str(self.autocast)] if self.autocast is not None else [])]
             texts_paths = {kind: self._cache_path("drift", kind, PROMPTS[kind], NEW_TOKENS, SAMPLING_SEED, *sampling)
                            for kind in kinds if kind not in self.texts}
             to_sample = [kind for kind, path in texts_paths.items() if not path.is_file()]

@@ -151,17 +151,24 @@ def _autocast(lm) -> torch.autocast:
 
 def generate_with_shared_prefix(lm, generate, context: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
     """lm-eval's batched generation (`generate`: HFLM._model_generate) with the rows' common prefix (the few-shot
-    turns, the system prompt) encoded once: each left-padded row becomes prefix, padding, the rest of its prompt, so
-    the prefix sits in the same place in every row, its key/value cache is computed once and repeated for the rows,
-    and only the rest runs per row. The same width as lm-eval's batch, so its own slicing of the replies holds."""
-    rows = [ids[mask.bool()].tolist() for ids, mask in zip(context, attention_mask)]
-    prefix = common_prefix(rows)
-    if not prefix:
-        return generate(context=context, attention_mask=attention_mask, **kwargs)
-    width, pad = context.shape[1], lm.tokenizer.pad_token_id or 0
-    ids = torch.tensor([r[:prefix] + [pad] * (width - len(r)) + r[prefix:] for r in rows], device=context.device)
-    mask = torch.tensor([[1] * prefix + [0] * (width - len(r)) + [1] * (len(r) - prefix) for r in rows],
-                        device=context.device)
+    turns, the system prompt) encoded once (with_shared_lead). The same width as lm-eval's batch, so its own slicing
+    of the replies holds."""
     with torch.no_grad(), _autocast(lm):  # as lm-eval's generate runs the rest
-        shared = repeated_prefix_cache(lm.model, ids[:1, :prefix], len(rows))
-    return generate(context=ids, attention_mask=mask, **shared, **kwargs)
+        shared = with_shared_lead(lm.model, context, attention_mask, lm.tokenizer.pad_token_id or 0)
+    if shared is None:
+        return generate(context=context, attention_mask=attention_mask, **kwargs)
+    return generate(context=shared.pop("input_ids"), **shared, **kwargs)
+
+
+def with_shared_lead(model, ids: torch.Tensor, mask: torch.Tensor, pad: int) -> dict | None:
+    """generate()'s inputs for a left-padded batch whose rows share a lead (common_prefix): each row becomes lead,
+    padding, the rest of its prompt, so that the lead sits in the same place in every row; its key/value cache is
+    computed once and repeated for the rows, and only the rest runs per row. None where nothing is shared."""
+    rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]
+    lead = common_prefix(rows)
+    if not lead:
+        return None
+    width = ids.shape[1]
+    ids = torch.tensor([r[:lead] + [pad] * (width - len(r)) + r[lead:] for r in rows], device=ids.device)
+    mask = torch.tensor([[1] * lead + [0] * (width - len(r)) + [1] * (len(r) - lead) for r in rows], device=ids.device)
+    return {"input_ids": ids, "attention_mask": mask, **repeated_prefix_cache(model, ids[:1, :lead], len(rows))}
