@@ -145,15 +145,38 @@ def main() -> int:
             notes.append(f"{part}: {moved} of {items} examples score differently under bf16 autocast than in float32 "
                          f"({'; '.join(f'{s}: {ours[s].value:.3f} vs {low[s].value:.3f}' for s in specs)}).")
     drift_texts, drift_inputs = {}, {}  # per kind, for the tuned adapter's rows below
+    class Multinomial(drift_module._Draw):
+        """generate()'s own draw, torch.multinomial (an exponential variate per vocabulary entry, drawn by
+        exponential_): how the texts were drawn up to 6374fb6."""
+
+        def __call__(self, input_ids, scores):
+            token = torch.multinomial(torch.softmax(scores.float(), dim=-1), 1, generator=self.generator)
+            return torch.full_like(scores, -float("inf")).scatter_(1, token, 0.0)
+
+    @contextlib.contextmanager
+    def sampling_before():
+        """The base's sampling as it was: multinomial, and every prompt run whole (no system turn shared)."""
+        draw, lead = drift_module._Draw, drift_module.with_shared_lead
+        drift_module._Draw, drift_module.with_shared_lead = Multinomial, lambda *a, **k: None
+        try:
+            yield
+        finally:
+            drift_module._Draw, drift_module.with_shared_lead = draw, lead
+
     for kind, sample in (("text", sample_texts), ("chat", sample_chat)):
         prompts = PROMPTS[kind][:args.limit]  # all of them without --limit
         batch = drift_module.GENERATION_BATCH
-        ways = [("20 prompts per batch (before)", 20, None), (f"{batch} prompts per batch", batch, None)]
-        if args.bf16:  # last, so the KL rows below measure the texts a bf16 evaluation draws
-            ways.append((f"{batch} prompts per batch, bf16 autocast", batch, torch.bfloat16))
-        for name, rows_at_once, autocast in ways:
+        old = "multinomial, prompts whole"
+        ways = [(f"20 prompts per batch, {old} (before)", 20, None, True),
+                (f"{batch} prompts per batch", batch, None, False)]
+        if args.bf16:  # the new path last, so the KL rows below measure the texts a bf16 evaluation draws
+            ways += [(f"{batch} prompts per batch, {old}, bf16 autocast (6374fb6)", batch, torch.bfloat16, True),
+                     (f"{batch} prompts per batch, bf16 autocast", batch, torch.bfloat16, False)]
+        for name, rows_at_once, autocast, before in ways:
             drift_module.GENERATION_BATCH = rows_at_once
-            texts, s_sample = timed(sample, model, tokenizer, prompts, new_tokens=NEW_TOKENS, seed=0, autocast=autocast)
+            with sampling_before() if before else contextlib.nullcontext():
+                texts, s_sample = timed(sample, model, tokenizer, prompts, new_tokens=NEW_TOKENS, seed=0,
+                                        autocast=autocast)
             row(f"drift sampling ({kind}, base)", f"finetune, {name}", len(prompts), len(prompts) * NEW_TOKENS,
                 s_sample)
         drift_module.GENERATION_BATCH = batch
