@@ -539,6 +539,43 @@ def test_shared_prefixes_generate_what_lm_evals_own_path_generates(section, tmp_
     assert len({str(r) for r in replies[0]}) > 1  # replies that differ by prompt: the comparison is not vacuous
 
 
+@pytest.mark.parametrize("kind", ["multiple_choice", "generation"])
+def test_a_prefix_batches_share_runs_once_per_evaluation_and_changes_no_score(section, tmp_path, monkeypatch, kind):
+    # In the chat template every prompt begins with the same system turn; at 4 rows per batch, 4 batches share it
+    # (with a token of the question more where a batch's rows begin alike).
+    from finetune.measure import prefix_sharing
+
+    task = str(write_generation_task(tmp_path / "gen") if kind == "generation" else
+               write_task(tmp_path / "mc", "original", 0))
+    if kind == "multiple_choice":  # 4 questions per pass, as generation's batches hold 4
+        monkeypatch.setattr(prefix_sharing, "TOKENS_PER_PASS", 4 * 40)
+    leads = []
+    real = prefix_sharing.common_prefix
+    monkeypatch.setattr(prefix_sharing, "common_prefix",
+                        lambda rows: leads.append(tuple(rows[0][:real(rows)])) or len(leads[-1]))
+    model, tokenizer = load(section)
+    one_row = []  # the inputs of every forward pass of one row: a prefix's own pass is one
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: one_row.append(tuple(kwargs["input_ids"][0].tolist()))
+        if kwargs.get("input_ids") is not None and kwargs["input_ids"].shape[0] == 1 else None, with_kwargs=True)
+    try:
+        apart = evaluate_tasks(model, tokenizer, [task], batch_size=4, limit=None, chat=True, share_prefixes=True)
+        rows_apart, one_row[:] = list(one_row), []
+        with prefix_sharing.kept_prefixes():
+            kept = [evaluate_tasks(model, tokenizer, [task], batch_size=4, limit=None, chat=True,
+                                   share_prefixes=True) for _ in range(2)]
+    finally:
+        hook.remove()
+    distinct = {lead for lead in leads if lead}
+    passes_apart = [r for r in rows_apart if r in distinct]
+    # Once in the scope for both evaluations, where each batch ran its prefix before.
+    assert len(passes_apart) > len(distinct) and sorted(r for r in one_row if r in distinct) == sorted(distinct)
+    for score in kept:
+        assert score[task].examples == apart[task].examples
+        assert [s["resps"] for s in score[task].log[Path(task).stem]["samples"]] == \
+            [s["resps"] for s in apart[task].log[Path(task).stem]["samples"]]
+
+
 @pytest.mark.parametrize("flags, setting, chosen", [
     (set(), "auto", None), ({"amx_bf16", "amx_tile"}, "auto", torch.bfloat16),
     ({"avx512_bf16"}, "auto", torch.bfloat16),

@@ -217,7 +217,7 @@ class ForgettingEval:
             # Training will change this model's output layer; the drift needs the base's.
             self._base_head = copy.deepcopy(output_layer(model))
         with self._plain_base(model) if in_memory or to_sample or to_encode else nullcontext() as base:
-            with cast_once(self.autocast, base):
+            with cast_once(self.autocast, base), prefix_sharing.kept_prefixes():
                 if in_memory:
                     fresh = self._scores(base, {spec: loaded[spec] for spec in missing})
                 # Sampled by one process: one seeded stream over the prompts, as the cached texts were drawn.
@@ -259,7 +259,8 @@ class ForgettingEval:
                   f"{len(self.section.tasks) + len(self.section.target_tasks)} task(s), and its drift from the base",
                   file=sys.stderr)
         specs = self.section.tasks + self.section.target_tasks
-        with adapter_merged(model), cast_once(self.autocast, model):  # merged first: cast once, merged
+        # Merged first: cast once, merged. A prefix shared by several batches (few-shot turns, a system turn) runs once.
+        with adapter_merged(model), cast_once(self.autocast, model), prefix_sharing.kept_prefixes():
             scores = self._scores(model, {spec: load_tasks(spec) for spec in specs})
             drift, base = {}, None
             for kind, texts in self.texts.items():
