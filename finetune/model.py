@@ -205,7 +205,8 @@ def adapter_merged(model: torch.nn.Module) -> Iterator[bool]:
     """For the duration, a LoRA model's adapters folded into its base weights (yields whether they were), then every
     weight back to the bit. Evaluation then runs one matmul per adapted layer instead of three and peft's per-layer
     bookkeeping: the demo's tuned evaluation ran 1.15x faster on 2 CPU cores under bf16 autocast
-    (bench/adapter_merge.py), the scores the same but for rounding (4 and 6 of 420 multiple-choice items moved).
+    (bench/tuned_eval_ab.py --toggle merge), the scores the same but for rounding (4 and 6 of 420 multiple-choice
+    items moved).
     peft's merge writes the merged weights into new tensors (safe_merge); the originals are kept aside and put back
     after peft's unmerge, because W + BA - BA is not W in float. That holds every adapted weight twice, so only on the
     CPU, and only where each adapted layer is a plain LoRA linear layer over a whole float weight: not a 4-bit base,
