@@ -40,6 +40,7 @@ def main() -> int:
     import peft
     import torch
 
+    import finetune.measure.drift as drift_module
     import finetune.measure.evaluate as evaluate
     from finetune.measure import prefix_sharing
     from finetune.model import adapter_merged, load_model
@@ -64,6 +65,17 @@ def main() -> int:
         return out
 
     evaluate.kl_drift = timed_kl
+    prefix_seconds = []
+    real_prefix = prefix_sharing.repeated_prefix_cache
+
+    def timed_prefix(*a, **kw):
+        start = time.perf_counter()
+        out = real_prefix(*a, **kw)
+        prefix_seconds.append(time.perf_counter() - start)
+        return out
+
+    # Both modules call it: the tasks' prefixes (prefix_sharing) and the drift's (drift imports it by name).
+    prefix_sharing.repeated_prefix_cache = drift_module.repeated_prefix_cache = timed_prefix
     kept = prefix_sharing.kept_prefixes
     ways = {"merge": [("the adapter as peft runs it", False), ("merged into the weights", True)],
             "kept-prefixes": [("each batch's prefix run by it", False), ("each prefix once per evaluation", True)]}
@@ -75,11 +87,13 @@ def main() -> int:
             else:
                 prefix_sharing.kept_prefixes = kept if on else contextlib.nullcontext
             drift_seconds.clear()
+            prefix_seconds.clear()
             start = time.perf_counter()
             point = fe.evaluate(model, None)
             seconds = time.perf_counter() - start
             rows.append({"repeat": repeat, "way": way, "seconds": round(seconds, 1),
                          "drift_seconds": round(sum(drift_seconds), 1),
+                         "prefix_passes": len(prefix_seconds), "prefix_seconds": round(sum(prefix_seconds), 2),
                          "scores": {s: round(x.value, 4) for s, x in {**point.tasks, **point.targets}.items()},
                          "kl": {k: round(d.kl, 4) for k, d in point.drift.items()}})
             print(rows[-1], file=sys.stderr, flush=True)
@@ -89,8 +103,10 @@ def main() -> int:
     header = (f"{platform.machine()}, CPU flags: {bf16_flags}"
               f"; torch {torch.__version__}, {torch.get_num_threads()} thread(s); evaluation precision "
               f"{fe.autocast or 'float32'}; run {args.run}.")
-    table = ["| repeat | way | seconds | of which drift | scores | drift KL |", "|---|---|---|---|---|---|"]
+    table = ["| repeat | way | seconds | of which drift | of which shared prefixes (passes) | scores | drift KL |",
+             "|---|---|---|---|---|---|---|"]
     table += [f"| {r['repeat']} | {r['way']} | {r['seconds']} | {r['drift_seconds']} | "
+              f"{r['prefix_seconds']} ({r['prefix_passes']}) | "
               f"{', '.join(f'{Path(s).stem} {v:.3f}' for s, v in r['scores'].items())} | "
               f"{', '.join(f'{k} {v:.3f}' for k, v in r['kl'].items())} |" for r in rows]
     (off, _), (on, _) = ways[args.toggle]
