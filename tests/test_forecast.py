@@ -4,6 +4,8 @@ odds it gives, whether it uses the probes, the probe it reads and the verdict it
 import math
 import random
 
+import pytest
+
 from finetune.reports.forecast import draws, features, fit, forecast_run, interval, odds, verdict
 
 
@@ -33,6 +35,21 @@ def test_the_interval_covers_a_new_runs_change_as_often_as_its_level_says():
     # 2,000 trials: a binomial standard error of 0.7 points.
     assert 0.87 <= covered / trials <= 0.94
     assert interval([0.1] * 8) == [-1.0, 1.0]  # 8 draws resolve no 90% bound: the ends of the scale
+
+
+def test_the_draws_are_those_of_refitting_without_each_run():
+    rng = random.Random(2)
+    logs = [(rng.uniform(-3, 1), rng.uniform(-2, 2)) for _ in range(12)]
+    cal = runs([0.02 - 0.04 * a + 0.01 * b + rng.gauss(0, 0.02) for a, b in logs], logs)
+    x = [1.0, 0.3, -0.7]
+    for inputs, cut in (("probes", 3), ("none", 1)):
+        refit = []
+        for j, held in enumerate(cal):
+            model = fit([r["x"][:cut] for i, r in enumerate(cal) if i != j],
+                        [r["tasks"]["a"]["delta"] for i, r in enumerate(cal) if i != j])
+            refit.append(model.at(x[:cut]) + held["tasks"]["a"]["delta"] - model.at(held["x"][:cut]))
+        assert [d["a"] for d in draws(cal, ["a"], x, inputs)] == pytest.approx(refit, abs=1e-12)
+    assert draws(cal[:4], ["a"], x, "probes") == []  # 3 runs left to fit 3 coefficients
 
 
 def test_without_the_probes_the_draws_are_the_calibration_runs_own_changes_and_the_odds_their_verdicts_shares():

@@ -78,7 +78,7 @@ def forecast_run(calibration: list[dict], probes: dict, max_steps: int, max_drop
     if skill["none"] is None:
         return None
     inputs = "probes" if skill["probes"] is not None and skill["probes"] < skill["none"] else "none"
-    drawn = draws(calibration, tasks, _inputs(x, inputs), inputs)
+    drawn = draws(calibration, tasks, x, inputs)
     if sizes is None:
         sizes = {t: int(median(r["tasks"][t]["n"] for r in calibration)) for t in tasks}
     changes = {t: {"change": median(d[t] for d in drawn), "interval": interval([d[t] for d in drawn])}
@@ -117,19 +117,26 @@ def describe(forecast: dict) -> str:
 
 
 def draws(calibration: list[dict], tasks: list[str], x: list[float], inputs: str) -> list[dict[str, float]]:
-    """One draw of the new run's final changes per calibration run: the fit without that run, at x, plus that run's
-    error under that fit (jackknife+), all tasks together."""
-    out = []
-    for j, held in enumerate(calibration):
-        rest = calibration[:j] + calibration[j + 1:]
-        xs = [_inputs(r["x"], inputs) for r in rest]
-        draw = {}
-        for task in tasks:
-            model = fit(xs, [r["tasks"][task]["delta"] for r in rest])
-            if model is None:
+    """One draw of the new run's final changes per calibration run j: the fit without run j, at x, plus run j's error
+    under that fit (jackknife+), all tasks together. The fits without each run follow from the fit with all, by the
+    leave-one-out identities of least squares (run j's error without it is e_j / (1 - h_j), its leverage h_j; leaving
+    it out moves the fit at x by (x' (X'X)^-1 x_j) e_j / (1 - h_j)): one fit per task, not one per run, which keeps
+    the forecast's leave-one-out choice of inputs (brier) quadratic in the runs. None where leaving a run out leaves
+    too few to fit, or a run alone fixes a coefficient (h_j = 1)."""
+    x, xs = _inputs(x, inputs), [_inputs(r["x"], inputs) for r in calibration]
+    if len(xs) - 1 <= len(x) + 1:  # as fit() asks of the runs left
+        return []
+    out: list[dict[str, float]] = [{} for _ in xs]
+    for task in tasks:
+        model = fit(xs, [r["tasks"][task]["delta"] for r in calibration])
+        if model is None:
+            return []
+        for j, (xj, run) in enumerate(zip(xs, calibration)):
+            lever, toward = model.product(xj, xj), model.product(x, xj)
+            if 1 - lever < 1e-9:
                 return []
-            draw[task] = model.at(x) + held["tasks"][task]["delta"] - model.at(_inputs(held["x"], inputs))
-        out.append(draw)
+            error = (run["tasks"][task]["delta"] - model.at(xj)) / (1 - lever)
+            out[j][task] = model.at(x) + (1 - toward) * error
     return out
 
 
@@ -158,7 +165,7 @@ def brier(calibration: list[dict], tasks: list[str], inputs: str) -> float | Non
     sure and wrong), averaged; None with too few runs to fit."""
     total = 0.0
     for i, run in enumerate(calibration):
-        drawn = draws(calibration[:i] + calibration[i + 1:], tasks, _inputs(run["x"], inputs), inputs)
+        drawn = draws(calibration[:i] + calibration[i + 1:], tasks, run["x"], inputs)
         if not drawn:
             return None
         chances = odds(drawn, {t: half_width(run["tasks"][t]["n"]) for t in tasks}, run["max_drop"])
@@ -173,12 +180,17 @@ def _inputs(x: list[float], inputs: str) -> list[float]:
 
 @dataclass
 class Fit:
-    """One task's least-squares coefficients."""
+    """One task's least-squares coefficients, and (X'X)^-1."""
 
     beta: list[float]
+    inverse: list[list[float]]
 
     def at(self, x: list[float]) -> float:
         return sum(b * v for b, v in zip(self.beta, x))
+
+    def product(self, u: list[float], v: list[float]) -> float:
+        """u' (X'X)^-1 v."""
+        return sum(u[i] * self.inverse[i][j] * v[j] for i in range(len(u)) for j in range(len(v)))
 
 
 def fit(xs: list[list[float]], ys: list[float]) -> Fit | None:
@@ -191,7 +203,7 @@ def fit(xs: list[list[float]], ys: list[float]) -> Fit | None:
     if inverse is None:
         return None
     xty = [sum(x[i] * y for x, y in zip(xs, ys)) for i in range(p)]
-    return Fit([sum(inverse[i][j] * xty[j] for j in range(p)) for i in range(p)])
+    return Fit([sum(inverse[i][j] * xty[j] for j in range(p)) for i in range(p)], inverse)
 
 
 def verdict(predicted: dict[str, float], half_widths: dict[str, float], max_drop: float) -> str:
