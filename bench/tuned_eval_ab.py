@@ -55,27 +55,20 @@ def main() -> int:
     model = peft.PeftModel.from_pretrained(load_model(recipe.model, None), args.run / "final")
     fe = evaluate.ForgettingEval(recipe.eval, recipe.model, tokenizer)
     fe.evaluate_base(model)
-    drift_seconds = []
-    real_kl = evaluate.kl_drift
+    def timed(work, seconds: list):
+        """`work`, adding the seconds of each call to `seconds`."""
+        def call(*a, **kw):
+            start = time.perf_counter()
+            out = work(*a, **kw)
+            seconds.append(time.perf_counter() - start)
+            return out
+        return call
 
-    def timed_kl(*a, **kw):
-        start = time.perf_counter()
-        out = real_kl(*a, **kw)
-        drift_seconds.append(time.perf_counter() - start)
-        return out
-
-    evaluate.kl_drift = timed_kl
-    prefix_seconds = []
-    real_prefix = prefix_sharing.repeated_prefix_cache
-
-    def timed_prefix(*a, **kw):
-        start = time.perf_counter()
-        out = real_prefix(*a, **kw)
-        prefix_seconds.append(time.perf_counter() - start)
-        return out
-
+    drift_seconds, prefix_seconds = [], []
+    evaluate.kl_drift = timed(evaluate.kl_drift, drift_seconds)
     # Both modules call it: the tasks' prefixes (prefix_sharing) and the drift's (drift imports it by name).
-    prefix_sharing.repeated_prefix_cache = drift_module.repeated_prefix_cache = timed_prefix
+    prefix_sharing.repeated_prefix_cache = drift_module.repeated_prefix_cache = timed(
+        prefix_sharing.repeated_prefix_cache, prefix_seconds)
     kept = prefix_sharing.kept_prefixes
     ways = {"merge": [("the adapter as peft runs it", False), ("merged into the weights", True)],
             "kept-prefixes": [("each batch's prefix run by it", False), ("each prefix once per evaluation", True)]}
