@@ -80,21 +80,26 @@ def kept_prefixes() -> Iterator[None]:
 def repeated_prefix_cache(model, prefix: torch.Tensor, rows: int) -> dict:
     """{the keyword a forward pass takes its key/value cache by: the cache of `prefix` ([1, tokens]), run once (its
     last position's logits only) and repeated for `rows` rows}; within kept_prefixes(), a copy of the cache the
-    same model made of the same prefix earlier. transformers 5.25 renamed `past_key_values` to `cache` (the old name
-    warns until 5.40)."""
-    device = prefix.device.type
-    key = (id(model), torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device), *prefix[0].tolist())
-    if _kept is None or key not in _kept:
-        output = model(input_ids=prefix, use_cache=True, logits_to_keep=1)
-        name = "cache" if hasattr(output, "cache") else "past_key_values"
-        if _kept is None:
-            getattr(output, name).batch_repeat_interleave(rows)
-            return {name: getattr(output, name)}
-        _kept[key] = (model, name, getattr(output, name))
-    _, name, cache = _kept[key]
-    cache = copy.deepcopy(cache)  # batch_repeat_interleave repeats in place; the kept one stays one row
+    same model made of the same prefix earlier."""
+    if _kept is None:
+        name, cache = _prefix_cache(model, prefix)
+    else:
+        device = prefix.device.type
+        key = (id(model), torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device), *prefix[0].tolist())
+        if key not in _kept:
+            _kept[key] = (model, *_prefix_cache(model, prefix))
+        _, name, kept = _kept[key]
+        cache = copy.deepcopy(kept)  # batch_repeat_interleave repeats in place; the kept one stays one row
     cache.batch_repeat_interleave(rows)
     return {name: cache}
+
+
+def _prefix_cache(model, prefix: torch.Tensor) -> tuple[str, object]:
+    """(the keyword, the key/value cache) of one pass over `prefix`: transformers 5.25 renamed `past_key_values` to
+    `cache` (the old name warns until 5.40)."""
+    output = model(input_ids=prefix, use_cache=True, logits_to_keep=1)
+    name = "cache" if hasattr(output, "cache") else "past_key_values"
+    return name, getattr(output, name)
 
 
 def _score_groups(lm, contexts: list[list[int]], conts: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:
