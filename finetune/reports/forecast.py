@@ -126,17 +126,21 @@ def draws(calibration: list[dict], tasks: list[str], x: list[float], inputs: str
     x, xs = _inputs(x, inputs), [_inputs(r["x"], inputs) for r in calibration]
     if len(xs) - 1 <= len(x) + 1:  # as fit() asks of the runs left
         return []
+    inverse = _gram_inverse(xs)
+    if inverse is None:
+        return []
+    # The leverages and the pulls toward x depend on the runs' inputs alone: the same for every task.
+    levers = [_product(inverse, xj, xj) for xj in xs]
+    toward = [_product(inverse, x, xj) for xj in xs]
+    if any(1 - h < 1e-9 for h in levers):
+        return []
     out: list[dict[str, float]] = [{} for _ in xs]
     for task in tasks:
-        model = fit(xs, [r["tasks"][task]["delta"] for r in calibration])
-        if model is None:
-            return []
+        model = Fit.of(inverse, xs, [r["tasks"][task]["delta"] for r in calibration])
+        at_x = model.at(x)
         for j, (xj, run) in enumerate(zip(xs, calibration)):
-            lever, toward = model.product(xj, xj), model.product(x, xj)
-            if 1 - lever < 1e-9:
-                return []
-            error = (run["tasks"][task]["delta"] - model.at(xj)) / (1 - lever)
-            out[j][task] = model.at(x) + (1 - toward) * error
+            error = (run["tasks"][task]["delta"] - model.at(xj)) / (1 - levers[j])
+            out[j][task] = at_x + (1 - toward[j]) * error
     return out
 
 
@@ -180,30 +184,38 @@ def _inputs(x: list[float], inputs: str) -> list[float]:
 
 @dataclass
 class Fit:
-    """One task's least-squares coefficients, and (X'X)^-1."""
+    """One task's least-squares coefficients."""
 
     beta: list[float]
-    inverse: list[list[float]]
+
+    @classmethod
+    def of(cls, inverse: list[list[float]], xs: list[list[float]], ys: list[float]) -> Fit:
+        """The fit of ys on xs, given (X'X)^-1 of xs."""
+        xty = [sum(x[i] * y for x, y in zip(xs, ys)) for i in range(len(inverse))]
+        return cls([sum(row[j] * xty[j] for j in range(len(row))) for row in inverse])
 
     def at(self, x: list[float]) -> float:
         return sum(b * v for b, v in zip(self.beta, x))
-
-    def product(self, u: list[float], v: list[float]) -> float:
-        """u' (X'X)^-1 v."""
-        return sum(u[i] * self.inverse[i][j] * v[j] for i in range(len(u)) for j in range(len(v)))
 
 
 def fit(xs: list[list[float]], ys: list[float]) -> Fit | None:
     """Least squares of ys on xs (rows with a leading 1), or None with no more rows than coefficients plus one (no
     error left to measure) or X'X singular."""
-    p, n = len(xs[0]), len(xs)
-    if n <= p + 1:
+    if len(xs) <= len(xs[0]) + 1:
         return None
-    inverse = _inverse([[sum(x[i] * x[j] for x in xs) for j in range(p)] for i in range(p)])
-    if inverse is None:
-        return None
-    xty = [sum(x[i] * y for x, y in zip(xs, ys)) for i in range(p)]
-    return Fit([sum(inverse[i][j] * xty[j] for j in range(p)) for i in range(p)], inverse)
+    inverse = _gram_inverse(xs)
+    return None if inverse is None else Fit.of(inverse, xs, ys)
+
+
+def _gram_inverse(xs: list[list[float]]) -> list[list[float]] | None:
+    """(X'X)^-1 of the rows xs, or None when X'X is singular."""
+    p = len(xs[0])
+    return _inverse([[sum(x[i] * x[j] for x in xs) for j in range(p)] for i in range(p)])
+
+
+def _product(inverse: list[list[float]], u: list[float], v: list[float]) -> float:
+    """u' (X'X)^-1 v."""
+    return sum(u[i] * inverse[i][j] * v[j] for i in range(len(u)) for j in range(len(v)))
 
 
 def verdict(predicted: dict[str, float], half_widths: dict[str, float], max_drop: float) -> str:
