@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from finetune.reports.forecast import draws, features, fit, forecast_run, interval, odds, verdict
+from finetune.reports.forecast import describe, draws, features, fit, forecast_run, interval, odds, verdict
 
 
 def test_least_squares_recovers_a_known_curve_and_too_few_or_identical_runs_give_no_fit():
@@ -87,6 +87,17 @@ def test_a_point_forecast_past_the_budget_with_a_wide_spread_is_no_fail_beyond_d
     assert wide["verdict"] == "FAIL" and wide["odds"]["FAIL"] == 0.75 and not wide["beyond_doubt"]
     sure = forecast_run(runs([-0.12 + 0.001 * (i % 3) for i in range(20)], logs), probes, 60, 0.05)
     assert sure["verdict"] == "FAIL" and sure["beyond_doubt"]
+
+
+def test_odds_beyond_doubt_need_enough_calibration_runs_to_vouch_for_them():
+    probes = {"4": {"probe_kl_general": 0.5, "probe_kl_task": 2.0}}
+    for n, beyond in ((6, False), (18, False), (19, True)):
+        logs = [(0.0, math.log(2.0) + 0.01 * i) for i in range(n)]
+        told = forecast_run(runs([-0.12 + 0.001 * (i % 3) for i in range(n)], logs), probes, 60, 0.05)
+        # Every draw fails: the share is 1, but n runs vouch for n/(n+1) at most.
+        assert told["odds"]["FAIL"] == 1.0 and told["vouched"]["FAIL"] == n / (n + 1)
+        assert told["beyond_doubt"] is beyond
+        assert ("beyond doubt" if beyond else f"{n} calibration runs vouch for odds up to") in describe(told)
 
 
 def test_the_forecast_reads_the_last_probe_within_the_first_tenth():

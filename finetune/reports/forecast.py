@@ -87,7 +87,14 @@ def forecast_run(calibration: list[dict], probes: dict, max_steps: int, max_drop
     likely = max(VERDICTS, key=chances.get)
     return {"step": step, "max_steps": max_steps, "runs": len(calibration), "inputs": inputs, "skill": skill,
             "level": LEVEL, "tasks": changes, "odds": chances, "verdict": likely,
-            "beyond_doubt": chances[likely] >= BEYOND_DOUBT}
+            "vouched": vouched(chances, len(drawn)), "beyond_doubt": vouched(chances, len(drawn))[likely] >= BEYOND_DOUBT}
+
+
+def vouched(chances: dict[str, float], n: int) -> dict[str, float]:
+    """The odds n draws can vouch for: the run forecast may be unlike every calibration run (its error ranks beyond
+    all n with chance 1/(n+1), as the conformal interval's), so a share p of the draws stands for odds of at least
+    p n/(n+1). Odds of 0.95 beyond doubt thus need 19 calibration runs that all agree; 4 that agree are not 1.0."""
+    return {v: p * n / (n + 1) for v, p in chances.items()}
 
 
 def change_text(change: dict) -> str:
@@ -103,14 +110,24 @@ def inputs_text(forecast: dict) -> str:
     """What the forecast rests on, in a few words."""
     if forecast["inputs"] == "probes":
         return "the probes"
+    if forecast["skill"]["probes"] is None:
+        return "the calibration runs' spread alone: too few of them to fit the probes too"
     return ("the calibration runs' spread alone: the probes forecast their verdicts no better (Brier "
             f"{forecast['skill']['probes']:.2f} against {forecast['skill']['none']:.2f}, leave-one-out)")
+
+
+def doubt_text(forecast: dict) -> str:
+    """Why a forecast verdict is not beyond doubt: its odds, or too few calibration runs to vouch for them."""
+    if forecast["odds"][forecast["verdict"]] >= BEYOND_DOUBT:
+        return (f"{forecast['runs']} calibration runs vouch for odds up to {forecast['runs'] / (forecast['runs'] + 1):.2f}; "
+                f"{BEYOND_DOUBT} needs {math.ceil(round(BEYOND_DOUBT / (1 - BEYOND_DOUBT), 9))}")
+    return f"odds under {BEYOND_DOUBT}"
 
 
 def describe(forecast: dict) -> str:
     """One line for the progress output."""
     tasks = "; ".join(f"{t} {change_text(c)}" for t, c in forecast["tasks"].items())
-    sure = "beyond doubt" if forecast["beyond_doubt"] else f"not beyond doubt (odds under {BEYOND_DOUBT})"
+    sure = "beyond doubt" if forecast["beyond_doubt"] else f"not beyond doubt ({doubt_text(forecast)})"
     return (f"forecast after update {forecast['step']} of {forecast['max_steps']} (from {forecast['runs']} calibration "
             f"runs; {inputs_text(forecast)}): final change {tasks} ({forecast['level']:.0%} intervals); verdict odds "
             f"{odds_text(forecast)}: {forecast['verdict']}, {sure}")
