@@ -73,6 +73,14 @@ class TrainingDisplay:
                 print(f"step {self.step_now}/{self.total} ({_duration(now - self.started)}): "
                       + ", ".join(self._fields()), file=self.stream, flush=True)
 
+    def note(self, text: str) -> None:
+        """A line among the updates (a forecast, a stop): printed above the bar, which tqdm then draws again, so the
+        two do not run into each other on a terminal."""
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        elif self.show:
+            print(text, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -323,7 +323,7 @@ def _loop(t: Training, progress: Progress, signals: StopSignals) -> int:
         else:
             progress.skipped_steps += 1
             bad_in_row += 1
-            accelerator.print(f"step {step}: non-finite loss or gradient; update skipped ({bad_in_row} in a row)")
+            bar.note(f"step {step}: non-finite loss or gradient; update skipped ({bad_in_row} in a row)")
             if bad_in_row > tr.max_nonfinite_in_row:
                 raise TrainError(f"{bad_in_row} updates in a row had a non-finite loss or gradient (step {step}); "
                                  f"stopping. Nothing non-finite was saved; the last checkpoint is "
@@ -345,17 +345,17 @@ def _loop(t: Training, progress: Progress, signals: StopSignals) -> int:
             bar.record(record)
             window.zero_()
             if forecast:
-                accelerator.print(describe_forecast(forecast))
+                bar.note(describe_forecast(forecast))
         bar.step()
         if forecast and forecast["verdict"] == "FAIL" and forecast["beyond_doubt"] and \
                 recipe.eval.on_over_budget == "stop":
-            accelerator.print(f"stopping after step {step}: the forecast is FAIL beyond doubt (odds "
-                              f"{forecast['odds']['FAIL']:.2f}; eval.on_over_budget: stop)")
+            bar.note(f"stopping after step {step}: the forecast is FAIL beyond doubt (odds "
+                     f"{forecast['odds']['FAIL']:.2f}; eval.on_over_budget: stop)")
             break
         if t.evals.due(step, t.max_steps) and t.evals.check(
                 step, t.model, t.tokenizer,
                 save=lambda dest: save_model(accelerator, t.model, t.tokenizer, dest, True)):
-            accelerator.print(f"stopping after step {step}: over the forgetting budget (eval.on_over_budget: stop)")
+            bar.note(f"stopping after step {step}: over the forgetting budget (eval.on_over_budget: stop)")
             break
         if saving or (stopping and step < t.max_steps):
             save_checkpoint(accelerator, t.run.checkpoints, progress, recipe.output.keep)
