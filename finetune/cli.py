@@ -142,6 +142,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--launch-config", help="accelerate config to launch each run with (default: one process)")
     s.add_argument("--print-commands", action="store_true",
                    help="print one command per run (to submit on a cluster) instead of running them")
+    s.add_argument("--prune", action="store_true",
+                   help="run the grid as an Optuna study and stop a run whose forecast after its first 10%% of "
+                        "updates is FAIL beyond doubt (calibrated on eval.forecast_calibration and the sweep's "
+                        "finished runs); a pruned run is measured where it stopped and marked on the plane")
+    s.add_argument("--storage", metavar="URL_OR_FILE",
+                   help="with --prune: the study's Optuna storage (default: the journal file <sweep>/study.journal); "
+                        "several workers given the same one share the grid, e.g. SLURM array tasks")
 
     pl = sub.add_parser("plan", help="memory per device and bytes sent per update, from the model's config alone "
                                      "(no weights loaded): will the recipe fit?")
@@ -289,8 +296,14 @@ def _interpolate(args) -> int:
 def _sweep(args) -> int:
     from .sweep import sweep
 
-    result = sweep(Path(args.recipe), args.grid, args.overrides, args.launch_config, args.print_commands)
+    if args.storage and not args.prune:
+        raise UserError("--storage is the pruning study's storage: it needs --prune.")
+    result = sweep(Path(args.recipe), args.grid, args.overrides, args.launch_config, args.print_commands,
+                   args.prune, args.storage)
     if result is not None:
+        pruned = [f"{r['name']} (update {r['pruned']['step']})" for r in result["runs"] if r.get("pruned")]
+        if pruned:
+            print(f"pruned on their forecast, measured where they stopped: {', '.join(pruned)}")
         print(f"recommended run: {result['recommended'] or 'none passes the forgetting budget'}")
     return 0
 

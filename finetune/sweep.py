@@ -5,6 +5,7 @@ learning-forgetting plane, the Pareto front and the recommended run for the reci
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import shlex
 import subprocess
@@ -12,8 +13,10 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .files import atomic_write_text
 from .recipe import dump_recipe, load_recipe
 from .reports.compare import compare_runs
+from .reports.forecast import calibration_row
 
 
 class SweepError(UserError):
@@ -94,8 +97,17 @@ def command(recipe_path: Path, overrides: list[str], launch_config: str | None) 
 
 
 def sweep(recipe_path: Path, grid_items: list[str], base_overrides: list[str], launch_config: str | None,
-          print_only: bool) -> dict | None:
+          print_only: bool, prune: bool = False, storage: str | None = None) -> dict | None:
+    if prune:
+        if print_only:
+            raise SweepError("--prune runs the sweep as an Optuna study; --print-commands only prints the runs. "
+                             "Use one of them.")
+        calibration = _calibration_file(recipe_path, base_overrides)
+        base_overrides = [*base_overrides, f"eval.forecast_calibration={calibration}"]
     root, runs = plan(recipe_path, parse_grid(grid_items), base_overrides, need_tasks=not print_only)
+    if prune:
+        _run_study(recipe_path, runs, launch_config, root, storage or str(root / "study.journal"))
+        return compare_runs([out for out, _ in runs], root / "compare")
     if print_only:
         for _, overrides in runs:
             print(shlex.join(command(recipe_path, overrides, launch_config)))
@@ -110,3 +122,83 @@ def sweep(recipe_path: Path, grid_items: list[str], base_overrides: list[str], l
             raise SweepError(f"run {out} failed (exit {done.returncode}); fix it and rerun the sweep: finished "
                              "runs are kept and skipped.")
     return compare_runs([out for out, _ in runs], root / "compare")
+
+
+# ---------------------------------------------------------------- pruning (--prune)
+
+
+def _calibration_file(recipe_path: Path, base_overrides: list[str]) -> Path:
+    """The calibration file a pruning sweep's runs forecast from: the recipe's own (eval.forecast_calibration), and
+    this sweep's finished runs as they come (`_recalibrate`). Made before the runs' recipes are checked, which want
+    it to exist."""
+    recipe = load_recipe(recipe_path, base_overrides)
+    path = Path(recipe.output.dir + "-sweep") / "calibration.jsonl"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        given = recipe.eval.forecast_calibration
+        if given is None:
+            print(f"note: {recipe_path} sets no eval.forecast_calibration: the runs' forecasts calibrate on this "
+                  "sweep's finished runs alone, and can call a FAIL beyond doubt only once 19 of them agree",
+                  file=sys.stderr)
+        atomic_write_text(path, Path(given).read_text(encoding="utf-8") if given else "")
+    return path
+
+
+def _recalibrate(path: Path, own: list[Path], given: list[str]) -> None:
+    """The calibration file again: the recipe's runs (`given`, its lines) and this sweep's finished runs."""
+    rows = [json.dumps(row) for row in map(calibration_row, own) if row is not None]
+    atomic_write_text(path, "".join(line + "\n" for line in [*given, *rows]))
+
+
+def _run_study(recipe_path: Path, runs: list, launch_config: str | None, root: Path, where: str) -> None:
+    """Every run of the grid as a trial of the sweep's Optuna study (finetune/pruning.py), in the grid's order. Runs
+    whose trial finished or was pruned are kept (a rerun, another worker's); one whose process failed is queued
+    again. A finished run's probes and result join the calibration of the runs after it."""
+    from optuna.trial import TrialState
+
+    from . import pruning
+
+    study = pruning.open_study(where, root.name)
+    names = {out.name: (out, overrides) for out, overrides in runs}
+    calibration = Path(load_recipe(recipe_path, runs[0][1]).eval.forecast_calibration)
+    given = [line for line in calibration.read_text(encoding="utf-8").splitlines()
+             if line.strip() and json.loads(line).get("run") not in {str(out) for out, _ in runs}]
+    taken = {_trial_run(t) for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL}
+    for name in names:
+        if name not in taken:
+            study.enqueue_trial({"run": name})
+    while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        trial = study.ask()
+        if _trial_run(study.get_trials(deepcopy=False)[trial.number]) is None:  # another worker took the last one
+            study.tell(trial, state=TrialState.FAIL)
+            break
+        name = trial.suggest_categorical("run", list(names))
+        out, overrides = names[name]
+        done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
+        print(f"[{done + 1}/{len(names)}] {name} (trial {trial.number} of study {root.name}, {where})", flush=True)
+        _recalibrate(calibration, [o for o, _ in runs], given)
+        try:
+            finished = subprocess.run(command(recipe_path, overrides, launch_config),
+                                      env=pruning.trial_env(where, root.name, trial._trial_id)).returncode
+        except KeyboardInterrupt:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        report = out / "forgetting" / "report.json"
+        if finished != 0 or not report.is_file():
+            study.tell(trial, state=TrialState.FAIL)
+            raise SweepError(f"run {out} failed (exit {finished}); fix it and rerun the sweep: finished and pruned "
+                             "runs are kept, and this one is queued again.")
+        measured = json.loads(report.read_text(encoding="utf-8"))
+        trial.set_user_attr("verdict", measured["verdict"]["status"])
+        trial.set_user_attr("run", str(out))
+        if (measured.get("forecast") or {}).get("pruned"):
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            gains = [c["delta"] for c in measured["targets"].values()]
+            study.tell(trial, sum(gains) / len(gains) if gains else 0.0)
+    _recalibrate(calibration, [o for o, _ in runs], given)
+
+
+def _trial_run(trial) -> str | None:
+    """The run a trial stands for: its parameter, or while it waits in the queue, the one it was queued with."""
+    return trial.params.get("run", trial.system_attrs.get("fixed_params", {}).get("run"))

@@ -40,6 +40,7 @@ from .preemption import Preempted, StopSignals
 from .probes import Probes
 from .progress import TrainingDisplay, summary
 from .recipe import Recipe, flatten, recipe_to_dict
+from . import pruning
 from .reports.forecast import describe as describe_forecast
 from .training_eval import TrainingEval
 
@@ -340,17 +341,21 @@ def _loop(t: Training, progress: Progress, signals: StopSignals) -> int:
                 probes = t.probes.measure(t.model)
                 record.update(probes)
                 if forecast := t.probes.forecast(step, probes):
-                    record["forecast"] = forecast
+                    record["forecast"] = forecast = pruning.decide(accelerator, forecast, step)
             log.write(record)
             bar.record(record)
             window.zero_()
             if forecast:
                 bar.note(describe_forecast(forecast))
         bar.step()
+        if forecast and forecast.get("pruned"):
+            bar.note(f"stopping after step {step}: pruned by the sweep (forecast odds of FAIL "
+                     f"{forecast['pruned']['fail_odds']:.2f}); measured here, marked pruned in its report")
+            break
         if forecast and forecast["verdict"] == "FAIL" and forecast["beyond_doubt"] and \
                 recipe.eval.on_over_budget == "stop":
             bar.note(f"stopping after step {step}: the forecast is FAIL beyond doubt (odds "
-                     f"{forecast['odds']['FAIL']:.2f}; eval.on_over_budget: stop)")
+                     f"{forecast['vouched']['FAIL']:.2f}; eval.on_over_budget: stop)")
             break
         if t.evals.due(step, t.max_steps) and t.evals.check(
                 step, t.model, t.tokenizer,

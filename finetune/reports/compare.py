@@ -48,6 +48,7 @@ def _run_summary(run: Path) -> dict:
             "kl": drift["kl"] if drift else None, "kl_ci": drift["ci95"] if drift else None,
             "leak": (report.get("leak") or {}).get("all"),
             "drift": {kind: {"kl": d["kl"], "ci95": d["ci95"]} for kind, d in report["drift"].items()},
+            "pruned": (report.get("forecast") or {}).get("pruned"),
             "_originals": _tuned_examples(report["tasks"]), "_targets": _tuned_examples(report["targets"])}
 
 
@@ -62,9 +63,9 @@ def _told_apart(d: dict | None) -> bool:
 
 def recommended(runs: list[dict]) -> tuple[int | None, list[str]]:
     """(index of the recommended run or None, statements that qualify it). Only a run whose verdict is PASS can
-    be recommended: of those, the one that gained most on the target tasks, and the statement names every other
-    passing run the paired test cannot tell apart from it."""
-    passing = [i for i, r in enumerate(runs) if r["status"] == PASS]
+    be recommended, and not one its sweep pruned (measured part-trained): of those, the one that gained most on the
+    target tasks, and the statement names every other passing run the paired test cannot tell apart from it."""
+    passing = [i for i, r in enumerate(runs) if r["status"] == PASS and not r["pruned"]]
     if not passing:
         return None, ["No run passes its forgetting budget (eval.max_drop): none is recommended."]
     best = max(passing, key=lambda i: (runs[i]["gain"] or 0.0, -(runs[i]["drop"] or 0.0)))
@@ -80,6 +81,7 @@ def recommended(runs: list[dict]) -> tuple[int | None, list[str]]:
 def method_comparison(runs: list[dict]) -> list[dict]:
     """For every pair of run families (e.g. LoRA and full, over learning rates): the two runs nearest in target
     gain, one from each, and how much less the first forgot on the same examples, with its paired interval."""
+    runs = [r for r in runs if not r["pruned"]]  # part-trained: their gain is not the method's
     families = sorted({r["family"] for r in runs if r["gain"] is not None and r["drop"] is not None})
     out = []
     for i, fa in enumerate(families):
@@ -117,9 +119,16 @@ def best_per_family(runs: list[dict]) -> dict[str, str | None]:
     """Per family, the passing run that gained most (None where no run of it passes)."""
     out = {}
     for family in sorted({r["family"] for r in runs}):
-        passing = [r for r in runs if r["family"] == family and r["status"] == PASS]
+        passing = [r for r in runs if r["family"] == family and r["status"] == PASS and not r["pruned"]]
         out[family] = max(passing, key=lambda r: r["gain"] or 0.0)["name"] if passing else None
     return out
+
+
+def status_text(r: dict) -> str:
+    """A run's verdict as the tables show it: a pruned run's says where it was measured."""
+    if not r["pruned"]:
+        return r["status"]
+    return f"pruned at update {r['pruned']['step']} (measured there: {r['status']})"
 
 
 def _pm(x: float | None, ci: list[float] | None) -> str:
@@ -136,7 +145,7 @@ def summary_table(result: dict) -> str:
         change = "-" if r["drop"] is None else _pm(-r["drop"], [-r["drop_ci"][1], -r["drop_ci"][0]])
         kl = "-" if r["kl"] is None else f"{r['kl']:.3f} [{r['kl_ci'][0]:.3f}, {r['kl_ci'][1]:.3f}]"
         rows.append([r["name"], r["label"], "-" if r["seed"] is None else str(r["seed"]), learned, change, kl,
-                     r["status"]])
+                     status_text(r)])
     return markdown_table(header, rows)
 
 
@@ -159,7 +168,8 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> dict:
     runs = [_run_summary(Path(r)) for r in run_dirs]
     _distinct_names(runs)
     placed = [i for i, r in enumerate(runs) if r["drop"] is not None and r["gain"] is not None]
-    front = {placed[i] for i in pareto_front([(runs[j]["drop"], runs[j]["gain"]) for j in placed])}
+    finished = [i for i in placed if not runs[i]["pruned"]]
+    front = {finished[i] for i in pareto_front([(runs[j]["drop"], runs[j]["gain"]) for j in finished])}
     pick, notes = recommended(runs)
     for i, r in enumerate(runs):
         r["pareto"], r["recommended"] = i in front, i == pick
@@ -173,7 +183,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> dict:
              "-" if r["kl"] is None else f"{r['kl']:.3f} [{r['kl_ci'][0]:.3f}, {r['kl_ci'][1]:.3f}]",
              "-" if r["leak"] is None else f"{r['leak']['tuned']:.3f} [{r['leak']['ci95'][0]:.3f}, "
                                            f"{r['leak']['ci95'][1]:.3f}]",
-             r["status"], "yes" if r["pareto"] else "", "yes" if r["recommended"] else ""] for r in runs]
+             status_text(r), "yes" if r["pareto"] else "", "yes" if r["recommended"] else ""] for r in runs]
     family_rows = [[family, name or "none passes the budget"] for family, name in best.items()]
     how = ("Drop and gain are means over tasks of the paired deltas, with intervals that combine the tasks' "
            "intervals as independent (MOVER). The verdict is each run's own (PASS / FAIL / INCONCLUSIVE against its "
@@ -182,7 +192,9 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> dict:
            "differ. Methods are compared on the same examples (paired), between the runs of two families nearest "
            "in target gain. KL is on the base's chat replies where the model has a chat template, else on text. "
            "Answer leak: the share of replies to original-task prompts that begin with an answer of the new task "
-           "(report.md of each run has it per task).")
+           "(report.md of each run has it per task). A run its sweep pruned (`finetune sweep --prune`: its "
+           "forecast was FAIL beyond doubt) was measured where it stopped: its point on the plane is hollow, and "
+           "it is neither on the Pareto front nor recommended.")
     for r in runs:
         del r["_originals"], r["_targets"]
     result = {"runs": runs, "recommended": None if pick is None else runs[pick]["run"], "notes": notes,
@@ -213,7 +225,8 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> dict:
 
 def _point_label(r: dict) -> str:
     """A point's tag on its family's curve: its learning rate, and its seed where several seeds share the rate."""
-    return (r["tag"] or r["name"]) + (f" (seed {r['seed']})" if r.get("_seeds", 1) > 1 else "")
+    return (r["tag"] or r["name"]) + (f" (seed {r['seed']})" if r.get("_seeds", 1) > 1 else "") + \
+        (f", pruned at {r['pruned']['step']}" if r["pruned"] else "")
 
 
 def _plane_plot(runs: list[dict]) -> str:
@@ -229,13 +242,14 @@ def _plane_plot(runs: list[dict]) -> str:
     for k, family in enumerate(families):
         members = sorted((r for r in runs if r["family"] == family), key=lambda r: (r["order"] or 0, r["seed"] or 0))
         color = colors(k % 10)
-        plane.plot([r["drop"] for r in members], [r["gain"] for r in members], "-", color=color, alpha=0.5)
+        line = [r for r in members if not r["pruned"]]  # the curve joins finished runs only
+        plane.plot([r["drop"] for r in line], [r["gain"] for r in line], "-", color=color, alpha=0.5)
         for r in members:
             r["_seeds"] = sum(m["order"] == r["order"] for m in members)
             plane.errorbar(r["drop"], r["gain"],
                            xerr=[[r["drop"] - r["drop_ci"][0]], [r["drop_ci"][1] - r["drop"]]],
                            yerr=[[r["gain"] - r["gain_ci"][0]], [r["gain_ci"][1] - r["gain"]]] if r["gain_ci"]
-                           else None, fmt="o", color=color, capsize=2, ms=5,
+                           else None, fmt="o", color=color, capsize=2, ms=5, mfc="none" if r["pruned"] else color,
                            label=family if r is members[0] else None)
             plane.annotate(_point_label(r), (r["drop"], r["gain"]), textcoords="offset points", xytext=(4, 4),
                            fontsize=8, color=color)

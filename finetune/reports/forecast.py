@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 
+import yaml
+
 FEATURES = ("probe_kl_general", "probe_kl_task")
 FLOOR = 1e-4  # KL below this reads as this: log(0) is no feature
 BEYOND_DOUBT = 0.95  # odds at or above which a forecast verdict is acted on (eval.on_over_budget: stop)
@@ -60,6 +62,31 @@ def read_calibration(path: Path, share: float = 0.1) -> list[dict]:
     return used
 
 
+def calibration_row(run: Path) -> dict | None:
+    """A finished run as a row of a calibration file: the probes its metrics.jsonl logged and what its report
+    measured (bench/forecast_calibration.py makes the same rows for runs trained without probes, by training their
+    first updates again). None for a run without a report or without probes, or one its sweep pruned: it was
+    measured where it stopped, not at its end."""
+    run = Path(run)
+    report_file, metrics_file = run / "forgetting" / "report.json", run / "metrics.jsonl"
+    if not report_file.is_file() or not metrics_file.is_file():
+        return None
+    report = json.loads(report_file.read_text(encoding="utf-8"))
+    if (report.get("forecast") or {}).get("pruned"):
+        return None
+    logged = [json.loads(x) for x in metrics_file.read_text(encoding="utf-8").splitlines() if x.strip()]
+    probes = {str(m["step"]): {k: v for k, v in m.items() if k.startswith("probe_")} for m in logged
+              if "probe_kl_task" in m}
+    if not probes or not report.get("tasks"):
+        return None
+    saved = run / "recipe.yaml"
+    recipe = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else {}
+    max_steps = (recipe.get("train") or {}).get("max_steps") or max(m["step"] for m in logged)
+    return {"run": str(run), "max_steps": max_steps, "reproduced": True, "probes": probes,
+            "max_drop": report["verdict"].get("max_drop"), "verdict": report["verdict"]["status"],
+            "tasks": {t: {"delta": r["delta"], "ci95": r["ci95"], "n": r["n"]} for t, r in report["tasks"].items()}}
+
+
 def forecast_run(calibration: list[dict], probes: dict, max_steps: int, max_drop: float, share: float = 0.1,
                  sizes: dict[str, int] | None = None) -> dict | None:
     """A run's forecast from its probes so far (step -> probe values) and the calibration runs: per original task
@@ -84,10 +111,10 @@ def forecast_run(calibration: list[dict], probes: dict, max_steps: int, max_drop
     changes = {t: {"change": median(d[t] for d in drawn), "interval": interval([d[t] for d in drawn])}
                for t in tasks}
     chances = odds(drawn, {t: half_width(sizes[t]) for t in tasks}, max_drop)
-    likely = max(VERDICTS, key=chances.get)
+    likely, sure = max(VERDICTS, key=chances.get), vouched(chances, len(drawn))
     return {"step": step, "max_steps": max_steps, "runs": len(calibration), "inputs": inputs, "skill": skill,
-            "level": LEVEL, "tasks": changes, "odds": chances, "verdict": likely,
-            "vouched": vouched(chances, len(drawn)), "beyond_doubt": vouched(chances, len(drawn))[likely] >= BEYOND_DOUBT}
+            "level": LEVEL, "tasks": changes, "odds": chances, "verdict": likely, "vouched": sure,
+            "beyond_doubt": sure[likely] >= BEYOND_DOUBT}
 
 
 def vouched(chances: dict[str, float], n: int) -> dict[str, float]:
@@ -119,9 +146,20 @@ def inputs_text(forecast: dict) -> str:
 def doubt_text(forecast: dict) -> str:
     """Why a forecast verdict is not beyond doubt: its odds, or too few calibration runs to vouch for them."""
     if forecast["odds"][forecast["verdict"]] >= BEYOND_DOUBT:
-        return (f"{forecast['runs']} calibration runs vouch for odds up to {forecast['runs'] / (forecast['runs'] + 1):.2f}; "
+        n = forecast["runs"]
+        return (f"{n} calibration runs vouch for odds up to {n / (n + 1):.2f}; "
                 f"{BEYOND_DOUBT} needs {math.ceil(round(BEYOND_DOUBT / (1 - BEYOND_DOUBT), 9))}")
     return f"odds under {BEYOND_DOUBT}"
+
+
+def pruned_text(forecast: dict) -> str:
+    """What a report says of a run its sweep pruned at this forecast (finetune/pruning.py), else nothing."""
+    pruned = forecast.get("pruned")
+    if not pruned:
+        return ""
+    return (f" Pruned by its sweep here (study {pruned['study']}, trial {pruned['trial']}; odds of FAIL "
+            f"{pruned['fail_odds']:.2f}): it trained no further, so what was measured is the model after update "
+            f"{pruned['step']} of {forecast['max_steps']}, not a finished run's.")
 
 
 def describe(forecast: dict) -> str:
