@@ -14,13 +14,18 @@ import json
 import os
 from pathlib import Path
 
+from .errors import UserError
 from .reports.forecast import BEYOND_DOUBT
 
 ENV = "FINETUNE_SWEEP_TRIAL"  # how the sweep tells a run which study and trial it is: {"storage", "study", "trial"}
 
 
 def _optuna():
-    import optuna
+    try:
+        import optuna
+    except ImportError:
+        raise UserError("`finetune sweep --prune` runs the grid as an Optuna study, and Optuna is not installed: "
+                        "pip install 'finetune[sweep]' (or optuna).") from None
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial lines would interleave with the runs'
     return optuna

@@ -106,7 +106,12 @@ def sweep(recipe_path: Path, grid_items: list[str], base_overrides: list[str], l
         base_overrides = [*base_overrides, f"eval.forecast_calibration={calibration}"]
     root, runs = plan(recipe_path, parse_grid(grid_items), base_overrides, need_tasks=not print_only)
     if prune:
-        _run_study(recipe_path, runs, launch_config, root, storage or str(root / "study.journal"))
+        busy = _run_study(recipe_path, runs, launch_config, root, storage or str(root / "study.journal"))
+        if busy:
+            print(f"{len(busy)} run(s) still training in other workers ({', '.join(busy)}): the last worker to "
+                  f"finish compares them all (or: finetune report {' '.join(str(out) for out, _ in runs)} --out "
+                  f"{root / 'compare'})")
+            return None
         return compare_runs([out for out, _ in runs], root / "compare")
     if print_only:
         for _, overrides in runs:
@@ -150,10 +155,12 @@ def _recalibrate(path: Path, own: list[Path], given: list[str]) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in [*given, *rows]))
 
 
-def _run_study(recipe_path: Path, runs: list, launch_config: str | None, root: Path, where: str) -> None:
+def _run_study(recipe_path: Path, runs: list, launch_config: str | None, root: Path, where: str) -> list[str]:
     """Every run of the grid as a trial of the sweep's Optuna study (finetune/pruning.py), in the grid's order. Runs
     whose trial finished or was pruned are kept (a rerun, another worker's); one whose process failed is queued
-    again. A finished run's probes and result join the calibration of the runs after it."""
+    again. A finished run's probes and result join the calibration of the runs after it. Returns the runs other
+    workers are still training."""
+    from optuna.storages.journal import JournalFileOpenLock
     from optuna.trial import TrialState
 
     from . import pruning
@@ -163,15 +170,23 @@ def _run_study(recipe_path: Path, runs: list, launch_config: str | None, root: P
     calibration = Path(load_recipe(recipe_path, runs[0][1]).eval.forecast_calibration)
     given = [line for line in calibration.read_text(encoding="utf-8").splitlines()
              if line.strip() and json.loads(line).get("run") not in {str(out) for out, _ in runs}]
-    taken = {_trial_run(t) for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL}
-    for name in names:
-        if name not in taken:
-            study.enqueue_trial({"run": name})
+    # Workers that start together queue each run once: the check and the queueing under one lock (a lock file,
+    # as Optuna's journal storage takes on shared file systems).
+    lock = JournalFileOpenLock(str(root / "queue.lock"))
+    lock.acquire()
+    try:
+        taken = {_trial_run(t) for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL}
+        for name in names:
+            if name not in taken:
+                study.enqueue_trial({"run": name})
+    finally:
+        lock.release()
     while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        trial = study.ask()
-        if _trial_run(study.get_trials(deepcopy=False)[trial.number]) is None:  # another worker took the last one
+        trial = study.ask()  # takes a queued run; no other worker can take the same one
+        name = _trial_run(study.get_trials(deepcopy=False)[trial.number])
+        if name not in names:  # another worker took the last queued run first, or one of another grid was left
             study.tell(trial, state=TrialState.FAIL)
-            break
+            continue
         name = trial.suggest_categorical("run", list(names))
         out, overrides = names[name]
         done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
@@ -197,6 +212,8 @@ def _run_study(recipe_path: Path, runs: list, launch_config: str | None, root: P
             gains = [c["delta"] for c in measured["targets"].values()]
             study.tell(trial, sum(gains) / len(gains) if gains else 0.0)
     _recalibrate(calibration, [o for o, _ in runs], given)
+    return [name for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if (name := _trial_run(t)) in names]
 
 
 def _trial_run(trial) -> str | None:

@@ -2,6 +2,7 @@
 of FAIL beyond doubt and kept on the plane marked as pruned, the sweep's finished runs calibrating the later ones."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -65,3 +66,21 @@ def test_a_doubtful_forecast_prunes_nothing_and_each_finished_run_calibrates_the
     assert len(rows) == 22 and {r["run"] for r in rows[20:]} == {str(root / n) for n in ("lr=1e-4", "lr=0.003")}
     assert rows[20]["verdict"] == json.loads((root / "lr=1e-4" / "forgetting" / "report.json").read_text())[
         "verdict"]["status"]
+
+
+def test_workers_that_share_a_study_train_each_run_once(tmp_path, base_dir, tasks):
+    recipe = conflicting_recipe(tmp_path, base_dir, tasks, forecast_calibration=str(
+        calibration(tmp_path / "wide.jsonl", -0.5, spread=0.5)))
+    grid = ["--grid", "train.lr=1e-4,3e-4,1e-3,0.003", "train.max_steps=4", "--prune"]
+    workers = [subprocess.Popen([sys.executable, "-m", "finetune", "sweep", str(recipe), *grid], text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [err[-2000:] for _, err in outputs]
+    done = trials(tmp_path / "runs" / "r-sweep")
+    assert sorted(done) == ["lr=0.003", "lr=1e-3", "lr=1e-4", "lr=3e-4"]
+    assert {t.state for t in done.values()} == {optuna.trial.TrialState.COMPLETE}
+    started = [m[1] for out, _ in outputs for m in re.finditer(r"^\[\d+/4\] (\S+) \(trial", out, re.M)]
+    assert sorted(started) == sorted(done)  # each run trained by one worker, once
+    # The worker that finished last compared them all.
+    assert sum("recommended run:" in out for out, _ in outputs) >= 1
+    assert len(json.loads((tmp_path / "runs" / "r-sweep" / "compare" / "compare.json").read_text())["runs"]) == 4
