@@ -4,7 +4,7 @@ general prompts, and the new task's answers leaking into those replies, in metri
 import json
 
 import pytest
-from conftest import ANSWERS, ITEMS, conflicting_recipe, make_recipe, metrics, run, write_jsonl
+from conftest import ANSWERS, ITEMS, calibration, conflicting_recipe, make_recipe, metrics, run, write_jsonl
 
 from finetune.preemption import Preempted, StopSignals
 from finetune.probes import schedule
@@ -73,18 +73,6 @@ def test_a_resumed_run_probes_against_the_base_as_an_uninterrupted_one_does(tmp_
     assert sorted(probed(resumed)) == sorted(probed(straight)) == [1, 2, 4, 8, 16]
     for step, values in probed(straight).items():
         assert probed(resumed)[step] == pytest.approx(values, rel=1e-5, abs=1e-9), step
-
-
-def calibration(path, delta: float, spread: float = 0.005, runs: int = 20):
-    """A calibration file of `runs` earlier runs of 20 updates whose task `original` changed by `delta` give or take
-    `spread`, whatever their probes (20: the fewest whose draws bound a 90% interval at both ends is 19)."""
-    rows = []
-    for i in range(runs):
-        probes = {"1": {"probe_kl_general": 0.01, "probe_kl_task": 0.1},
-                  "2": {"probe_kl_general": 0.02 * (1 + i), "probe_kl_task": 0.3 * (1 + (i * 3) % 5)}}
-        rows.append({"run": f"r{i}", "max_steps": 20, "reproduced": True, "probes": probes, "max_drop": 0.05,
-                     "verdict": "FAIL", "tasks": {"original": {"delta": delta + spread * ((i * 7) % 3 - 1), "n": 16}}})
-    return write_jsonl(path, rows)
 
 
 def test_a_forecast_after_the_first_tenth_is_logged_printed_and_reported_beside_the_measured_change(

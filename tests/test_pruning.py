@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import optuna
-from conftest import conflicting_recipe, metrics
-from test_probes import calibration
+from conftest import calibration, conflicting_recipe, metrics
 
 from finetune.pruning import storage
 
