@@ -190,15 +190,20 @@ def _run_study(recipe_path: Path, runs: list, launch_config: str | None, root: P
         name = trial.suggest_categorical("run", list(names))
         out, overrides = names[name]
         done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
-        print(f"[{done + 1}/{len(names)}] {name} (trial {trial.number} of study {root.name}, {where})", flush=True)
-        _recalibrate(calibration, [o for o, _ in runs], given)
-        try:
-            finished = subprocess.run(command(recipe_path, overrides, launch_config),
-                                      env=pruning.trial_env(where, root.name, trial._trial_id)).returncode
-        except KeyboardInterrupt:
-            study.tell(trial, state=TrialState.FAIL)
-            raise
         report = out / "forgetting" / "report.json"
+        head = f"[{done + 1}/{len(names)}] {name} (trial {trial.number} of study {root.name}, {where})"
+        finished = 0
+        if report.is_file():  # measured before this study (a sweep without --prune): kept as it is
+            print(f"{head}: finished before; kept", flush=True)
+        else:
+            print(head, flush=True)
+            _recalibrate(calibration, [o for o, _ in runs], given)
+            try:
+                finished = subprocess.run(command(recipe_path, overrides, launch_config),
+                                          env=pruning.trial_env(where, root.name, trial._trial_id)).returncode
+            except KeyboardInterrupt:
+                study.tell(trial, state=TrialState.FAIL)
+                raise
         if finished != 0 or not report.is_file():
             study.tell(trial, state=TrialState.FAIL)
             raise SweepError(f"run {out} failed (exit {finished}); fix it and rerun the sweep: finished and pruned "

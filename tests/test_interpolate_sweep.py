@@ -154,3 +154,8 @@ def test_sweep_runs_every_combination_and_writes_one_comparison(tmp_path, base_d
     assert len(compared["runs"]) == 2 and "recommended run:" in proc.stdout
     drops = {r["run"].rsplit("/", 1)[1]: r["drop"] for r in compared["runs"]}
     assert drops["lr=0.003"] > drops["lr=1e-4"]  # the higher learning rate forgets more
+    # The same grid with --prune keeps the finished runs as its study's trials: none is trained again.
+    pruning = subprocess.run([sys.executable, "-m", "finetune", "sweep", str(recipe), "train.max_steps=6", "--grid",
+                              "train.lr=1e-4,0.003", "--prune"], capture_output=True, text=True)
+    assert pruning.returncode == 0, pruning.stderr[-3000:]
+    assert pruning.stdout.count("finished before; kept") == 2 and "recommended run:" in pruning.stdout
