@@ -137,6 +137,9 @@ def _calibration_file(recipe_path: Path, base_overrides: list[str]) -> Path:
     this sweep's finished runs as they come (`_recalibrate`). Made before the runs' recipes are checked, which want
     it to exist."""
     recipe = load_recipe(recipe_path, base_overrides)
+    if recipe.train.probe_every is None:
+        raise SweepError(f"--prune forecasts each run from its first probes, and {recipe_path} turns them off "
+                         "(train.probe_every: null): set train.probe_every: 0 (the default), or leave out --prune.")
     path = Path(recipe.output.dir + "-sweep") / "calibration.jsonl"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -83,3 +83,11 @@ def test_workers_that_share_a_study_train_each_run_once(tmp_path, base_dir, task
     # The worker that finished last compared them all.
     assert sum("recommended run:" in out for out, _ in outputs) >= 1
     assert len(json.loads((tmp_path / "runs" / "r-sweep" / "compare" / "compare.json").read_text())["runs"]) == 4
+
+
+def test_a_pruning_sweep_without_probes_is_refused_in_one_line(tmp_path, base_dir, tasks):
+    recipe = conflicting_recipe(tmp_path, base_dir, tasks)
+    proc = subprocess.run([sys.executable, "-m", "finetune", "sweep", str(recipe), "train.probe_every=null",
+                           "--grid", "train.lr=1e-4,0.003", "--prune"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--prune forecasts each run from its first probes" in proc.stderr and "train.probe_every: 0" in proc.stderr
