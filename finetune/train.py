@@ -24,7 +24,7 @@ import torch
 from accelerate.utils import send_to_device, set_seed
 from transformers import get_scheduler
 
-from . import mitigations
+from . import mitigations, pruning
 from .card import write_model_card
 from .checkpoint import (Progress, RunDir, checkpoint_step, keep_adapter_only, latest_checkpoint, load_checkpoint,
                          save_checkpoint, save_model, write_recipe)
@@ -40,7 +40,6 @@ from .preemption import Preempted, StopSignals
 from .probes import Probes
 from .progress import TrainingDisplay, summary
 from .recipe import Recipe, flatten, recipe_to_dict
-from . import pruning
 from .reports.forecast import describe as describe_forecast
 from .training_eval import TrainingEval
 

@@ -61,11 +61,16 @@ def _told_apart(d: dict | None) -> bool:
     return d is not None and (d["ci95"][0] > 0 or d["ci95"][1] < 0)
 
 
+def _candidate(r: dict) -> bool:
+    """A run that may be recommended: it passes, and was not pruned by its sweep (then measured part-trained)."""
+    return r["status"] == PASS and not r["pruned"]
+
+
 def recommended(runs: list[dict]) -> tuple[int | None, list[str]]:
     """(index of the recommended run or None, statements that qualify it). Only a run whose verdict is PASS can
     be recommended, and not one its sweep pruned (measured part-trained): of those, the one that gained most on the
     target tasks, and the statement names every other passing run the paired test cannot tell apart from it."""
-    passing = [i for i, r in enumerate(runs) if r["status"] == PASS and not r["pruned"]]
+    passing = [i for i, r in enumerate(runs) if _candidate(r)]
     if not passing:
         return None, ["No run passes its forgetting budget (eval.max_drop): none is recommended."]
     best = max(passing, key=lambda i: (runs[i]["gain"] or 0.0, -(runs[i]["drop"] or 0.0)))
@@ -119,7 +124,7 @@ def best_per_family(runs: list[dict]) -> dict[str, str | None]:
     """Per family, the passing run that gained most (None where no run of it passes)."""
     out = {}
     for family in sorted({r["family"] for r in runs}):
-        passing = [r for r in runs if r["family"] == family and r["status"] == PASS and not r["pruned"]]
+        passing = [r for r in runs if r["family"] == family and _candidate(r)]
         out[family] = max(passing, key=lambda r: r["gain"] or 0.0)["name"] if passing else None
     return out
 
