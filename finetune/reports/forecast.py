@@ -165,7 +165,8 @@ def pruned_text(forecast: dict) -> str:
 def describe(forecast: dict) -> str:
     """One line for the progress output."""
     tasks = "; ".join(f"{t} {change_text(c)}" for t, c in forecast["tasks"].items())
-    sure = "beyond doubt" if forecast["beyond_doubt"] else f"not beyond doubt ({doubt_text(forecast)})"
+    sure = (f"beyond doubt ({forecast['vouched'][forecast['verdict']]:.2f}, as {forecast['runs']} calibration runs "
+            "vouch for it)" if forecast["beyond_doubt"] else f"not beyond doubt ({doubt_text(forecast)})")
     return (f"forecast after update {forecast['step']} of {forecast['max_steps']} (from {forecast['runs']} calibration "
             f"runs; {inputs_text(forecast)}): final change {tasks} ({forecast['level']:.0%} intervals); verdict odds "
             f"{odds_text(forecast)}: {forecast['verdict']}, {sure}")
