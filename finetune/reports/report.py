@@ -224,7 +224,9 @@ def _sections(report: dict) -> list[tuple[str, list[str], list[list[str]], str]]
         rows = []
         for task, c in forecast["tasks"].items():
             measured = report["tasks"].get(task, {}).get("delta")
-            inside = "" if measured is None else ("yes" if c["interval"][0] <= measured <= c["interval"][1] else "no")
+            # A pruned run was measured part-trained: its change is not the final change the forecast is of.
+            inside = "" if measured is None else "-" if forecast.get("pruned") else (
+                "yes" if c["interval"][0] <= measured <= c["interval"][1] else "no")
             rows.append([task, change_text(c), _fmt(measured, True), inside])
         out.append((f"Forecast after update {forecast['step']} of {forecast['max_steps']}, beside what was measured",
                     ["task", f"forecast change [{forecast['level']:.0%} PI]", "measured change", "measured inside"],
