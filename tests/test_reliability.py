@@ -230,3 +230,18 @@ def test_metrics_line_cut_by_a_crash_is_dropped_on_resume(tmp_path, tiny_model):
     run(recipe)
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
     assert all(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+
+
+def test_two_processes_writing_one_file_atomically_never_trip_on_each_other(tmp_path):
+    # A pruning sweep's workers rewrite one calibration file; with one shared file aside, the second rename found it
+    # gone (FileNotFoundError, seen in CI). Each writes 300 times; the file ends whole, as one writer left it.
+    target = tmp_path / "shared.jsonl"
+    code = ("import sys; from pathlib import Path; from finetune.files import atomic_write_text\n"
+            "for i in range(300): atomic_write_text(Path(sys.argv[1]), (sys.argv[2] + '\\n') * 200)")
+    writers = [subprocess.Popen([sys.executable, "-c", code, str(target), name], stderr=subprocess.PIPE, text=True)
+               for name in ("a", "b")]
+    errors = [w.communicate(timeout=120)[1] for w in writers]
+    assert [w.returncode for w in writers] == [0, 0], errors
+    lines = target.read_text().splitlines()
+    assert len(lines) == 200 and len(set(lines)) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.jsonl"]  # nothing left aside
