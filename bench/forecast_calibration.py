@@ -28,6 +28,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from finetune.reports.forecast import logged_probes, measured  # noqa: E402
 
 
 def rerun(run: Path, root: Path, share: float) -> dict:
@@ -55,10 +58,7 @@ def rerun(run: Path, root: Path, share: float) -> dict:
     report = json.loads((run / "forgetting" / "report.json").read_text())
     return {"run": str(run), "max_steps": max_steps, "stopped_after": stop, "reproduced": same,
             "seconds": round(time.perf_counter() - began, 1), "error": "" if logged else err[-2000:],
-            "probes": {m["step"]: {k: v for k, v in m.items() if k.startswith("probe_")} for m in early
-                       if "probe_kl_task" in m},
-            "max_drop": report["verdict"].get("max_drop"), "verdict": report["verdict"]["status"],
-            "tasks": {t: {"delta": r["delta"], "ci95": r["ci95"], "n": r["n"]} for t, r in report["tasks"].items()},
+            "probes": logged_probes(early), **measured(report),
             "gain": {t: r["tuned"] for t, r in report["targets"].items()},
             "kl_chat": report.get("drift", {}).get("chat", {}).get("kl")}
 

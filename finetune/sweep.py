@@ -170,9 +170,11 @@ def _run_study(recipe_path: Path, runs: list, launch_config: str | None, root: P
 
     study = pruning.open_study(where, root.name)
     names = {out.name: (out, overrides) for out, overrides in runs}
+    outs = [out for out, _ in runs]
+    ours = {str(out) for out in outs}
     calibration = Path(load_recipe(recipe_path, runs[0][1]).eval.forecast_calibration)
     given = [line for line in calibration.read_text(encoding="utf-8").splitlines()
-             if line.strip() and json.loads(line).get("run") not in {str(out) for out, _ in runs}]
+             if line.strip() and json.loads(line).get("run") not in ours]
     # Workers that start together queue each run once: the check and the queueing under one lock (a lock file,
     # as Optuna's journal storage takes on shared file systems).
     lock = JournalFileOpenLock(str(root / "queue.lock"))
@@ -190,7 +192,7 @@ def _run_study(recipe_path: Path, runs: list, launch_config: str | None, root: P
         if name not in names:  # another worker took the last queued run first, or one of another grid was left
             study.tell(trial, state=TrialState.FAIL)
             continue
-        name = trial.suggest_categorical("run", list(names))
+        trial.suggest_categorical("run", list(names))  # the queued run becomes the trial's parameter
         out, overrides = names[name]
         done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
         report = out / "forgetting" / "report.json"
@@ -200,7 +202,7 @@ def _run_study(recipe_path: Path, runs: list, launch_config: str | None, root: P
             print(f"{head}: finished before; kept", flush=True)
         else:
             print(head, flush=True)
-            _recalibrate(calibration, [o for o, _ in runs], given)
+            _recalibrate(calibration, outs, given)
             try:
                 finished = subprocess.run(command(recipe_path, overrides, launch_config),
                                           env=pruning.trial_env(where, root.name, trial._trial_id)).returncode
@@ -219,7 +221,7 @@ def _run_study(recipe_path: Path, runs: list, launch_config: str | None, root: P
         else:
             gains = [c["delta"] for c in measured["targets"].values()]
             study.tell(trial, sum(gains) / len(gains) if gains else 0.0)
-    _recalibrate(calibration, [o for o, _ in runs], given)
+    _recalibrate(calibration, outs, given)
     return [name for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if (name := _trial_run(t)) in names]
 

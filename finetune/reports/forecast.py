@@ -27,6 +27,8 @@ from statistics import median
 
 import yaml
 
+from ..files import read_jsonl
+
 FEATURES = ("probe_kl_general", "probe_kl_task")
 FLOOR = 1e-4  # KL below this reads as this: log(0) is no feature
 BEYOND_DOUBT = 0.95  # odds at or above which a forecast verdict is acted on (eval.on_over_budget: stop)
@@ -68,22 +70,29 @@ def calibration_row(run: Path) -> dict | None:
     first updates again). None for a run without a report or without probes, or one its sweep pruned: it was
     measured where it stopped, not at its end."""
     run = Path(run)
-    report_file, metrics_file = run / "forgetting" / "report.json", run / "metrics.jsonl"
-    if not report_file.is_file() or not metrics_file.is_file():
+    report_file = run / "forgetting" / "report.json"
+    if not report_file.is_file():
         return None
     report = json.loads(report_file.read_text(encoding="utf-8"))
-    if (report.get("forecast") or {}).get("pruned"):
-        return None
-    logged = [json.loads(x) for x in metrics_file.read_text(encoding="utf-8").splitlines() if x.strip()]
-    probes = {str(m["step"]): {k: v for k, v in m.items() if k.startswith("probe_")} for m in logged
-              if "probe_kl_task" in m}
-    if not probes or not report.get("tasks"):
+    logged = read_jsonl(run / "metrics.jsonl")
+    probes = logged_probes(logged)
+    if (report.get("forecast") or {}).get("pruned") or not probes or not report.get("tasks"):
         return None
     saved = run / "recipe.yaml"
     recipe = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else {}
     max_steps = (recipe.get("train") or {}).get("max_steps") or max(m["step"] for m in logged)
-    return {"run": str(run), "max_steps": max_steps, "reproduced": True, "probes": probes,
-            "max_drop": report["verdict"].get("max_drop"), "verdict": report["verdict"]["status"],
+    return {"run": str(run), "max_steps": max_steps, "reproduced": True, "probes": probes, **measured(report)}
+
+
+def logged_probes(records: list[dict]) -> dict[str, dict[str, float]]:
+    """update -> the probe values of the metrics.jsonl records that hold probes, as a calibration row keeps them."""
+    return {str(m["step"]): {k: v for k, v in m.items() if k.startswith("probe_")} for m in records
+            if "probe_kl_task" in m}
+
+
+def measured(report: dict) -> dict:
+    """What a calibration row keeps of a run's final report: its budget, verdict and each original task's change."""
+    return {"max_drop": report["verdict"].get("max_drop"), "verdict": report["verdict"]["status"],
             "tasks": {t: {"delta": r["delta"], "ci95": r["ci95"], "n": r["n"]} for t, r in report["tasks"].items()}}
 
 
