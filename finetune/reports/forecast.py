@@ -152,6 +152,15 @@ def inputs_text(forecast: dict) -> str:
             f"{forecast['skill']['probes']:.2f} against {forecast['skill']['none']:.2f}, leave-one-out)")
 
 
+def sure_text(forecast: dict) -> str:
+    """Whether the most likely verdict is beyond doubt, and the odds that decide it, as the progress line and the
+    report say it."""
+    if forecast["beyond_doubt"]:
+        return (f"beyond doubt ({forecast['vouched'][forecast['verdict']]:.2f}, as {forecast['runs']} calibration runs "
+                "vouch for it)")
+    return f"not beyond doubt ({doubt_text(forecast)})"
+
+
 def doubt_text(forecast: dict) -> str:
     """Why a forecast verdict is not beyond doubt: its odds, or too few calibration runs to vouch for them."""
     if forecast["odds"][forecast["verdict"]] >= BEYOND_DOUBT:
@@ -174,11 +183,9 @@ def pruned_text(forecast: dict) -> str:
 def describe(forecast: dict) -> str:
     """One line for the progress output."""
     tasks = "; ".join(f"{t} {change_text(c)}" for t, c in forecast["tasks"].items())
-    sure = (f"beyond doubt ({forecast['vouched'][forecast['verdict']]:.2f}, as {forecast['runs']} calibration runs "
-            "vouch for it)" if forecast["beyond_doubt"] else f"not beyond doubt ({doubt_text(forecast)})")
     return (f"forecast after update {forecast['step']} of {forecast['max_steps']} (from {forecast['runs']} calibration "
             f"runs; {inputs_text(forecast)}): final change {tasks} ({forecast['level']:.0%} intervals); verdict odds "
-            f"{odds_text(forecast)}: {forecast['verdict']}, {sure}")
+            f"{odds_text(forecast)}: {forecast['verdict']}, {sure_text(forecast)}")
 
 
 def draws(calibration: list[dict], tasks: list[str], x: list[float], inputs: str) -> list[dict[str, float]]:
