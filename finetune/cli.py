@@ -143,9 +143,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--print-commands", action="store_true",
                    help="print one command per run (to submit on a cluster) instead of running them")
     s.add_argument("--prune", action="store_true",
-                   help="run the grid as an Optuna study and stop a run whose forecast after its first 10%% of "
-                        "updates is FAIL beyond doubt (calibrated on eval.forecast_calibration and the sweep's "
-                        "finished runs); a pruned run is measured where it stopped and marked on the plane")
+                   help="run the grid as an Optuna study and stop a run whose forecast (after its first 10%% of "
+                        "updates, and again after later probes) is FAIL beyond doubt (calibrated on "
+                        "eval.forecast_calibration and the sweep's finished runs); a pruned run is measured where it "
+                        "stopped and marked on the plane")
     s.add_argument("--storage", metavar="URL_OR_FILE",
                    help="with --prune: the study's Optuna storage (default: the journal file <sweep>/study.journal); "
                         "several workers given the same one share the grid, e.g. SLURM array tasks")

@@ -28,7 +28,7 @@ from .data import IGNORE, Collator, DataStats, encode_dataset
 from .loss import logits_at
 from .mitigations.kl_to_base import first_of_each_run
 from .model import eval_mode
-from .reports.forecast import forecast_run, read_calibration
+from .reports.forecast import FEWEST, calibration_at, forecast_run, read_rows
 
 PROMPTS = Path(__file__).with_name("probe_prompts.json")
 PROBE_TOKENS = 4  # reply tokens of a new-task row probed
@@ -58,9 +58,19 @@ class Probes:
         self.steps = schedule(recipe.train.probe_every, max_steps)
         self.max_steps, self.max_drop = max_steps, recipe.eval.max_drop
         path = recipe.eval.forecast_calibration
-        self.calibration = read_calibration(Path(path), FORECAST_SHARE) if path and recipe.eval.tasks else None
+        rows = read_rows(Path(path)) if path and recipe.eval.tasks else None
+        self.calibration = calibration_at(rows, FORECAST_SHARE) if rows is not None else None
         early = [s for s in self.steps if s <= FORECAST_SHARE * max_steps]
         self.forecast_step = max(early) if early and self.calibration is not None else None
+        # The forecast is made again after each later probe but the last (the whole evaluation follows it), from
+        # the calibration runs probed at the same share of their updates: what a sweep's pruner and
+        # eval.on_over_budget: stop act on as the run goes.
+        self.later: dict[int, list[dict]] = {}
+        if self.forecast_step is not None:
+            for s in sorted(self.steps):
+                runs = calibration_at(rows, s / max_steps, exact=True) if self.forecast_step < s < max_steps else []
+                if len(runs) >= FEWEST:
+                    self.later[s] = runs
         self.history: dict[int, dict[str, float]] = {}
         if not self.steps:
             return
@@ -86,19 +96,25 @@ class Probes:
         elif self.forecast_step is None:
             forecast = f"; no forecast: no probe within the first {FORECAST_SHARE:.0%} of the updates"
         else:
+            again = ", ".join(f"{s} ({len(runs)})" for s, runs in self.later.items())
             forecast = (f"; a forecast of the final forgetting after update {self.forecast_step}, from "
-                        f"{len(self.calibration)} calibration runs (eval.forecast_calibration)")
+                        f"{len(self.calibration)} calibration runs (eval.forecast_calibration)"
+                        + (f", and again after updates {again}: the calibration runs probed at the same point"
+                           if again else ""))
         return (f"probes: KL to the base on the new task's first rows and on {self.prompts} general "
                 f"prompts{leak}, after updates {', '.join(map(str, sorted(self.steps)))} "
                 f"(train.probe_every){forecast}")
 
     def forecast(self, step: int, probed: dict[str, float]) -> dict | None:
-        """The forecast of the final forgetting (reports/forecast.py) once the probes of its update are in; None
-        before and after that update, without a calibration, or when the calibration is too small to fit."""
+        """The forecast of the final forgetting (reports/forecast.py) once the probes of its update are in: after
+        the last probe within the first 10% of updates, and again after later probes the calibration runs have at
+        the same point; None at other updates, without a calibration, or when it is too small to fit."""
         self.history[step] = probed
-        if step != self.forecast_step:
-            return None
-        return forecast_run(self.calibration, self.history, self.max_steps, self.max_drop, FORECAST_SHARE)
+        if step == self.forecast_step:
+            return forecast_run(self.calibration, self.history, self.max_steps, self.max_drop, FORECAST_SHARE)
+        if step in self.later:
+            return forecast_run(self.later[step], self.history, self.max_steps, self.max_drop, step / self.max_steps)
+        return None
 
     @torch.no_grad()
     def measure(self, model) -> dict[str, float]:

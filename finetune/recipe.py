@@ -245,8 +245,9 @@ class EvalSection:
         None, "a calibration file of earlier runs of the same model and tasks (bench/forecast_calibration.py writes "
               "one; bench/forecast/runs.jsonl is the demo model's): after the last probe within the first 10% of "
               "updates, forecast each original task's final change with a 90% prediction interval and the odds of "
-              "each verdict, into the progress output, metrics.jsonl and the report; needs train.probe_every; null = "
-              "no forecast")
+              "each verdict, into the progress output, metrics.jsonl and the report, and again after each later "
+              "probe (but the last) that calibration runs have at the same share of their updates; needs "
+              "train.probe_every; null = no forecast")
 
 
 @dataclass

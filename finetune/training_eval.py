@@ -92,8 +92,11 @@ class TrainingEval:
         return whole_model(self.accelerator, model, self.recipe.model, self.recipe.lora)
 
     def _forecast(self) -> dict | None:
-        """The forecast the run logged in metrics.jsonl during training, if it made one."""
+        """The last forecast the run logged in metrics.jsonl during training, if it made one, with what the first
+        (after 10% of the updates) said when it made later ones."""
         made = [r["forecast"] for r in read_jsonl(self.run.metrics) if "forecast" in r]
+        if len(made) > 1:
+            return {**made[-1], "first": {k: made[0][k] for k in ("step", "odds", "verdict", "vouched")}}
         return made[-1] if made else None
 
     def _report(self, step: int, last) -> None:

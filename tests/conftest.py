@@ -311,13 +311,15 @@ def conflicting_recipe(tmp_path, base_dir, tasks, **eval_section):
 
 
 
-def calibration(path, delta: float, spread: float = 0.005, runs: int = 20):
+def calibration(path, delta: float, spread: float = 0.005, runs: int = 20, later: tuple[int, ...] = ()):
     """A calibration file of `runs` earlier runs of 20 updates whose task `original` changed by `delta` give or take
-    `spread`, whatever their probes (20: the fewest whose draws bound a 90% interval at both ends is 19)."""
+    `spread`, whatever their probes (20: the fewest whose draws bound a 90% interval at both ends is 19), probed
+    after updates 1, 2 and `later`."""
     rows = []
     for i in range(runs):
         probes = {"1": {"probe_kl_general": 0.01, "probe_kl_task": 0.1},
-                  "2": {"probe_kl_general": 0.02 * (1 + i), "probe_kl_task": 0.3 * (1 + (i * 3) % 5)}}
+                  **{str(s): {"probe_kl_general": 0.01 * s * (1 + i), "probe_kl_task": 0.15 * s * (1 + (i * 3) % 5)}
+                     for s in (2, *later)}}
         rows.append({"run": f"r{i}", "max_steps": 20, "reproduced": True, "probes": probes, "max_drop": 0.05,
                      "verdict": "FAIL", "tasks": {"original": {"delta": delta + spread * ((i * 7) % 3 - 1), "n": 16}}})
     return write_jsonl(path, rows)

@@ -111,6 +111,26 @@ def test_a_forecast_fail_beyond_doubt_stops_a_run_that_is_told_to_stop_and_a_dou
     assert forecast["verdict"] == "FAIL" and not forecast["beyond_doubt"] and metrics(run_dir)[-1]["step"] == 20
 
 
+def test_the_forecast_is_made_again_after_later_probes_and_a_later_one_beyond_doubt_stops_the_run(
+        tmp_path, base_dir, tasks, capsys):
+    # 20 runs probed after updates 1, 2, 4 and 8 that all lost 0.5, and 20 probed after 1 and 2 alone whose losses
+    # spread from 0 to 1: after update 2 a forecast from all 40, in doubt; after update 4 from the first 20, sure.
+    both = tmp_path / "both.jsonl"
+    both.write_text(calibration(tmp_path / "sure.jsonl", -0.5, later=(4, 8)).read_text()
+                    + calibration(tmp_path / "wide.jsonl", -0.5, spread=0.5).read_text())
+    run_dir, _ = run(conflicting_recipe(tmp_path, base_dir, tasks, on_over_budget="stop",
+                                        forecast_calibration=str(both)))
+    made = {m["step"]: m["forecast"] for m in metrics(run_dir) if "forecast" in m}
+    assert sorted(made) == [2, 4] and metrics(run_dir)[-1]["step"] == 4
+    assert made[2]["runs"] == 40 and made[2]["verdict"] == "FAIL" and not made[2]["beyond_doubt"]
+    assert made[4]["runs"] == 20 and made[4]["beyond_doubt"]
+    out = capsys.readouterr().out
+    assert "again after updates 4 (20), 8 (20)" in out and "stopping after step 4: the forecast is FAIL" in out
+    report = json.loads((run_dir / "forgetting" / "report.json").read_text())
+    assert report["forecast"]["step"] == 4 and report["forecast"]["first"]["step"] == 2
+    assert "The first forecast, after update 2, said FAIL" in (run_dir / "forgetting" / "report.md").read_text()
+
+
 def test_a_forecast_needs_its_calibration_file_and_the_probes(tmp_path, tiny_model):
     from finetune.recipe import RecipeError, load_recipe
 

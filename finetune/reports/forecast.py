@@ -34,15 +34,21 @@ FLOOR = 1e-4  # KL below this reads as this: log(0) is no feature
 BEYOND_DOUBT = 0.95  # odds at or above which a forecast verdict is acted on (eval.on_over_budget: stop)
 LEVEL = 0.9  # of the prediction interval: a 95% one needs 39 calibration runs to be finite, 90% 19
 VERDICTS = ("PASS", "INCONCLUSIVE", "FAIL")
+FEWEST = 5  # calibration runs a forecast needs: leaving one out, then another, leaves 3 to fit the spread's mean
 
 
-def features(probes: dict[int, dict], max_steps: int, share: float = 0.1) -> tuple[int, list[float]] | None:
+def features(probes: dict[int, dict], max_steps: int, share: float = 0.1,
+             exact: bool = False) -> tuple[int, list[float]] | None:
     """(the probe step used, [1, log KL general, log KL task]) from the last probe within the first `share` of the
-    updates, or None when there is none with both KLs."""
-    early = [s for s, p in probes.items() if int(s) <= share * max_steps and all(k in p for k in FEATURES)]
+    updates, or None when there is none with both KLs; `exact`: only a probe at that share itself (a later forecast
+    compares runs at the same point of their training, not one run's update 16 with another's update 4)."""
+    within = share * max_steps + 1e-9  # 16/60 of 120 updates is update 32, whatever the float says
+    early = [s for s, p in probes.items() if int(s) <= within and all(k in p for k in FEATURES)]
     if not early:
         return None
     step = max(early, key=int)
+    if exact and int(step) < within - 2e-9:
+        return None
     return int(step), [1.0, *(math.log(max(probes[step][k], FLOOR)) for k in FEATURES)]
 
 
@@ -55,10 +61,20 @@ def half_width(n: int) -> float:
 def read_calibration(path: Path, share: float = 0.1) -> list[dict]:
     """The runs of a calibration file (bench/forecast_calibration.py) a forecast can be fitted on: those whose first
     updates reproduced and that have a probe within the first `share` of their updates, each with its features."""
-    rows = [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+    return calibration_at(read_rows(path), share)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a calibration file, as they are."""
+    return [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def calibration_at(rows: list[dict], share: float, exact: bool = False) -> list[dict]:
+    """The rows of a calibration file usable for a forecast at `share` of the updates (see features), each with its
+    features there."""
     used = []
     for r in rows:
-        f = features(r["probes"], r["max_steps"], share) if r.get("reproduced") else None
+        f = features(r["probes"], r["max_steps"], share, exact) if r.get("reproduced") else None
         if f is not None:
             used.append({**r, "step": f[0], "x": f[1]})
     return used
@@ -168,6 +184,15 @@ def doubt_text(forecast: dict) -> str:
         return (f"{n} calibration runs vouch for odds up to {n / (n + 1):.2f}; "
                 f"{BEYOND_DOUBT} needs {math.ceil(round(BEYOND_DOUBT / (1 - BEYOND_DOUBT), 9))}")
     return f"odds under {BEYOND_DOUBT}"
+
+
+def first_text(forecast: dict) -> str:
+    """What the first forecast (after 10% of the updates) said, where the report shows a later one."""
+    first = forecast.get("first")
+    if not first:
+        return ""
+    return (f" The first forecast, after update {first['step']}, said {first['verdict']} (verdict odds "
+            f"{odds_text(first)}).")
 
 
 def pruned_text(forecast: dict) -> str:

@@ -19,7 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .forgetting import Change, changes, verdict
-from .forecast import change_text, inputs_text, odds_text, pruned_text, sure_text
+from .forecast import change_text, first_text, inputs_text, odds_text, pruned_text, sure_text
 from .leak import answer_leak
 from ..recipe import Recipe, recipe_to_dict
 from .records import Evaluation, TaskScore
@@ -235,7 +235,7 @@ def _sections(report: dict) -> list[tuple[str, list[str], list[list[str]], str]]
                     f"{inputs_text(forecast)}. Verdict odds: {odds_text(forecast)}; most likely "
                     f"{forecast['verdict']}, {sure_text(forecast)}. "
                     "Measured: "
-                    f"{report['verdict']['status']}." + pruned_text(forecast)))
+                    f"{report['verdict']['status']}." + first_text(forecast) + pruned_text(forecast)))
     if report["drift"]:
         out.append(("Drift from the base model", ["texts the base wrote", "KL(base ‖ tuned) per token [95% CI]",
                                                   "perplexity base", "perplexity tuned", "ratio", "texts", "tokens"],
