@@ -50,6 +50,13 @@ def schedule(every: int | None, max_steps: int) -> set[int]:
     return steps | {max_steps}
 
 
+def forecast_points(steps: set[int], max_steps: int) -> list[int]:
+    """The probed updates after which a run forecasts its final forgetting: the last within the first 10% of its
+    updates and every later one but the last."""
+    early = [s for s in steps if s <= FORECAST_SHARE * max_steps]
+    return [s for s in sorted(steps) if early and max(early) <= s < max_steps]
+
+
 class Probes:
     """Created after `accelerator.prepare` and before a checkpoint is loaded, while the weights are the base's."""
 
@@ -59,18 +66,19 @@ class Probes:
         self.max_steps, self.max_drop = max_steps, recipe.eval.max_drop
         path = recipe.eval.forecast_calibration
         rows = read_rows(Path(path)) if path and recipe.eval.tasks else None
-        self.calibration = calibration_at(rows, FORECAST_SHARE) if rows is not None else None
-        early = [s for s in self.steps if s <= FORECAST_SHARE * max_steps]
-        self.forecast_step = max(early) if early and self.calibration is not None else None
-        # The forecast is made again after each later probe but the last (the whole evaluation follows it), from
-        # the calibration runs probed at the same share of their updates: what a sweep's pruner and
-        # eval.on_over_budget: stop act on as the run goes.
-        self.later: dict[int, list[dict]] = {}
+        points = forecast_points(self.steps, max_steps)
+        self.forecast_step = points[0] if points and rows is not None else None
+        # The first forecast comes after the last probe within the first 10% of updates; it is made again after
+        # each later probe but the last (the whole evaluation follows that), which a sweep's pruner and
+        # eval.on_over_budget: stop act on as the run goes. Each is fitted on the calibration runs probed at the
+        # same share of their updates: the KLs grow fivefold and more from one early probe to the next, so another
+        # run's update 4 says little of what this run's update 6 means.
+        self.calibration: dict[int, list[dict]] | None = None if rows is None else {}
         if self.forecast_step is not None:
-            for s in sorted(self.steps):
-                runs = calibration_at(rows, s / max_steps, exact=True) if self.forecast_step < s < max_steps else []
-                if len(runs) >= FEWEST:
-                    self.later[s] = runs
+            for s in points:
+                runs = calibration_at(rows, s / max_steps, exact=True)
+                if len(runs) >= FEWEST or s == self.forecast_step:
+                    self.calibration[s] = runs
         self.history: dict[int, dict[str, float]] = {}
         if not self.steps:
             return
@@ -95,26 +103,28 @@ class Probes:
             forecast = ""
         elif self.forecast_step is None:
             forecast = f"; no forecast: no probe within the first {FORECAST_SHARE:.0%} of the updates"
+        elif len(self.calibration[self.forecast_step]) < FEWEST:
+            forecast = (f"; no forecast: {len(self.calibration[self.forecast_step])} calibration runs have a probe "
+                        f"at the share of their updates that update {self.forecast_step} of {self.max_steps} is, and "
+                        f"a forecast needs {FEWEST}")
         else:
-            again = ", ".join(f"{s} ({len(runs)})" for s, runs in self.later.items())
-            forecast = (f"; a forecast of the final forgetting after update {self.forecast_step}, from "
-                        f"{len(self.calibration)} calibration runs (eval.forecast_calibration)"
-                        + (f", and again after updates {again}: the calibration runs probed at the same point"
-                           if again else ""))
+            at = ", ".join(f"{s} ({len(runs)})" for s, runs in self.calibration.items())
+            forecast = (f"; forecasts of the final forgetting after updates {at}: from the calibration runs "
+                        "(eval.forecast_calibration) probed at the same share of their updates")
         return (f"probes: KL to the base on the new task's first rows and on {self.prompts} general "
                 f"prompts{leak}, after updates {', '.join(map(str, sorted(self.steps)))} "
                 f"(train.probe_every){forecast}")
 
     def forecast(self, step: int, probed: dict[str, float]) -> dict | None:
         """The forecast of the final forgetting (reports/forecast.py) once the probes of its update are in: after
-        the last probe within the first 10% of updates, and again after later probes the calibration runs have at
-        the same point; None at other updates, without a calibration, or when it is too small to fit."""
+        the last probe within the first 10% of updates, and again after each later probe but the last that enough
+        calibration runs have at the same share of their updates; None at other updates, without a calibration,
+        or when it is too small to fit."""
         self.history[step] = probed
-        if step == self.forecast_step:
-            return forecast_run(self.calibration, self.history, self.max_steps, self.max_drop, FORECAST_SHARE)
-        if step in self.later:
-            return forecast_run(self.later[step], self.history, self.max_steps, self.max_drop, step / self.max_steps)
-        return None
+        if not self.calibration or len(self.calibration.get(step, ())) < FEWEST:
+            return None
+        return forecast_run(self.calibration[step], self.history, self.max_steps, self.max_drop,
+                            step / self.max_steps)
 
     @torch.no_grad()
     def measure(self, model) -> dict[str, float]:

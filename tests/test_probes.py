@@ -125,7 +125,8 @@ def test_the_forecast_is_made_again_after_later_probes_and_a_later_one_beyond_do
     assert made[2]["runs"] == 40 and made[2]["verdict"] == "FAIL" and not made[2]["beyond_doubt"]
     assert made[4]["runs"] == 20 and made[4]["beyond_doubt"]
     out = capsys.readouterr().out
-    assert "again after updates 4 (20), 8 (20)" in out and "stopping after step 4: the forecast is FAIL" in out
+    assert "forecasts of the final forgetting after updates 2 (40), 4 (20), 8 (20):" in out
+    assert "stopping after step 4: the forecast is FAIL" in out
     report = json.loads((run_dir / "forgetting" / "report.json").read_text())
     assert report["forecast"]["step"] == 4 and report["forecast"]["first"]["step"] == 2
     assert "The first forecast, after update 2, said FAIL" in (run_dir / "forgetting" / "report.md").read_text()

@@ -58,12 +58,6 @@ def half_width(n: int) -> float:
     return 1.96 * math.sqrt(0.1 / n)
 
 
-def read_calibration(path: Path, share: float = 0.1) -> list[dict]:
-    """The runs of a calibration file (bench/forecast_calibration.py) a forecast can be fitted on: those whose first
-    updates reproduced and that have a probe within the first `share` of their updates, each with its features."""
-    return calibration_at(read_rows(path), share)
-
-
 def read_rows(path: Path) -> list[dict]:
     """The rows of a calibration file, as they are."""
     return [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
