@@ -16,26 +16,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.probes import FORECAST_SHARE, schedule  # noqa: E402
-from finetune.reports.forecast import FEWEST, calibration_at, features, forecast_run, read_rows  # noqa: E402
+from finetune.probes import forecast_points, schedule  # noqa: E402
+from finetune.reports.forecast import FEWEST, calibration_at, forecast_run, read_rows  # noqa: E402
 
 
 def walk(run: dict, others: list[dict]) -> list[dict]:
-    """The forecasts `run` makes as it trains, in order, each from the other runs probed at the same point; up to and
-    including the first FAIL beyond doubt."""
-    first = features(run["probes"], run["max_steps"], FORECAST_SHARE)
-    if first is None:
-        return []
-    probed = {int(s) for s in run["probes"]} & schedule(0, run["max_steps"])
-    points = [(FORECAST_SHARE, False)] + [(s / run["max_steps"], True) for s in sorted(probed)
-                                          if first[0] < s < run["max_steps"]]
+    """The forecasts `run` makes as it trains with the default probe schedule, in order, each from the other runs
+    probed at the same share of their updates; up to and including the first FAIL beyond doubt."""
     made = []
-    for share, exact in points:
-        calibration = calibration_at(others, share, exact)
+    for step in forecast_points({int(s) for s in run["probes"]} & schedule(0, run["max_steps"]), run["max_steps"]):
+        calibration = calibration_at(others, step / run["max_steps"], exact=True)
         if len(calibration) < FEWEST:
             continue
-        forecast = forecast_run(calibration, run["probes"], run["max_steps"], run["max_drop"], share,
-                                sizes={t: run["tasks"][t]["n"] for t in run["tasks"]})
+        forecast = forecast_run(calibration, run["probes"], run["max_steps"], run["max_drop"],
+                                step / run["max_steps"], sizes={t: run["tasks"][t]["n"] for t in run["tasks"]})
         if forecast is None:
             continue
         made.append(forecast)

@@ -15,21 +15,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.reports.forecast import (BEYOND_DOUBT, LEVEL, VERDICTS, change_text, forecast_run,  # noqa: E402
-                                       read_calibration, verdict)
+from finetune.probes import forecast_points, schedule  # noqa: E402
+from finetune.reports.forecast import (BEYOND_DOUBT, FEWEST, LEVEL, VERDICTS, calibration_at,  # noqa: E402
+                                       change_text, forecast_run, read_rows, verdict)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", type=Path)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--share", type=float, default=0.1)
+    p.add_argument("--point", type=int, default=0,
+                   help="which of a run's forecasts with the default probe schedule: 0 = the first, after the last "
+                        "probe within its first 10%% of updates (update 4 of 60); 1 = the next (8 of 60); ...")
     args = p.parse_args()
-    rows = args.runs.read_text().splitlines()
-    used = read_calibration(args.runs, args.share)
+    rows = read_rows(args.runs)
+    used = []
+    for r in rows:
+        points = forecast_points({int(s) for s in r["probes"]} & schedule(0, r["max_steps"]), r["max_steps"])
+        if r.get("reproduced") and len(points) > args.point:
+            used.append({**r, "step": points[args.point]})
     tasks = sorted(set.intersection(*(set(r["tasks"]) for r in used)))
+    where = "the first 10%" if args.point == 0 else f"forecast point {args.point} (a later probe)"
     lines = [f"# Forecast of final forgetting, leave-one-out ({len(used)} runs of {len(rows)} paired; "
-             f"probes of the first {args.share:.0%} of updates)", "",
+             f"probes of {where} of updates)", "",
              "| run | probe step | KL general | KL task | " + " | ".join(f"{t}: forecast [{LEVEL:.0%} PI] / measured"
                                                                   for t in tasks)
              + " | inputs | forecast verdict (odds) | final verdict | a second suite's agreement |",
@@ -38,11 +46,18 @@ def main() -> int:
     brier = ceiling = 0.0
     inputs = []
     points = []
+    left_out, done = 0, []
     for i, r in enumerate(used):
-        others = used[:i] + used[i + 1:]
-        # The forecast a run makes during training, with this run's own task sizes for the verdict's intervals.
-        made = forecast_run(others, r["probes"], r["max_steps"], r["max_drop"], args.share,
-                            sizes={t: r["tasks"][t]["n"] for t in tasks})
+        # The forecast a run makes during training, from the other runs probed at the same share of their updates,
+        # with this run's own task sizes for the verdict's intervals.
+        share = r["step"] / r["max_steps"]
+        others = calibration_at(used[:i] + used[i + 1:], share, exact=True)
+        made = forecast_run(others, r["probes"], r["max_steps"], r["max_drop"], share,
+                            sizes={t: r["tasks"][t]["n"] for t in tasks}) if len(others) >= FEWEST else None
+        if made is None:
+            left_out += 1
+            continue
+        done.append(r)
         cells = []
         for t in tasks:
             c, measured = made["tasks"][t], r["tasks"][t]["delta"]
@@ -66,31 +81,32 @@ def main() -> int:
                      f"{probe['probe_kl_task']:.3f} | " + " | ".join(cells)
                      + f" | {made['inputs']} | {forecast_cell} | {r['verdict']}"
                      + ("" if forecast == r["verdict"] else " **differs**") + f" | {repeat:.2f} |")
-    finals = [r["verdict"] for r in used]
+    finals = [r["verdict"] for r in done]
     common = max(set(finals), key=finals.count)
     hits = finals.count(common)
     lines += ["", f"Prediction intervals covering the measured change: {covered} of {total} ({covered / total:.0%}). "
-              f"Most likely forecast verdict equal to the final verdict: {agree} of {len(used)} "
-              f"({agree / len(used):.0%}). Forecast beyond doubt (odds at least {BEYOND_DOUBT}): {sure} run(s), of "
+              f"Most likely forecast verdict equal to the final verdict: {agree} of {len(done)} "
+              f"({agree / len(done):.0%}). Forecast beyond doubt (odds at least {BEYOND_DOUBT}): {sure} run(s), of "
               f"which {sure_right} right.",
-              f"Brier score of the verdict odds (0: sure and right, 2: sure and wrong): {brier / len(used):.3f}. "
-              f"Forecasts from the probes: {inputs.count('probes')} of {len(used)}; from the calibration runs' "
+              f"Brier score of the verdict odds (0: sure and right, 2: sure and wrong): {brier / len(done):.3f}. "
+              f"Forecasts from the probes: {inputs.count('probes')} of {len(done)}; from the calibration runs' "
               "spread alone (the probes forecast them no better, leave-one-out within the calibration): "
               f"{inputs.count('none')}.",
               f"For scale, always forecasting the most frequent final verdict ({common}) would match {hits} of "
-              f"{len(used)}. A forecaster that knew each run's measured changes exactly would match the verdict of "
-              f"a second suite of the same size in {ceiling:.1f} of {len(used)} (last column: each task's change "
+              f"{len(done)}. A forecaster that knew each run's measured changes exactly would match the verdict of "
+              f"a second suite of the same size in {ceiling:.1f} of {len(done)} (last column: each task's change "
               "drawn around the measured one with the spread its paired 95% interval gives, 4,000 draws, the "
               "verdict's rule applied): the verdict of a run near the budget's edge is itself a toss-up.",
               "Odds: each calibration run's leave-one-out error added to the forecast (jackknife+), all tasks of a "
               "run together, the final verdict's rule applied with the interval half-width the task's n gives; "
               f"intervals: the draws' conformal {LEVEL:.0%} quantiles.",
-              f"Left out: {len(rows) - len(used)} run(s) whose first updates did not reproduce or had no probe."]
+              f"Left out: {len(rows) - len(used)} run(s) whose first updates did not reproduce or had no probe "
+              f"there, and {left_out} with fewer than {FEWEST} other runs probed at the same share of their updates."]
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
-    _plot(points, args.out.with_suffix(".png"))
+    _plot(points, args.out.with_suffix(".png"), where)
     return 0
 
 
@@ -105,7 +121,7 @@ def second_suite(run: dict, tasks: list[str], draws: int = 4000) -> float:
     return same / draws
 
 
-def _plot(points, path: Path) -> None:
+def _plot(points, path: Path, where: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,7 +140,7 @@ def _plot(points, path: Path) -> None:
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_xlabel("measured final change")
-    ax.set_ylabel(f"forecast from the first 10% of updates ({LEVEL:.0%} PI)")
+    ax.set_ylabel(f"forecast from {where} of updates ({LEVEL:.0%} PI)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
