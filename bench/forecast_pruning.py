@@ -25,7 +25,7 @@ def walk(run: dict, others: list[dict]) -> list[dict]:
     probed at the same share of their updates; up to and including the first FAIL beyond doubt."""
     made = []
     for step in forecast_points({int(s) for s in run["probes"]} & schedule(0, run["max_steps"]), run["max_steps"]):
-        calibration = calibration_at(others, step / run["max_steps"], exact=True)
+        calibration = calibration_at(others, step / run["max_steps"])
         if len(calibration) < FEWEST:
             continue
         forecast = forecast_run(calibration, run["probes"], run["max_steps"], run["max_drop"],

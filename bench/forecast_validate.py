@@ -51,7 +51,7 @@ def main() -> int:
         # The forecast a run makes during training, from the other runs probed at the same share of their updates,
         # with this run's own task sizes for the verdict's intervals.
         share = r["step"] / r["max_steps"]
-        others = calibration_at(used[:i] + used[i + 1:], share, exact=True)
+        others = calibration_at(used[:i] + used[i + 1:], share)
         made = forecast_run(others, r["probes"], r["max_steps"], r["max_drop"], share,
                             sizes={t: r["tasks"][t]["n"] for t in tasks}) if len(others) >= FEWEST else None
         if made is None:

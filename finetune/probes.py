@@ -35,7 +35,7 @@ PROBE_TOKENS = 4  # reply tokens of a new-task row probed
 ROWS = 12  # new-task rows probed
 MAX_ANSWERS = 32  # a new task with more distinct first answer tokens, or longer answers (end-of-turn tokens
 MAX_ANSWER_TOKENS = 8  # included), has no answer leak to probe
-FORECAST_SHARE = 0.1  # the share of updates whose probes the forecast reads
+FORECAST_SHARE = 0.1  # the first forecast comes after the last probe within this share of the updates
 
 
 def schedule(every: int | None, max_steps: int) -> set[int]:
@@ -76,7 +76,7 @@ class Probes:
         self.calibration: dict[int, list[dict]] | None = None if rows is None else {}
         if self.forecast_step is not None:
             for s in points:
-                runs = calibration_at(rows, s / max_steps, exact=True)
+                runs = calibration_at(rows, s / max_steps)
                 if len(runs) >= FEWEST or s == self.forecast_step:
                     self.calibration[s] = runs
         self.history: dict[int, dict[str, float]] = {}

@@ -1,10 +1,10 @@
 """A forecast of a run's final forgetting from its first probes (finetune/probes.py): for each original task, the
 final change of its score, with a prediction interval, and the verdict the final evaluation would then give.
 
-Each task's change is fitted by ordinary least squares on the logarithms of the two KL probes at the last probe
-within the first `share` of updates (RL's Razor: forgetting grows with the KL from the base; the first reply tokens
-are where a fine-tune overwrites the answer format), on earlier runs of the same model and tasks (a calibration
-file), never on the run it forecasts. What the forecast is uncertain of is taken from those runs, not from a normal
+Each task's change is fitted by ordinary least squares on the logarithms of the two KL probes at the run's probe
+(RL's Razor: forgetting grows with the KL from the base; the first reply tokens are where a fine-tune overwrites the
+answer format), on earlier runs of the same model and tasks probed at the same share of their updates (a
+calibration file), never on the run it forecasts. What the forecast is uncertain of is taken from those runs, not from a normal
 curve: each calibration run adds its own leave-one-out error to the forecast (jackknife+, Barber et al. 2021), all
 tasks of a run together, so the few runs that collapse give the forecast the heavy tail the changes have, and a
 run that loses on every task counts once. The interval is the draws' conformal quantiles; the verdict odds are the
@@ -63,12 +63,12 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
-def calibration_at(rows: list[dict], share: float, exact: bool = False) -> list[dict]:
-    """The rows of a calibration file usable for a forecast at `share` of the updates (see features), each with its
-    features there."""
+def calibration_at(rows: list[dict], share: float) -> list[dict]:
+    """The rows of a calibration file a forecast after `share` of a run's updates is fitted on: those whose first
+    updates reproduced and that were probed at that share of theirs, each with its features there."""
     used = []
     for r in rows:
-        f = features(r["probes"], r["max_steps"], share, exact) if r.get("reproduced") else None
+        f = features(r["probes"], r["max_steps"], share, exact=True) if r.get("reproduced") else None
         if f is not None:
             used.append({**r, "step": f[0], "x": f[1]})
     return used
