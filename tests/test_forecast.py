@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from finetune.reports.forecast import describe, draws, features, fit, forecast_run, interval, odds, verdict
+from finetune.reports.forecast import (calibration_at, describe, draws, features, fit, forecast_run, interval, odds,
+                                       verdict)
 
 
 def test_least_squares_recovers_a_known_curve_and_too_few_or_identical_runs_give_no_fit():
@@ -106,6 +107,19 @@ def test_the_forecast_reads_the_last_probe_within_the_first_tenth():
     step, x = features(probes, max_steps=60)
     assert step == 4 and x == [1.0, math.log(0.5), math.log(2.0)]
     assert features(probes, max_steps=5) is None  # no probe within the first half-update
+
+
+def test_a_forecast_is_fitted_on_the_runs_probed_at_the_same_share_of_their_updates():
+    def row(name, max_steps, *steps):
+        return {"run": name, "max_steps": max_steps, "reproduced": True,
+                "probes": {str(s): {"probe_kl_general": s / 10, "probe_kl_task": s / 5} for s in steps}}
+
+    rows = [row("a", 60, 1, 2, 4, 8, 16), row("b", 120, 2, 4, 8, 16, 32), row("c", 60, 1, 2, 4, 6),
+            row("d", 30, 2, 4, 8), {**row("e", 60, 4, 16), "reproduced": False}]
+    # Update 16 of 60 is 32 of 120 and 8 of 30; run c's last probe within that share is update 6: not the same point.
+    assert [(r["run"], r["step"]) for r in calibration_at(rows, 16 / 60)] == [("a", 16), ("b", 32), ("d", 8)]
+    assert [(r["run"], r["step"]) for r in calibration_at(rows, 4 / 60)] == [("a", 4), ("b", 8), ("c", 4), ("d", 2)]
+    assert calibration_at(rows, 4 / 60)[1]["x"] == [1.0, math.log(0.8), math.log(1.6)]
 
 
 def test_the_forecast_verdict_is_the_final_verdicts_rule_on_the_forecast():
