@@ -222,10 +222,13 @@ def _sections(report: dict) -> list[tuple[str, list[str], list[list[str]], str]]
     forecast = report.get("forecast")
     if forecast:
         rows = []
+        # A run pruned or stopped early, or whose final/ is an earlier step, was measured part-trained: its change
+        # is not the final change the forecast is of.
+        step = report["final"]["step"]
+        early = bool(forecast.get("pruned")) or (step is not None and step < forecast["max_steps"])
         for task, c in forecast["tasks"].items():
             measured = report["tasks"].get(task, {}).get("delta")
-            # A pruned run was measured part-trained: its change is not the final change the forecast is of.
-            inside = "" if measured is None else "-" if forecast.get("pruned") else (
+            inside = "" if measured is None else "-" if early else (
                 "yes" if c["interval"][0] <= measured <= c["interval"][1] else "no")
             rows.append([task, change_text(c), _fmt(measured, True), inside])
         out.append((f"Forecast after update {forecast['step']} of {forecast['max_steps']}, beside what was measured",
@@ -235,7 +238,9 @@ def _sections(report: dict) -> list[tuple[str, list[str], list[list[str]], str]]
                     f"{inputs_text(forecast)}. Verdict odds: {odds_text(forecast)}; most likely "
                     f"{forecast['verdict']}, {sure_text(forecast)}. "
                     "Measured: "
-                    f"{report['verdict']['status']}." + first_text(forecast) + pruned_text(forecast)))
+                    f"{report['verdict']['status']}." + first_text(forecast) + (pruned_text(forecast) or (
+                        f" What was measured is the model after update {step} of {forecast['max_steps']}, not the "
+                        "last update's: whether the interval holds it is not asked." if early else ""))))
     if report["drift"]:
         out.append(("Drift from the base model", ["texts the base wrote", "KL(base ‖ tuned) per token [95% CI]",
                                                   "perplexity base", "perplexity tuned", "ratio", "texts", "tokens"],
