@@ -105,7 +105,9 @@ def summary(run: RunDir, seconds: float, parts: dict[str, float] | None = None) 
         rest = seconds - parts["updates"] - parts.get("evaluation", 0.0)
         evaluation = (f"; forgetting evaluation {_duration(parts['evaluation'])}, of which the base model "
                       f"{_duration(parts['base'])}" if "evaluation" in parts else "")
-        lines.append(f"  time:    updates {_duration(parts['updates'])}{evaluation}; loading, data and saving "
+        probed = sum(r.get("seconds_probing", 0.0) for r in records)
+        probes = f" (of which the probes {_duration(probed)}, train.probe_every)" if probed else ""
+        lines.append(f"  time:    updates {_duration(parts['updates'])}{probes}{evaluation}; loading, data and saving "
                      f"{_duration(rest)}")
     adapter = (run.final / "adapter_config.json").is_file()
     lines.append(f"  model:   {run.final}/ ({'LoRA adapter' if adapter else 'full model'}; model card README.md; "

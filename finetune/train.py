@@ -337,8 +337,9 @@ def _loop(t: Training, progress: Progress, signals: StopSignals) -> int:
             elapsed, clock = time.perf_counter() - clock, time.perf_counter()
             record = _record(t, progress, result, accelerator.reduce(window, "sum").tolist(), elapsed)
             if probed:
+                began = time.perf_counter()
                 probes = t.probes.measure(t.model)
-                record.update(probes)
+                record.update(probes, seconds_probing=time.perf_counter() - began)
                 if forecast := t.probes.forecast(step, probes):
                     record["forecast"] = forecast = pruning.decide(accelerator, forecast, step)
             log.write(record)

@@ -234,12 +234,13 @@ def test_a_normal_run_shows_no_library_noise_and_ends_with_a_summary(tmp_path, t
     # Where the time went: the parts add up to the run's time, the base's evaluation within the evaluation's.
     clock = r"(\d+):(\d\d)"
     total = re.search(rf"done: 4 updates in {clock}", quiet.stdout).groups()
-    parts = re.search(rf"time: +updates {clock}; forgetting evaluation {clock}, of which the base model {clock}; "
-                      rf"loading, data and saving {clock}", quiet.stdout)
+    parts = re.search(rf"time: +updates {clock} \(of which the probes {clock}, train.probe_every\); forgetting "
+                      rf"evaluation {clock}, of which the base model {clock}; loading, data and saving {clock}",
+                      quiet.stdout)
     assert parts, quiet.stdout
     seconds = [int(m) * 60 + int(s) for m, s in zip(*[iter((*total, *parts.groups()))] * 2)]
-    run_time, updates, evaluation, base, rest = seconds
-    assert abs(updates + evaluation + rest - run_time) <= 2 and base <= evaluation
+    run_time, updates, probes, evaluation, base, rest = seconds
+    assert abs(updates + evaluation + rest - run_time) <= 2 and base <= evaluation and probes <= updates
 
 
 @pytest.mark.parametrize("verbose", [True, False])
