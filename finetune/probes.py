@@ -39,15 +39,18 @@ FORECAST_SHARE = 0.1  # the first forecast comes after the last probe within thi
 
 
 def schedule(every: int | None, max_steps: int) -> set[int]:
-    """The updates after which the probes run: `every` N updates and the last; 0: updates 1, 2, 4, 8, 16, then every
-    16, and the last (early points for a forecast, few later ones); None: none."""
+    """The updates after which the probes run: `every` N updates and the last; None: none; 0: the last power of two
+    within the first 10% of updates (where the first forecast is made; 1 where there is none), the powers of two
+    after it up to 16, then every 16, never the last update (no forecast is made there: the whole evaluation
+    follows). For 60 updates: 4, 8, 16, 32 and 48, five probes where a probe costs about an update on the demo."""
     if every is None:
         return set()
     if every:
-        steps = set(range(every, max_steps + 1, every))
-    else:
-        steps = {s for s in (1, 2, 4, 8) if s <= max_steps} | set(range(16, max_steps + 1, 16))
-    return steps | {max_steps}
+        return set(range(every, max_steps + 1, every)) | {max_steps}
+    first = 1
+    while 2 * first <= FORECAST_SHARE * max_steps:
+        first *= 2
+    return {s for s in (1, 2, 4, 8) if first <= s < max_steps} | set(range(16, max_steps, 16)) - set(range(first))
 
 
 def forecast_points(steps: set[int], max_steps: int) -> list[int]:

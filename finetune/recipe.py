@@ -175,8 +175,9 @@ class TrainSection:
     log_every: int = _pos("optimizer updates between metrics.jsonl lines", 1)
     probe_every: int | None = _f(
         0, "cheap probes of forgetting into metrics.jsonl (KL to the base on the new task's first rows and at the first "
-           "reply token of general prompts, the new task's answers leaking into them): 0 = after updates 1, 2, 4, 8, "
-           "16, then every 16, and the last (a few percent of training time); N = every N updates; null = off",
+           "reply token of general prompts, the new task's answers leaking into them): 0 = after the last power of "
+           "two within the first 10% of updates, the powers of two after it up to 16, then every 16 (for 60 "
+           "updates: 4, 8, 16, 32, 48); N = every N updates and the last; null = off",
         lambda v: v is None or v >= 0, "an integer >= 0 or null")
     eval_every: int = _nonneg("optimizer updates between validation-loss passes; 0 = only at the end", 0)
     trackers: list[Literal["tensorboard", "wandb"]] = _f([], "accelerate trackers to log to, besides metrics.jsonl")

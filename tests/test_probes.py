@@ -11,8 +11,10 @@ from finetune.probes import schedule
 
 
 def test_the_schedule_puts_points_early_and_few_later():
-    assert schedule(0, 60) == {1, 2, 4, 8, 16, 32, 48, 60}
-    assert schedule(0, 3) == {1, 2, 3}
+    assert schedule(0, 60) == {4, 8, 16, 32, 48}  # the first forecast after update 4, the last 10% point probed
+    assert schedule(0, 120) == {8, 16, 32, 48, 64, 80, 96, 112}
+    assert schedule(0, 1000) == set(range(64, 1000, 16))
+    assert schedule(0, 20) == {2, 4, 8, 16} and schedule(0, 3) == {1, 2}
     assert schedule(5, 12) == {5, 10, 12}
     assert schedule(None, 60) == set()
 
@@ -35,15 +37,15 @@ def probed(run_dir) -> dict[int, dict]:
 def test_probes_grow_as_the_run_moves_and_see_the_answers_leak_into_general_replies(tmp_path, base_dir):
     run_dir, _ = run(short_answer_recipe(tmp_path, base_dir, "short"))
     points = probed(run_dir)
-    assert sorted(points) == [1, 2, 4, 8, 16]
+    assert sorted(points) == [1, 2, 4, 8]
     # Measured on this tiny model (2 cores): KL on the new task 0.58 after update 1, 4.2-6.1 from update 4 on; at
     # the general prompts' first reply token 0.0003, then 0.85-2.6; the answer leak under 1e-4, then 0.002-0.005.
     # The claims hold with a margin of 7x and more: each probe is smallest after the first update.
-    first, later = points[1], [points[s] for s in (4, 8, 16)]
+    first, later = points[1], [points[s] for s in (4, 8)]
     for key in ("probe_kl_task", "probe_kl_general", "probe_leak"):
         assert 0 <= first[key] and 3 * first[key] < min(p[key] for p in later), key
     # Trained to answer every question with one of four words, it starts general replies with them too.
-    assert points[16]["probe_leak"] > 0.001
+    assert points[8]["probe_leak"] > 0.001
 
 
 def test_a_run_without_probes_logs_none_and_other_settings_keep_their_steps(tmp_path, base_dir):
@@ -70,7 +72,7 @@ def test_a_resumed_run_probes_against_the_base_as_an_uninterrupted_one_does(tmp_
     monkeypatch.undo()
     resumed, _ = run(recipe)
     # The probes after the resume compare with the base, not with the checkpoint the run resumed from.
-    assert sorted(probed(resumed)) == sorted(probed(straight)) == [1, 2, 4, 8, 16]
+    assert sorted(probed(resumed)) == sorted(probed(straight)) == [1, 2, 4, 8]
     for step, values in probed(straight).items():
         assert probed(resumed)[step] == pytest.approx(values, rel=1e-5, abs=1e-9), step
 
