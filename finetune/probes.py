@@ -35,6 +35,7 @@ PROBE_TOKENS = 4  # reply tokens of a new-task row probed
 ROWS = 12  # new-task rows probed
 MAX_ANSWERS = 32  # a new task with more distinct first answer tokens, or longer answers (end-of-turn tokens
 MAX_ANSWER_TOKENS = 8  # included), has no answer leak to probe
+MIN_PREFIX = 8  # shared first tokens worth a forward pass of their own
 FORECAST_SHARE = 0.1  # the first forecast comes after the last probe within this share of the updates
 
 
@@ -92,6 +93,8 @@ class Probes:
         self.prompts = len(general)
         self.answers = _answer_tokens(examples)
         rank, world = accelerator.process_index, accelerator.num_processes
+        # Decided on every rank's rows alike: a sharded model needs every rank to run the same forwards.
+        self.shared = {"task": _shared_prefix(task), "general": _shared_prefix(general)}
         self.rows = {"task": task[rank::world], "general": general[rank::world]}
         self.tokens = {"task": PROBE_TOKENS, "general": 1}
         self.base = {name: self._log_probs(model, name) for name in self.rows}
@@ -152,12 +155,23 @@ class Probes:
         """[positions, vocab] log-probabilities at the probed positions of this rank's rows of one set. A rank with
         no rows still runs a forward (on a stand-in row, dropped), as a sharded model needs every rank to."""
         rows = self.rows[name] or self.rows["general"][:1] or self.rows["task"][:1]
-        batch = send_to_device(self.collate([[row] for row in rows]), self.accelerator.device)
+        shared = self.shared[name]
+        batch = send_to_device(self.collate([[(ids[shared:], target[shared:])] for ids, target in rows]),
+                               self.accelerator.device)
         batch.pop("n_tokens")
         keep = first_of_each_run(batch.pop("labels") != IGNORE, self.tokens[name])
         # Eager even when train.compile is on: a no-grad forward fails the compiled graph's grad-mode guard, and
         # compiling a second graph costs more than all the probes of a run (minutes for 135M on 2 cores).
         with eval_mode(model), self.accelerator.autocast(), torch.compiler.set_stance("force_eager"):
+            if shared:
+                # The rows' common start (a chat template's system turn: over half of each short row) runs once;
+                # the rest of every row attends to its keys and values, at the positions after it.
+                prefix = torch.tensor([rows[0][0][:shared]], device=self.accelerator.device)
+                cache = model(input_ids=prefix, use_cache=True).cache  # transformers 5: `cache`, not past_key_values
+                cache.batch_repeat_interleave(len(rows))
+                ones = torch.ones(len(rows), shared, dtype=batch["attention_mask"].dtype, device=prefix.device)
+                batch.update(attention_mask=torch.cat([ones, batch["attention_mask"]], dim=1),
+                             position_ids=batch["position_ids"] + shared, cache=cache, use_cache=True)
             logits = logits_at(model, batch, keep)
         logits = logits if self.rows[name] else logits[:0]
         return torch.log_softmax(logits.float(), dim=-1)
@@ -165,6 +179,18 @@ class Probes:
     def _leak(self, log_probs: torch.Tensor) -> float:
         """The summed probability, over this rank's general rows, of the new task's first answer tokens."""
         return float(log_probs[:, self.answers].exp().sum()) if len(log_probs) else 0.0
+
+
+def _shared_prefix(rows: list[tuple[list[int], list[int]]]) -> int:
+    """How many first tokens every row of a set shares, up to the position before its first target (the probed
+    positions stay after it); 0 where that is under MIN_PREFIX tokens or there is one row."""
+    if len(rows) < 2:
+        return 0
+    longest = min(list(target).index(1) if 1 in target else len(ids) for ids, target in rows) - 1
+    first, n = rows[0][0], 0
+    while n < longest and all(ids[n] == first[n] for ids, _ in rows):
+        n += 1
+    return n if n >= MIN_PREFIX else 0
 
 
 def _prompt_row(tokenizer, prompt: str) -> tuple[list[int], list[int]]:

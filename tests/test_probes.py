@@ -57,6 +57,21 @@ def test_a_run_without_probes_logs_none_and_other_settings_keep_their_steps(tmp_
     assert [m["loss"] for m in metrics(every)][:4] == [m["loss"] for m in metrics(off)]
 
 
+def test_the_rows_common_start_runs_once_and_the_probes_measure_the_same(tmp_path, base_dir, monkeypatch):
+    import finetune.probes as module
+
+    monkeypatch.setattr(module, "MIN_PREFIX", 10**6)  # never shared
+    whole, _ = run(short_answer_recipe(tmp_path, base_dir, "whole", max_steps=4))
+    monkeypatch.setattr(module, "MIN_PREFIX", 1)  # this template's common start is a few tokens, the demo's ~20
+    sizes, real = [], module._shared_prefix
+    monkeypatch.setattr(module, "_shared_prefix", lambda rows: sizes.append(real(rows)) or sizes[-1])
+    shared, _ = run(short_answer_recipe(tmp_path, base_dir, "shared", max_steps=4))
+    assert len(sizes) == 2 and min(sizes) > 0  # both sets, the new task's rows and the general prompts, shared
+    assert sorted(probed(shared)) == sorted(probed(whole)) == [1, 2]
+    for step, values in probed(whole).items():
+        assert probed(shared)[step] == pytest.approx(values, rel=1e-4, abs=1e-7), step
+
+
 def test_a_resumed_run_probes_against_the_base_as_an_uninterrupted_one_does(tmp_path, base_dir, monkeypatch):
     straight, _ = run(short_answer_recipe(tmp_path, base_dir, "straight"))
     recipe = short_answer_recipe(tmp_path, base_dir, "stopped")
