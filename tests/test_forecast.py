@@ -90,6 +90,18 @@ def test_a_point_forecast_past_the_budget_with_a_wide_spread_is_no_fail_beyond_d
     assert sure["verdict"] == "FAIL" and sure["beyond_doubt"]
 
 
+def test_probes_beyond_every_calibration_runs_are_never_beyond_doubt():
+    rng = random.Random(3)
+    logs = [(rng.uniform(-2, 1), rng.uniform(0, 3)) for _ in range(20)]
+    cal = runs([-0.05 * b + rng.gauss(0, 0.002) for _, b in logs], logs)
+    inside = forecast_run(cal, {"4": {"probe_kl_general": 1.0, "probe_kl_task": math.exp(2.5)}}, 60, 0.05)
+    assert inside["inputs"] == "probes" and inside["verdict"] == "FAIL" and inside["beyond_doubt"]
+    # Every fit extrapolates alike out there: the draws agree, but no calibration run was anywhere near.
+    far = forecast_run(cal, {"4": {"probe_kl_general": 1.0, "probe_kl_task": math.exp(8.0)}}, 60, 0.05)
+    assert far["verdict"] == "FAIL" and far["vouched"]["FAIL"] >= 0.95 and far["outside"] and not far["beyond_doubt"]
+    assert "not beyond doubt (the run's probes lie beyond every calibration run's" in describe(far)
+
+
 def test_odds_beyond_doubt_need_enough_calibration_runs_to_vouch_for_them():
     probes = {"4": {"probe_kl_general": 0.5, "probe_kl_task": 2.0}}
     for n, beyond in ((6, False), (18, False), (19, True)):
