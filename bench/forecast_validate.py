@@ -35,9 +35,11 @@ def main() -> int:
         if r.get("reproduced") and len(points) > args.point:
             used.append({**r, "step": points[args.point]})
     tasks = sorted(set.intersection(*(set(r["tasks"]) for r in used)))
-    where = "the first 10%" if args.point == 0 else f"forecast point {args.point} (a later probe)"
+    where = ("the probes of the first 10% of updates" if args.point == 0 else
+             f"the probes of each run's forecast {args.point + 1}, after update "
+             f"{forecast_points(schedule(0, 60), 60)[args.point]} of 60 or its share of other lengths")
     lines = [f"# Forecast of final forgetting, leave-one-out ({len(used)} runs of {len(rows)} paired; "
-             f"probes of {where} of updates)", "",
+             f"{where})", "",
              "| run | probe step | KL general | KL task | " + " | ".join(f"{t}: forecast [{LEVEL:.0%} PI] / measured"
                                                                   for t in tasks)
              + " | inputs | forecast verdict (odds) | final verdict | a second suite's agreement |",
@@ -140,7 +142,7 @@ def _plot(points, path: Path, where: str) -> None:
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_xlabel("measured final change")
-    ax.set_ylabel(f"forecast from {where} of updates ({LEVEL:.0%} PI)")
+    ax.set_ylabel(f"forecast ({LEVEL:.0%} PI) from {where}", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
