@@ -70,9 +70,9 @@ def main() -> int:
               "forecast.py); each forecast after the first uses only the runs probed at the same share of their "
               "updates."]
     text = "\n".join(lines) + "\n"
-    print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
+    print(text)  # last: a closed pipe loses no file
     return 0
 
 

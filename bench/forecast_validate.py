@@ -105,10 +105,10 @@ def main() -> int:
               f"Left out: {len(rows) - len(used)} run(s) whose first updates did not reproduce or had no probe "
               f"there, and {left_out} with fewer than {FEWEST} other runs probed at the same share of their updates."]
     text = "\n".join(lines) + "\n"
-    print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     _plot(points, args.out.with_suffix(".png"), where)
+    print(text)  # last: a closed pipe loses no file
     return 0
 
 
