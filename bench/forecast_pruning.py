@@ -16,21 +16,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.probes import forecast_points, schedule  # noqa: E402
-from finetune.reports.forecast import FEWEST, calibration_at, forecast_run, read_rows  # noqa: E402
+from finetune.probes import logged_points  # noqa: E402
+from finetune.reports.forecast import read_rows, row_forecast  # noqa: E402
 
 
 def walk(run: dict, others: list[dict]) -> list[dict]:
     """The forecasts `run` makes as it trains with the default probe schedule, in order, each from the other runs
     probed at the same share of their updates; up to and including the first FAIL beyond doubt."""
     made = []
-    for step in forecast_points({int(s) for s in run["probes"]} & schedule(0, run["max_steps"]), run["max_steps"]):
-        calibration = calibration_at(others, step / run["max_steps"])
-        if len(calibration) < FEWEST:
-            continue
-        forecast = forecast_run(calibration, run["probes"], run["max_steps"], run["max_drop"],
-                                step / run["max_steps"], sizes={t: run["tasks"][t]["n"] for t in run["tasks"]})
-        if forecast is None:
+    for step in logged_points(run["probes"], run["max_steps"]):
+        forecast = row_forecast(run, others, step)
+        if forecast is None:  # fewer than 5 other runs probed there
             continue
         made.append(forecast)
         if forecast["verdict"] == "FAIL" and forecast["beyond_doubt"]:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.probes import forecast_points, schedule  # noqa: E402
-from finetune.reports.forecast import (BEYOND_DOUBT, FEWEST, LEVEL, VERDICTS, calibration_at,  # noqa: E402
-                                       change_text, forecast_run, read_rows, verdict)
+from finetune.probes import forecast_points, logged_points, schedule  # noqa: E402
+from finetune.reports.forecast import (BEYOND_DOUBT, FEWEST, LEVEL, VERDICTS, change_text, read_rows,  # noqa: E402
+                                       row_forecast, verdict)
 
 
 def main() -> int:
@@ -31,7 +31,7 @@ def main() -> int:
     rows = read_rows(args.runs)
     used = []
     for r in rows:
-        points = forecast_points({int(s) for s in r["probes"]} & schedule(0, r["max_steps"]), r["max_steps"])
+        points = logged_points(r["probes"], r["max_steps"])
         if r.get("reproduced") and len(points) > args.point:
             used.append({**r, "step": points[args.point]})
     tasks = sorted(set.intersection(*(set(r["tasks"]) for r in used)))
@@ -52,11 +52,8 @@ def main() -> int:
     for i, r in enumerate(used):
         # The forecast a run makes during training, from the other runs probed at the same share of their updates,
         # with this run's own task sizes for the verdict's intervals.
-        share = r["step"] / r["max_steps"]
-        others = calibration_at(used[:i] + used[i + 1:], share)
-        made = forecast_run(others, r["probes"], r["max_steps"], r["max_drop"], share,
-                            sizes={t: r["tasks"][t]["n"] for t in tasks}) if len(others) >= FEWEST else None
-        if made is None:
+        made = row_forecast(r, used[:i] + used[i + 1:], r["step"])
+        if made is None:  # fewer than FEWEST other runs probed there
             left_out += 1
             continue
         done.append(r)

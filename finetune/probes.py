@@ -61,6 +61,11 @@ def forecast_points(steps: set[int], max_steps: int) -> list[int]:
     return [s for s in sorted(steps) if early and max(early) <= s < max_steps]
 
 
+def logged_points(probes: dict, max_steps: int) -> list[int]:
+    """Where a run whose probes a calibration row holds would have forecast with the default schedule."""
+    return forecast_points({int(s) for s in probes} & schedule(0, max_steps), max_steps)
+
+
 class Probes:
     """Created after `accelerator.prepare` and before a checkpoint is loaded, while the weights are the base's."""
 

@@ -156,6 +156,15 @@ def outside(calibration: list[dict], x: list[float]) -> bool:
     return _product(inverse, x, x) > max(_product(inverse, r["x"], r["x"]) for r in calibration)
 
 
+def row_forecast(run: dict, others: list[dict], step: int) -> dict | None:
+    """The forecast a calibration row's run made after `step`, fitted on the other rows probed at the same share of
+    their updates, with the run's own task sizes (bench/forecast_validate.py, forecast_pruning.py); None as
+    forecast_run."""
+    share = step / run["max_steps"]
+    return forecast_run(calibration_at(others, share), run["probes"], run["max_steps"], run["max_drop"], share,
+                        sizes={t: r["n"] for t, r in run["tasks"].items()})
+
+
 def vouched(chances: dict[str, float], n: int) -> dict[str, float]:
     """The odds n draws can vouch for: the run forecast may be unlike every calibration run (its error ranks beyond
     all n with chance 1/(n+1), as the conformal interval's), so a share p of the draws stands for odds of at least
