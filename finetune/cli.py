@@ -295,6 +295,7 @@ def _interpolate(args) -> int:
 
 
 def _sweep(args) -> int:
+    from .reports.compare import cut_text, part_trained
     from .sweep import sweep
 
     if args.storage and not args.prune:
@@ -302,9 +303,9 @@ def _sweep(args) -> int:
     result = sweep(Path(args.recipe), args.grid, args.overrides, args.launch_config, args.print_commands,
                    args.prune, args.storage)
     if result is not None:
-        pruned = [f"{r['name']} (update {r['pruned']['step']})" for r in result["runs"] if r.get("pruned")]
-        if pruned:
-            print(f"pruned on their forecast, measured where they stopped: {', '.join(pruned)}")
+        cut = [f"{r['name']} ({cut_text(r)})" for r in result["runs"] if part_trained(r)]
+        if cut:
+            print(f"ended on their forecast, measured where they stopped: {', '.join(cut)}")
         print(f"recommended run: {result['recommended'] or 'none passes the forgetting budget'}")
     return 0
 

@@ -16,7 +16,7 @@ from .errors import UserError
 from .files import atomic_write_text
 from .recipe import dump_recipe, load_recipe
 from .reports.compare import compare_runs
-from .reports.forecast import calibration_row
+from .reports.forecast import calibration_row, cut_short
 
 
 class SweepError(UserError):
@@ -216,7 +216,7 @@ def _run_study(recipe_path: Path, runs: list, launch_config: str | None, root: P
         measured = json.loads(report.read_text(encoding="utf-8"))
         trial.set_user_attr("verdict", measured["verdict"]["status"])
         trial.set_user_attr("run", str(out))
-        if (measured.get("forecast") or {}).get("pruned"):
+        if cut_short(measured.get("forecast")):  # pruned, or stopped by its recipe's eval.on_over_budget: stop
             study.tell(trial, state=TrialState.PRUNED)
         else:
             gains = [c["delta"] for c in measured["targets"].values()]

@@ -341,7 +341,7 @@ def _loop(t: Training, progress: Progress, signals: StopSignals) -> int:
                 probes = t.probes.measure(t.model)
                 record.update(probes, seconds_probing=time.perf_counter() - began)
                 if forecast := t.probes.forecast(step, probes):
-                    record["forecast"] = forecast = pruning.decide(accelerator, forecast, step)
+                    record["forecast"] = forecast = _stop_on(recipe, pruning.decide(accelerator, forecast, step))
             log.write(record)
             bar.record(record)
             window.zero_()
@@ -352,10 +352,9 @@ def _loop(t: Training, progress: Progress, signals: StopSignals) -> int:
             bar.note(f"stopping after step {step}: pruned by the sweep (forecast odds of FAIL "
                      f"{forecast['pruned']['fail_odds']:.2f}); measured here, marked pruned in its report")
             break
-        if forecast and forecast["verdict"] == "FAIL" and forecast["beyond_doubt"] and \
-                recipe.eval.on_over_budget == "stop":
+        if forecast and forecast.get("stopped"):
             bar.note(f"stopping after step {step}: the forecast is FAIL beyond doubt (odds "
-                     f"{forecast['vouched']['FAIL']:.2f}; eval.on_over_budget: stop)")
+                     f"{forecast['stopped']['fail_odds']:.2f}; eval.on_over_budget: stop)")
             break
         if t.evals.due(step, t.max_steps) and t.evals.check(
                 step, t.model, t.tokenizer,
@@ -370,6 +369,15 @@ def _loop(t: Training, progress: Progress, signals: StopSignals) -> int:
                             "resume.")
     bar.close()
     return step
+
+
+def _stop_on(recipe: Recipe, forecast: dict) -> dict:
+    """The forecast, marked `stopped` where `eval.on_over_budget: stop` ends the run on it (FAIL beyond doubt, and
+    not already pruned), so its report, a comparison and a calibration file know it was measured part-trained."""
+    if forecast.get("pruned") or recipe.eval.on_over_budget != "stop" or not (
+            forecast["verdict"] == "FAIL" and forecast["beyond_doubt"]):
+        return forecast
+    return {**forecast, "stopped": {"step": forecast["step"], "fail_odds": forecast["vouched"]["FAIL"]}}
 
 
 def _record(t: Training, progress: Progress, result: StepResult, window: list[float], elapsed: float) -> dict:

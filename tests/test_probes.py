@@ -148,9 +148,20 @@ def test_the_forecast_is_made_again_after_later_probes_and_a_later_one_beyond_do
     assert report["forecast"]["step"] == 4 and report["forecast"]["first"]["step"] == 2
     md = (run_dir / "forgetting" / "report.md").read_text()
     assert "The first forecast, after update 2, said FAIL" in md
-    # Stopped after update 4, the run was measured part-trained: its change is not the final one forecast.
-    assert "the model after update 4 of 20, not the last update's" in md
+    # Stopped after update 4, the run was measured part-trained: its change is not the final one forecast, it is
+    # no calibration run, and a comparison neither recommends it nor pairs it as its recipe's result.
+    assert report["forecast"]["stopped"]["step"] == 4 and "pruned" not in report["forecast"]
+    assert "Stopped here on this forecast (eval.on_over_budget: stop; odds of FAIL" in md
+    assert "the model after update 4 of 20, not a finished run's" in md
     assert [line for line in md.splitlines() if line.startswith("| original | -0.500")][0].endswith("| - |")
+    from finetune.reports.compare import compare_runs
+    from finetune.reports.forecast import calibration_row
+
+    assert calibration_row(run_dir) is None
+    (row,) = compare_runs([run_dir], tmp_path / "compare")["runs"]
+    assert row["stopped"]["step"] == 4 and not row["pareto"]
+    assert f"stopped at update 4 (measured there: {report['verdict']['status']})" in \
+        (tmp_path / "compare" / "compare.md").read_text()
 
 
 def test_a_forecast_needs_its_calibration_file_and_the_probes(tmp_path, tiny_model):

@@ -49,6 +49,7 @@ def _run_summary(run: Path) -> dict:
             "leak": (report.get("leak") or {}).get("all"),
             "drift": {kind: {"kl": d["kl"], "ci95": d["ci95"]} for kind, d in report["drift"].items()},
             "pruned": (report.get("forecast") or {}).get("pruned"),
+            "stopped": (report.get("forecast") or {}).get("stopped"),
             "_originals": _tuned_examples(report["tasks"]), "_targets": _tuned_examples(report["targets"])}
 
 
@@ -61,14 +62,20 @@ def _told_apart(d: dict | None) -> bool:
     return d is not None and (d["ci95"][0] > 0 or d["ci95"][1] < 0)
 
 
+def part_trained(r: dict) -> dict | None:
+    """Where a run's forecast ended it (pruned by its sweep, or stopped by `eval.on_over_budget: stop`): it was
+    measured there, part-trained, so its gain and drop are not its recipe's."""
+    return r["pruned"] or r["stopped"]
+
+
 def _candidate(r: dict) -> bool:
-    """A run that may be recommended: it passes, and was not pruned by its sweep (then measured part-trained)."""
-    return r["status"] == PASS and not r["pruned"]
+    """A run that may be recommended: it passes, and was not measured part-trained."""
+    return r["status"] == PASS and not part_trained(r)
 
 
 def recommended(runs: list[dict]) -> tuple[int | None, list[str]]:
     """(index of the recommended run or None, statements that qualify it). Only a run whose verdict is PASS can
-    be recommended, and not one its sweep pruned (measured part-trained): of those, the one that gained most on the
+    be recommended, and not one its forecast ended (measured part-trained): of those, the one that gained most on the
     target tasks, and the statement names every other passing run the paired test cannot tell apart from it."""
     passing = [i for i, r in enumerate(runs) if _candidate(r)]
     if not passing:
@@ -86,7 +93,7 @@ def recommended(runs: list[dict]) -> tuple[int | None, list[str]]:
 def method_comparison(runs: list[dict]) -> list[dict]:
     """For every pair of run families (e.g. LoRA and full, over learning rates): the two runs nearest in target
     gain, one from each, and how much less the first forgot on the same examples, with its paired interval."""
-    runs = [r for r in runs if not r["pruned"]]  # part-trained: their gain is not the method's
+    runs = [r for r in runs if not part_trained(r)]  # their gain is not the method's
     families = sorted({r["family"] for r in runs if r["gain"] is not None and r["drop"] is not None})
     out = []
     for i, fa in enumerate(families):
@@ -130,10 +137,14 @@ def best_per_family(runs: list[dict]) -> dict[str, str | None]:
 
 
 def status_text(r: dict) -> str:
-    """A run's verdict as the tables show it: a pruned run's says where it was measured."""
-    if not r["pruned"]:
+    """A run's verdict as the tables show it: a run its forecast ended says where it was measured."""
+    if not part_trained(r):
         return r["status"]
-    return f"pruned at update {r['pruned']['step']} (measured there: {r['status']})"
+    return f"{cut_text(r)} (measured there: {r['status']})"
+
+
+def cut_text(r: dict) -> str:
+    return f"{'pruned' if r['pruned'] else 'stopped'} at update {part_trained(r)['step']}"
 
 
 def _pm(x: float | None, ci: list[float] | None) -> str:
@@ -173,7 +184,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> dict:
     runs = [_run_summary(Path(r)) for r in run_dirs]
     _distinct_names(runs)
     placed = [i for i, r in enumerate(runs) if r["drop"] is not None and r["gain"] is not None]
-    finished = [i for i in placed if not runs[i]["pruned"]]
+    finished = [i for i in placed if not part_trained(runs[i])]
     front = {finished[i] for i in pareto_front([(runs[j]["drop"], runs[j]["gain"]) for j in finished])}
     pick, notes = recommended(runs)
     for i, r in enumerate(runs):
@@ -197,9 +208,10 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> dict:
            "differ. Methods are compared on the same examples (paired), between the runs of two families nearest "
            "in target gain. KL is on the base's chat replies where the model has a chat template, else on text. "
            "Answer leak: the share of replies to original-task prompts that begin with an answer of the new task "
-           "(report.md of each run has it per task). A run its sweep pruned (`finetune sweep --prune`: its "
-           "forecast was FAIL beyond doubt) was measured where it stopped: its point on the plane is hollow, and "
-           "it is neither on the Pareto front nor recommended.")
+           "(report.md of each run has it per task). A run its sweep pruned (`finetune sweep --prune`) or its "
+           "recipe stopped (`eval.on_over_budget: stop`) because its forecast was FAIL beyond doubt was measured "
+           "where it stopped: its point on the plane is hollow, and it is neither on the Pareto front nor "
+           "recommended.")
     for r in runs:
         del r["_originals"], r["_targets"]
     result = {"runs": runs, "recommended": None if pick is None else runs[pick]["run"], "notes": notes,
@@ -231,7 +243,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> dict:
 def _point_label(r: dict) -> str:
     """A point's tag on its family's curve: its learning rate, and its seed where several seeds share the rate."""
     return (r["tag"] or r["name"]) + (f" (seed {r['seed']})" if r.get("_seeds", 1) > 1 else "") + \
-        (f", pruned at {r['pruned']['step']}" if r["pruned"] else "")
+        (f", {cut_text(r)}" if part_trained(r) else "")
 
 
 def _plane_plot(runs: list[dict]) -> str:
@@ -247,14 +259,14 @@ def _plane_plot(runs: list[dict]) -> str:
     for k, family in enumerate(families):
         members = sorted((r for r in runs if r["family"] == family), key=lambda r: (r["order"] or 0, r["seed"] or 0))
         color = colors(k % 10)
-        line = [r for r in members if not r["pruned"]]  # the curve joins finished runs only
+        line = [r for r in members if not part_trained(r)]  # the curve joins finished runs only
         plane.plot([r["drop"] for r in line], [r["gain"] for r in line], "-", color=color, alpha=0.5)
         for r in members:
             r["_seeds"] = sum(m["order"] == r["order"] for m in members)
             plane.errorbar(r["drop"], r["gain"],
                            xerr=[[r["drop"] - r["drop_ci"][0]], [r["drop_ci"][1] - r["drop"]]],
                            yerr=[[r["gain"] - r["gain_ci"][0]], [r["gain_ci"][1] - r["gain"]]] if r["gain_ci"]
-                           else None, fmt="o", color=color, capsize=2, ms=5, mfc="none" if r["pruned"] else color,
+                           else None, fmt="o", color=color, capsize=2, ms=5, mfc="none" if part_trained(r) else color,
                            label=family if r is members[0] else None)
             plane.annotate(_point_label(r), (r["drop"], r["gain"]), textcoords="offset points", xytext=(4, 4),
                            fontsize=8, color=color)

@@ -78,8 +78,8 @@ def calibration_at(rows: list[dict], share: float) -> list[dict]:
 def calibration_row(run: Path) -> dict | None:
     """A finished run as a row of a calibration file: the probes its metrics.jsonl logged and what its report
     measured (bench/forecast_calibration.py makes the same rows for runs trained without probes, by training their
-    first updates again). None for a run without a report or without probes, or one its sweep pruned: it was
-    measured where it stopped, not at its end."""
+    first updates again). None for a run without a report or without probes, or one its forecast ended (pruned or
+    stopped): it was measured where it stopped, not at its end."""
     run = Path(run)
     report_file = run / "forgetting" / "report.json"
     if not report_file.is_file():
@@ -87,7 +87,7 @@ def calibration_row(run: Path) -> dict | None:
     report = json.loads(report_file.read_text(encoding="utf-8"))
     logged = read_jsonl(run / "metrics.jsonl")
     probes = logged_probes(logged)
-    if (report.get("forecast") or {}).get("pruned") or not probes or not report.get("tasks"):
+    if cut_short(report.get("forecast")) or not probes or not report.get("tasks"):
         return None
     saved = run / "recipe.yaml"
     recipe = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else {}
@@ -223,14 +223,21 @@ def first_text(forecast: dict) -> str:
             f"{odds_text(first)}).")
 
 
+def cut_short(forecast: dict | None) -> dict | None:
+    """Where a run's forecast ended it: its sweep pruned it (finetune/pruning.py) or `eval.on_over_budget: stop`
+    stopped it, {"step", "fail_odds", ...}; else None. Such a run was measured part-trained."""
+    return (forecast or {}).get("pruned") or (forecast or {}).get("stopped")
+
+
 def pruned_text(forecast: dict) -> str:
-    """What a report says of a run its sweep pruned at this forecast (finetune/pruning.py), else nothing."""
-    pruned = forecast.get("pruned")
-    if not pruned:
+    """What a report says of a run its forecast ended (pruned by its sweep or stopped), else nothing."""
+    cut = cut_short(forecast)
+    if not cut:
         return ""
-    return (f" Pruned by its sweep here (study {pruned['study']}, trial {pruned['trial']}; odds of FAIL "
-            f"{pruned['fail_odds']:.2f}): it trained no further, so what was measured is the model after update "
-            f"{pruned['step']} of {forecast['max_steps']}, not a finished run's.")
+    how = (f"Pruned by its sweep here (study {cut['study']}, trial {cut['trial']}; " if forecast.get("pruned")
+           else "Stopped here on this forecast (eval.on_over_budget: stop; ")
+    return (f" {how}odds of FAIL {cut['fail_odds']:.2f}): it trained no further, so what was measured is the model "
+            f"after update {cut['step']} of {forecast['max_steps']}, not a finished run's.")
 
 
 def describe(forecast: dict) -> str:

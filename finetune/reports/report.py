@@ -19,7 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .forgetting import Change, changes, verdict
-from .forecast import change_text, first_text, inputs_text, odds_text, pruned_text, sure_text
+from .forecast import change_text, cut_short, first_text, inputs_text, odds_text, pruned_text, sure_text
 from .leak import answer_leak
 from ..recipe import Recipe, recipe_to_dict
 from .records import Evaluation, TaskScore
@@ -225,7 +225,7 @@ def _sections(report: dict) -> list[tuple[str, list[str], list[list[str]], str]]
         # A run pruned or stopped early, or whose final/ is an earlier step, was measured part-trained: its change
         # is not the final change the forecast is of.
         step = report["final"]["step"]
-        early = bool(forecast.get("pruned")) or (step is not None and step < forecast["max_steps"])
+        early = bool(cut_short(forecast)) or (step is not None and step < forecast["max_steps"])
         for task, c in forecast["tasks"].items():
             measured = report["tasks"].get(task, {}).get("delta")
             inside = "" if measured is None else "-" if early else (
