@@ -19,10 +19,11 @@ FSDP and DeepSpeed need.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import send_to_device
+from accelerate.utils import broadcast_object_list, send_to_device
 
 from .data import IGNORE, Collator, DataStats, encode_dataset
 from .loss import logits_at
@@ -54,6 +55,14 @@ def schedule(every: int | None, max_steps: int) -> set[int]:
     return {s for s in (1, 2, 4, 8) if first <= s < max_steps} | set(range(16, max_steps, 16)) - set(range(first))
 
 
+def within_budget(spent: float, next_probe: float, seconds: float, updates: int, max_steps: int,
+                  budget: float) -> bool:
+    """Whether one more probe, about as long as the last (`next_probe` seconds), keeps the probes' time (`spent`)
+    within `budget` of the run's updates' time, forecast for all `max_steps` from the `updates` this process took in
+    `seconds` besides its probes."""
+    return spent + next_probe <= budget * seconds / updates * max_steps
+
+
 def forecast_points(steps: set[int], max_steps: int) -> list[int]:
     """The probed updates after which a run forecasts its final forgetting: the last within the first 10% of its
     updates and every later one but the last."""
@@ -72,6 +81,10 @@ class Probes:
     def __init__(self, recipe, accelerator, model, tokenizer, max_steps: int):
         self.accelerator = accelerator
         self.steps = schedule(recipe.train.probe_every, max_steps)
+        # The default schedule is the one sized to cost little: on a run of short updates (the demo's, 4 rows of
+        # ~35 tokens) a probe costs about an update, where on one of 16x512-token updates it costs ~2% of one.
+        self.budget = recipe.train.probe_budget if recipe.train.probe_every == 0 else None
+        self.spent, self.last, self.left_out = 0.0, None, []
         self.max_steps, self.max_drop = max_steps, recipe.eval.max_drop
         path = recipe.eval.forecast_calibration
         rows = read_rows(Path(path)) if path and recipe.eval.tasks else None
@@ -105,8 +118,25 @@ class Probes:
         self.base = {name: self._log_probs(model, name) for name in self.rows}
         self.base_leak = self._leak(self.base["general"]) / len(general) if self.answers is not None else None
 
-    def due(self, step: int) -> bool:
-        return step in self.steps
+    def due(self, step: int, seconds: float, updates: int) -> bool:
+        """Whether the probes run after this update, `updates` of this process's having taken `seconds`, probes
+        included. Under train.probe_budget a probe after the first is left out, and every later one, where it would
+        take the probes over their share; the main process decides for every rank (the probes are forwards every
+        rank runs)."""
+        if step not in self.steps or step in self.left_out:
+            return False
+        if self.budget is None or self.last is None:
+            return True
+        keep = broadcast_object_list(
+            [within_budget(self.spent, self.last, seconds - self.spent, updates, self.max_steps, self.budget)])[0]
+        if not keep:
+            self.left_out = sorted(s for s in self.steps if s >= step)
+        return keep
+
+    def left_out_text(self) -> str:
+        return (f"probes after updates {', '.join(map(str, self.left_out))} left out: they would take the probes "
+                f"over {self.budget:.0%} of the updates' time (train.probe_budget; {self.spent:.1f} s so far, "
+                f"{self.last:.1f} s the last)")
 
     def describe(self) -> str:
         leak = "" if self.base_leak is None else f"; the base's answer leak {self.base_leak:.3f}"
@@ -122,9 +152,11 @@ class Probes:
             at = ", ".join(f"{s} ({len(runs)})" for s, runs in self.calibration.items())
             forecast = (f"; forecasts of the final forgetting after updates {at}: from the calibration runs "
                         "(eval.forecast_calibration) probed at the same share of their updates")
+        budget = "" if self.budget is None else (f"; those after the first while the probes take at most "
+                                                 f"{self.budget:.0%} of the updates' time, train.probe_budget")
         return (f"probes: KL to the base on the new task's first rows and on {self.prompts} general "
-                f"prompts{leak}, after updates {', '.join(map(str, sorted(self.steps)))} "
-                f"(train.probe_every){forecast}")
+                f"prompts{leak}, after updates {', '.join(map(str, sorted(self.steps)))} (train.probe_every"
+                f"{budget}){forecast}")
 
     def forecast(self, step: int, probed: dict[str, float]) -> dict | None:
         """The forecast of the final forgetting (reports/forecast.py) once the probes of its update are in: after
@@ -137,9 +169,16 @@ class Probes:
         return forecast_run(self.calibration[step], self.history, self.max_steps, self.max_drop,
                             step / self.max_steps)
 
-    @torch.no_grad()
     def measure(self, model) -> dict[str, float]:
-        """Collective: the probes of the model as it is now, the same on every rank."""
+        """Collective: the probes of the model as it is now, the same on every rank (their seconds: `last`)."""
+        began = time.perf_counter()
+        probed = self._measure(model)
+        self.last = time.perf_counter() - began
+        self.spent += self.last
+        return probed
+
+    @torch.no_grad()
+    def _measure(self, model) -> dict[str, float]:
         now = {name: self._log_probs(model, name) for name in self.rows}
         sums = []  # this rank's KL sum and positions per set, then its leak sum and general rows
         for name in self.rows:

@@ -177,8 +177,13 @@ class TrainSection:
         0, "cheap probes of forgetting into metrics.jsonl (KL to the base on the new task's first rows and at the first "
            "reply token of general prompts, the new task's answers leaking into them): 0 = after the last power of "
            "two within the first 10% of updates, the powers of two after it up to 16, then every 16 (for 60 "
-           "updates: 4, 8, 16, 32, 48); N = every N updates and the last; null = off",
+           "updates: 4, 8, 16, 32, 48), within train.probe_budget; N = every N updates and the last; null = off",
         lambda v: v is None or v >= 0, "an integer >= 0 or null")
+    probe_budget: float | None = _f(
+        0.05, "with train.probe_every: 0, the share of the updates' time the probes may take: a probe after the "
+              "first is left out where it would take them over it (the run's time forecast from its updates so "
+              "far); null = every probe of the schedule", lambda v: v is None or 0 <= v <= 1,
+        "a share between 0 and 1, or null")
     eval_every: int = _nonneg("optimizer updates between validation-loss passes; 0 = only at the end", 0)
     trackers: list[Literal["tensorboard", "wandb"]] = _f([], "accelerate trackers to log to, besides metrics.jsonl")
 

@@ -311,6 +311,7 @@ def _loop(t: Training, progress: Progress, signals: StopSignals) -> int:
     bar = TrainingDisplay(accelerator.is_main_process, t.max_steps, progress.step)
     window = torch.zeros(3, device=accelerator.device)  # loss sum, target tokens, tokens since the last log
     clock, bad_in_row, step = time.perf_counter(), 0, progress.step
+    began, resumed = clock, progress.step
     for step in range(progress.step + 1, t.max_steps + 1):
         epoch, position, micro_batches = next(batches)
         tokens = sum(mb.pop("n_tokens") for mb in micro_batches)
@@ -332,14 +333,15 @@ def _loop(t: Training, progress: Progress, signals: StopSignals) -> int:
         saving = bool(recipe.output.save_every) and step % recipe.output.save_every == 0 and step < t.max_steps
         stopping = signals.agreed(accelerator)
         # Log whenever a checkpoint is written, so a resumed run logs the same windows as an uninterrupted one.
-        probed, forecast = t.probes.due(step), None
+        probed, forecast = t.probes.due(step, time.perf_counter() - began, step - resumed), None
+        if not probed and t.probes.left_out[:1] == [step]:
+            bar.note(t.probes.left_out_text())
         if step % tr.log_every == 0 or step == t.max_steps or saving or stopping or probed:
             elapsed, clock = time.perf_counter() - clock, time.perf_counter()
             record = _record(t, progress, result, accelerator.reduce(window, "sum").tolist(), elapsed)
             if probed:
-                began = time.perf_counter()
                 probes = t.probes.measure(t.model)
-                record.update(probes, seconds_probing=time.perf_counter() - began)
+                record.update(probes, seconds_probing=t.probes.last)
                 if forecast := t.probes.forecast(step, probes):
                     record["forecast"] = forecast = _stop_on(recipe, pruning.decide(accelerator, forecast, step))
             log.write(record)

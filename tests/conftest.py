@@ -305,7 +305,8 @@ def conflicting_recipe(tmp_path, base_dir, tasks, **eval_section):
     return make_recipe(
         tmp_path, base_dir, model={"cache_dir": str(tmp_path / "cache")},
         data={"train": [{"path": str(data), "format": "text"}], "packing": False},
-        train={"max_steps": 20, "lr": 3e-3, "batch_size": 8},
+        # Every probe of the default schedule (2, 4, 8, 16), whatever it costs: tests of forecasts need them all.
+        train={"max_steps": 20, "lr": 3e-3, "batch_size": 8, "probe_budget": None},
         eval={"tasks": [str(tasks["original"])], "target_tasks": [str(tasks["conflict"])], **eval_section},
     )
 

@@ -25,7 +25,8 @@ def short_answer_recipe(tmp_path, model_dir, name, **train):
                           {"role": "assistant", "content": ANSWERS[i % 4]}]} for i, x in enumerate(ITEMS * 4)]
     data = write_jsonl(tmp_path / "short.jsonl", rows)
     return make_recipe(tmp_path, model_dir, name, data={"train": [{"path": str(data), "format": "chat"}]},
-                       train={"lr": 1e-3, "max_steps": 16, "warmup_steps": 0, "schedule": "constant", **train},
+                       train={"lr": 1e-3, "max_steps": 16, "warmup_steps": 0, "schedule": "constant",
+                              "probe_budget": None, **train},
                        lora={"r": 4}, output={"save_every": 4})
 
 
@@ -55,6 +56,25 @@ def test_a_run_without_probes_logs_none_and_other_settings_keep_their_steps(tmp_
     assert sorted(probed(every)) == [3, 6, 7]
     # Probing leaves the training itself alone: the same losses with and without.
     assert [m["loss"] for m in metrics(every)][:4] == [m["loss"] for m in metrics(off)]
+
+
+def test_the_default_schedule_leaves_out_the_probes_over_its_budget_and_an_explicit_one_none(
+        tmp_path, base_dir, capsys):
+    from finetune.probes import within_budget
+
+    # The demo's figures: updates of ~1.9 s, probes of ~1.6 s, 60 updates: 5% is 5.7 s, three probes.
+    assert within_budget(2 * 1.6, 1.6, 16 * 1.9, 16, 60, 0.05)
+    assert not within_budget(3 * 1.6, 1.6, 32 * 1.9, 32, 60, 0.05)
+    assert within_budget(3 * 1.6, 1.6, 32 * 1.9, 32, 60, 0.1)
+    # No time for any probe but the first, which the first forecast needs: the rest are left out, and said to be.
+    run_dir, _ = run(short_answer_recipe(tmp_path, base_dir, "none", probe_budget=0.0))
+    assert sorted(probed(run_dir)) == [1]
+    out = capsys.readouterr().out
+    assert "probes after updates 2, 4, 8 left out: they would take the probes over 0% of the updates' time" in out
+    assert "after the first while the probes take at most 0% of the updates' time, train.probe_budget" in out
+    # The budget is the default schedule's: every N updates is what was asked for.
+    every, _ = run(short_answer_recipe(tmp_path, base_dir, "every", probe_every=2, max_steps=6, probe_budget=0.0))
+    assert sorted(probed(every)) == [2, 4, 6]
 
 
 def test_the_rows_common_start_runs_once_and_the_probes_measure_the_same(tmp_path, base_dir, monkeypatch):
