@@ -46,8 +46,8 @@ def test_a_sweep_prunes_the_runs_forecast_to_fail_beyond_doubt_and_keeps_them_on
     assert compared["recommended"] is None and not any(r["pareto"] for r in compared["runs"])
     assert "pruned at update 2 (measured there:" in (root / "compare" / "compare.md").read_text()
     assert "stopping after step 2: pruned by the sweep" in proc.stdout
-    assert "ended on their forecast, measured where they stopped: lr=1e-4 (pruned at update 2), lr=0.003 (pruned at update 2)" in \
-        proc.stdout
+    assert "ended on their forecast, measured where they stopped: lr=1e-4 (pruned at update 2), lr=0.003 (pruned " \
+        "at update 2)" in proc.stdout
     # A rerun keeps what the study holds: nothing is trained again.
     again = sweep(recipe)
     assert "[1/2]" not in again.stdout and "recommended run:" in again.stdout
