@@ -6,6 +6,11 @@ at the first that is FAIL beyond doubt. Prints and writes a table: where each ru
 measured at its end, the updates pruning saves, and every run stopped that did not fail.
 
     python bench/forecast_pruning.py bench/forecast/runs.jsonl --out bench/forecast/pruning.md
+    python bench/forecast_pruning.py bench/forecast/runs.jsonl --probe-cost 0.83 --out bench/forecast/pruning_budget.md
+
+--probe-cost C replays the default train.probe_budget (5%) on a machine where a probe takes C updates' time: a probe
+after the first is made only while the probes take at most 5% of the updates' time (C = 0.83 on the 2-core
+AVX512-BF16 machine: 1.57 s a probe, ~1.9 s an update; 60 updates keep 3 probes, 120 keep 7, 30 only the first).
 """
 
 from __future__ import annotations
@@ -16,15 +21,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.probes import logged_points  # noqa: E402
+from finetune.probes import logged_points, schedule  # noqa: E402
+from finetune.recipe import TrainSection  # noqa: E402
 from finetune.reports.forecast import read_rows, row_forecast  # noqa: E402
 
+BUDGET = TrainSection().probe_budget  # the default's
 
-def walk(run: dict, others: list[dict]) -> list[dict]:
+
+def walk(run: dict, others: list[dict], probe_cost: float | None = None) -> list[dict]:
     """The forecasts `run` makes as it trains with the default probe schedule, in order, each from the other runs
-    probed at the same share of their updates; up to and including the first FAIL beyond doubt."""
-    made = []
+    probed at the same share of their updates; up to and including the first FAIL beyond doubt. With `probe_cost`
+    (a probe's time in updates), only the probes train.probe_budget's default keeps."""
+    made, kept = [], sorted(schedule(0, run["max_steps"]))
+    if probe_cost is not None:
+        kept = kept[:max(1, int(BUDGET * run["max_steps"] / probe_cost))]
     for step in logged_points(run["probes"], run["max_steps"]):
+        if step > kept[-1]:
+            break
         forecast = row_forecast(run, others, step)
         if forecast is None:  # fewer than 5 other runs probed there
             continue
@@ -38,14 +51,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", type=Path)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--probe-cost", type=float, metavar="C",
+                   help="a probe's time in updates: replay the default train.probe_budget (5%%) on such a machine")
     args = p.parse_args()
     rows = [r for r in read_rows(args.runs) if r.get("reproduced")]
-    lines = [f"# Pruning on the forecast, replayed leave-one-out over {len(rows)} runs", "",
+    within = ("" if args.probe_cost is None else f", with the probes a {BUDGET:.0%} budget keeps where a probe "
+              f"costs {args.probe_cost:g} updates")
+    lines = [f"# Pruning on the forecast, replayed leave-one-out over {len(rows)} runs{within}", "",
              "| run | updates | forecasts made (update: runs, odds of FAIL vouched) | stopped after | final verdict |",
              "|---|---|---|---|---|"]
     stopped = wrong = saved = total = 0
     for i, run in enumerate(rows):
-        made = walk(run, rows[:i] + rows[i + 1:])
+        made = walk(run, rows[:i] + rows[i + 1:], args.probe_cost)
         if not made:
             continue
         total += run["max_steps"]
