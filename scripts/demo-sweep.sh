@@ -15,8 +15,8 @@
 # runs/demo-sweep-pruned/ (the plane there too), apart from the runs trained to their end; the demo's own
 # runs/demo-lora is reused by both.
 #
-#   bash scripts/demo-sweep.sh           # about 45 minutes on 2 CPU cores
-#   bash scripts/demo-sweep.sh --prune   # the same question, runs that will fail stopped early
+#   bash scripts/demo-sweep.sh           # about 36 minutes on 2 CPU cores
+#   bash scripts/demo-sweep.sh --prune   # the same question, runs that will fail stopped early: about 26
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
