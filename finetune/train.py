@@ -332,10 +332,12 @@ def _loop(t: Training, progress: Progress, signals: StopSignals) -> int:
                                  "or use bf16 instead of fp16.")
         saving = bool(recipe.output.save_every) and step % recipe.output.save_every == 0 and step < t.max_steps
         stopping = signals.agreed(accelerator)
-        # Log whenever a checkpoint is written, so a resumed run logs the same windows as an uninterrupted one.
-        probed, forecast = t.probes.due(step, time.perf_counter() - began, step - resumed), None
+        # The updates' time: this process's, less its evaluations during training (the probes' own, Probes takes off).
+        updating = time.perf_counter() - began - t.evals.seconds["during"]
+        probed, forecast = t.probes.due(step, updating, step - resumed), None
         if not probed and t.probes.left_out[:1] == [step]:
             bar.note(t.probes.left_out_text())
+        # Log whenever a checkpoint is written, so a resumed run logs the same windows as an uninterrupted one.
         if step % tr.log_every == 0 or step == t.max_steps or saving or stopping or probed:
             elapsed, clock = time.perf_counter() - clock, time.perf_counter()
             record = _record(t, progress, result, accelerator.reduce(window, "sum").tolist(), elapsed)
