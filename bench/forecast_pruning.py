@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.probes import logged_points, schedule  # noqa: E402
+from finetune.probes import logged_points, schedule, within_budget  # noqa: E402
 from finetune.recipe import TrainSection  # noqa: E402
 from finetune.reports.forecast import read_rows, row_forecast  # noqa: E402
 
@@ -32,11 +32,12 @@ def walk(run: dict, others: list[dict], probe_cost: float | None = None) -> list
     """The forecasts `run` makes as it trains with the default probe schedule, in order, each from the other runs
     probed at the same share of their updates; up to and including the first FAIL beyond doubt. With `probe_cost`
     (a probe's time in updates), only the probes train.probe_budget's default keeps."""
-    made, kept = [], sorted(schedule(0, run["max_steps"]))
-    if probe_cost is not None:
-        kept = kept[:max(1, int(BUDGET * run["max_steps"] / probe_cost))]
-    for step in logged_points(run["probes"], run["max_steps"]):
-        if step > kept[-1]:
+    n, made = run["max_steps"], []
+    # The run's own rule (Probes.due), in updates' time: k probes made before this one, and each update one unit.
+    kept = [s for k, s in enumerate(sorted(schedule(0, n)))
+            if probe_cost is None or k == 0 or within_budget(k * probe_cost, probe_cost, s, s, n, BUDGET)]
+    for step in logged_points(run["probes"], n):
+        if step not in kept:
             break
         forecast = row_forecast(run, others, step)
         if forecast is None:  # fewer than 5 other runs probed there
