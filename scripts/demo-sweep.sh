@@ -46,13 +46,14 @@ finetune report "${runs[@]}" --out "$out/first" >/dev/null
 # their rate's, so they are neither paired (the comparison leaves them out) nor picked here.
 read -r lora_lr full_lr replay_lr < <(python - "$out/first/compare.json" <<'PY'
 import json, sys, yaml
+from finetune.reports.compare import part_trained
 compare = json.load(open(sys.argv[1]))
 rate = lambda run: float(yaml.safe_load(open(f"{run}/recipe.yaml"))["train"]["lr"])
 short = lambda x: f"{x:.0e}".replace("e-0", "e-")  # 3e-4, as the sweep named its folders
 pairs = compare["method_comparison"]
 pair = {("lora" if yaml.safe_load(open(f"{run}/recipe.yaml")).get("lora") else "full"): rate(run)
         for run in (pairs[0]["runs"] if pairs else [])}
-lora = [r for r in compare["runs"] if r["family"] != "full" and not (r["pruned"] or r["stopped"])]
+lora = [r for r in compare["runs"] if r["family"] != "full" and not part_trained(r)]
 passing = [r for r in lora if r["status"] == "PASS"]
 learns = [r for r in lora if r["gain"] >= max(r["gain"] for r in lora) - 0.1]
 best = max(passing, key=lambda r: r["gain"]) if passing else min(learns, key=lambda r: rate(r["run"]))

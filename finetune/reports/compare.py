@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .forgetting import PASS, mean_interval, pareto_front, run_difference
+from .forecast import cut_short
 from .report import BUDGET_COLOR, figure, headline_drift, html_page, html_table, markdown_table, png
 
 
@@ -65,7 +66,7 @@ def _told_apart(d: dict | None) -> bool:
 def part_trained(r: dict) -> dict | None:
     """Where a run's forecast ended it (pruned by its sweep, or stopped by `eval.on_over_budget: stop`): it was
     measured there, part-trained, so its gain and drop are not its recipe's."""
-    return r["pruned"] or r["stopped"]
+    return cut_short(r)
 
 
 def _candidate(r: dict) -> bool:
